@@ -1,0 +1,50 @@
+"""Model families. Each family is one adapter: its tensor-name table and its few quirks.
+
+Generic code asks ``adapter_for(config)`` and never looks at ``model_type`` itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from ..errors import UserError
+from .llama import LlamaAdapter, MistralAdapter, Qwen2Adapter
+
+SUPPORTED_ROPE = ("default", "linear", "llama3")
+
+
+class Adapter(Protocol):
+    """What the executor needs from a model family."""
+
+    architecture: str
+    names: dict[str, str]
+
+    def attention_bias(self, raw: dict[str, Any]) -> bool:
+        """Whether q/k/v projections carry biases."""
+        ...
+
+    def sliding_window(self, raw: dict[str, Any]) -> int | None:
+        """Attention window in tokens, or None for full causal attention."""
+        ...
+
+
+ADAPTERS: dict[str, Adapter] = {
+    a.architecture: a for a in (LlamaAdapter(), MistralAdapter(), Qwen2Adapter())
+}
+
+
+def adapter_for(architecture: str) -> Adapter:
+    try:
+        return ADAPTERS[architecture]
+    except KeyError:
+        raise UserError(
+            f"architecture '{architecture}' is not supported; supported: {', '.join(sorted(ADAPTERS))}"
+        ) from None
+
+
+def check_rope(rope_scaling: dict[str, Any] | None, *, source: str) -> None:
+    kind = (rope_scaling or {}).get("rope_type", "default")
+    if kind not in SUPPORTED_ROPE:
+        raise UserError(
+            f"{source}: rope scaling '{kind}' is not supported; supported: {', '.join(SUPPORTED_ROPE)}"
+        )

@@ -1,0 +1,176 @@
+"""One transformer block: loading it (sliced to a plan) and running it on many masked sub-models.
+
+The forward is functional: weights come in a :class:`BlockWeights`, hidden states of many sequences
+(and many masks) come in as rows. Two multipliers make pruning possible without touching weights:
+
+- ``head_mask``  (N, n_heads):  scales each head's attention output before o_proj,
+- ``channel_mask`` (N, n_ffn):  scales each MLP intermediate channel before down_proj,
+
+with one row of multipliers per row of hidden states, so rows of different masks share every GEMM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import Checkpoint
+from .plan import LayerPlan
+from .rope import apply_rope
+
+
+@dataclass(slots=True)
+class BlockWeights:
+    """A resident block, already sliced to the units it keeps, in the compute dtype."""
+
+    layer: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    attn_norm: torch.Tensor  # (H,) fp32
+    qkv: torch.Tensor  # ((n_heads + 2 n_kv) hd, H)
+    qkv_bias: torch.Tensor | None  # ((n_heads + 2 n_kv) hd,)
+    o: torch.Tensor  # (H, n_heads hd)
+    mlp_norm: torch.Tensor  # (H,) fp32
+    gate_up: torch.Tensor  # (2 F, H)
+    down: torch.Tensor  # (H, F)
+
+    @property
+    def n_channels(self) -> int:
+        return self.down.shape[1]
+
+    def nbytes(self) -> int:
+        ts = [self.attn_norm, self.qkv, self.o, self.mlp_norm, self.gate_up, self.down]
+        if self.qkv_bias is not None:
+            ts.append(self.qkv_bias)
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+def _head_rows(heads: tuple[int, ...], head_dim: int) -> torch.Tensor:
+    """Row indices of the given heads in a (heads*head_dim, ...) projection."""
+    idx = torch.tensor(heads, dtype=torch.long)
+    return (idx[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+
+
+def load_block(ckpt: Checkpoint, layer: int, keep: LayerPlan | None, *,
+               dtype: torch.dtype) -> BlockWeights:
+    """Read block ``layer`` from the checkpoint and slice it to ``keep`` (None: keep everything)."""
+    cfg = ckpt.config
+    s = cfg.layers[layer]
+    hd, h = cfg.head_dim, cfg.hidden_size
+    nq, nkv, ffn = s.num_attention_heads, s.num_key_value_heads, s.intermediate_size
+
+    def get(key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        return ckpt.get(ckpt.name(key, layer), expect=shape)
+
+    q = get("q", (nq * hd, h))
+    k = get("k", (nkv * hd, h))
+    v = get("v", (nkv * hd, h))
+    o = get("o", (h, nq * hd))
+    gate = get("gate", (ffn, h))
+    up = get("up", (ffn, h))
+    down = get("down", (h, ffn))
+    biases = None
+    if cfg.attention_bias:
+        biases = (get("q_bias", (nq * hd,)), get("k_bias", (nkv * hd,)), get("v_bias", (nkv * hd,)))
+    if keep is not None:
+        q_rows, kv_rows = _head_rows(keep.heads, hd), _head_rows(keep.kv_heads, hd)
+        ch = torch.tensor(keep.channels, dtype=torch.long)
+        q, k, v, o = q[q_rows], k[kv_rows], v[kv_rows], o[:, q_rows]
+        gate, up, down = gate[ch], up[ch], down[:, ch]
+        if biases is not None:
+            biases = (biases[0][q_rows], biases[1][kv_rows], biases[2][kv_rows])
+        nq, nkv = len(keep.heads), len(keep.kv_heads)
+    return BlockWeights(
+        layer=layer,
+        n_heads=nq,
+        n_kv_heads=nkv,
+        head_dim=hd,
+        attn_norm=get("attn_norm", (h,)).float(),
+        qkv=torch.cat([q, k, v]).to(dtype).contiguous(),
+        qkv_bias=torch.cat(biases).to(dtype) if biases is not None else None,
+        o=o.to(dtype).contiguous(),
+        mlp_norm=get("mlp_norm", (h,)).float(),
+        gate_up=torch.cat([gate, up]).to(dtype).contiguous(),
+        down=down.to(dtype).contiguous(),
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in fp32 (as transformers does), result in x's dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * xf).to(x.dtype)
+
+
+@dataclass(slots=True)
+class UnitStats:
+    """Running sums over tokens of the inputs to o_proj and down_proj (for priors).  fp64"""
+
+    head_sum: torch.Tensor  # (n_heads hd,)
+    head_sq: torch.Tensor  # (n_heads hd,)
+    chan_sum: torch.Tensor  # (F,)
+    chan_sq: torch.Tensor  # (F,)
+    tokens: int = 0
+
+    @classmethod
+    def zeros(cls, w: BlockWeights) -> UnitStats:
+        z = lambda n: torch.zeros(n, dtype=torch.float64)  # noqa: E731
+        return cls(z(w.n_heads * w.head_dim), z(w.n_heads * w.head_dim), z(w.n_channels),
+                   z(w.n_channels))
+
+    def add(self, attn: torch.Tensor, act: torch.Tensor) -> None:
+        a = attn.reshape(-1, attn.shape[-1]).double()
+        c = act.reshape(-1, act.shape[-1]).double()
+        self.head_sum += a.sum(0)
+        self.head_sq += a.pow(2).sum(0)
+        self.chan_sum += c.sum(0)
+        self.chan_sq += c.pow(2).sum(0)
+        self.tokens += a.shape[0]
+
+
+def block_forward(
+    x: torch.Tensor,
+    w: BlockWeights,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    eps: float,
+    head_mask: torch.Tensor | None = None,
+    channel_mask: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    stats: UnitStats | None = None,
+) -> torch.Tensor:
+    """x: (N, T, H) -> (N, T, H). Masks are per row: head_mask (N, n_heads), channel_mask (N, F)."""
+    n, t, _ = x.shape
+    nq, nkv, hd = w.n_heads, w.n_kv_heads, w.head_dim
+    h = rms_norm(x, w.attn_norm, eps)
+    if nq:
+        qkv = F.linear(h, w.qkv, w.qkv_bias)  # (N, T, (nq + 2 nkv) hd)
+        q, k, v = qkv.split([nq * hd, nkv * hd, nkv * hd], dim=-1)
+        q = q.view(n, t, nq, hd).transpose(1, 2)  # (N, nq, T, hd)
+        k = k.view(n, t, nkv, hd).transpose(1, 2)  # (N, nkv, T, hd)
+        v = v.view(n, t, nkv, hd).transpose(1, 2)  # (N, nkv, T, hd)
+        q = apply_rope(q.float(), cos, sin).to(x.dtype)
+        k = apply_rope(k.float(), cos, sin).to(x.dtype)
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nq != nkv)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=nq != nkv)
+        # y: (N, nq, T, hd)
+        if head_mask is not None:
+            y = y * head_mask[:, :, None, None].to(y.dtype)
+        y = y.transpose(1, 2).reshape(n, t, nq * hd)  # (N, T, nq hd)
+        if stats is not None:
+            a = y
+        x = x + F.linear(y, w.o)
+    h = rms_norm(x, w.mlp_norm, eps)
+    gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)  # (N, T, F) each
+    act = F.silu(gate) * up  # (N, T, F)
+    if channel_mask is not None:
+        act = act * channel_mask[:, None, :].to(act.dtype)
+    if stats is not None:
+        stats.add(a if nq else torch.zeros(n * t, 0), act)
+    return x + F.linear(act, w.down)

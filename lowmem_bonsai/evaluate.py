@@ -1,0 +1,78 @@
+"""Perplexity of a checkpoint through the streaming executor."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint
+from .data import load_tokenizer, tokenize_file, windows
+from .forward import streamed_nll
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EvalResult:
+    perplexity: float
+    nll: float  # mean next-token NLL (nats)
+    tokens: int  # predicted positions
+    seq_len: int
+    sequences: int
+    skip: int
+    seconds: float
+    model: str
+    data: str
+    dtype: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def perplexity_of(nll_sum: torch.Tensor, tokens: int) -> tuple[float, float]:
+    mean = float(nll_sum.sum()) / tokens
+    return math.exp(mean), mean
+
+
+def evaluate(
+    *,
+    model_dir: Path,
+    data: Path,
+    seq_len: int = 512,
+    max_seqs: int | None = None,
+    skip: int = 0,
+    batch_seqs: int = 8,
+    dtype: torch.dtype = torch.float32,
+    prefetch: int = 1,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    """Perplexity of ``model_dir`` on ``data`` (protocol in :mod:`lowmem_bonsai.data`).
+
+    Sequences go through the streamed model ``batch_seqs`` at a time: each batch reads every block
+    once, so larger batches mean less I/O per token and a larger hidden-state store.
+    """
+    start = time.perf_counter()
+    ckpt = Checkpoint(model_dir)
+    ids = tokenize_file(load_tokenizer(model_dir), data)
+    seqs = windows(ids, seq_len=seq_len, max_seqs=max_seqs, skip=skip, source=str(data))
+    total = torch.zeros((), dtype=torch.float64)
+    for a in range(0, seqs.shape[0], batch_seqs):
+        batch = seqs[a : a + batch_seqs]
+        total += streamed_nll(ckpt, batch, dtype=dtype, prefetch=prefetch).sum()
+        if on_batch is not None:
+            on_batch(min(a + batch_seqs, seqs.shape[0]), seqs.shape[0])
+    tokens = seqs.shape[0] * (seq_len - 1)
+    ppl, mean = perplexity_of(total, tokens)
+    result = EvalResult(
+        perplexity=ppl, nll=mean, tokens=tokens, seq_len=seq_len, sequences=seqs.shape[0], skip=skip,
+        seconds=time.perf_counter() - start, model=str(model_dir), data=str(data),
+        dtype=str(dtype).removeprefix("torch."),
+    )
+    log.info("perplexity %.4f over %d tokens", ppl, tokens)
+    return result
