@@ -48,7 +48,7 @@ class BlockWeights:
         return sum(t.numel() * t.element_size() for t in ts)
 
 
-def _head_rows(heads: tuple[int, ...], head_dim: int) -> torch.Tensor:
+def head_rows(heads: tuple[int, ...], head_dim: int) -> torch.Tensor:
     """Row indices of the given heads in a (heads*head_dim, ...) projection."""
     idx = torch.tensor(heads, dtype=torch.long)
     return (idx[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
@@ -76,7 +76,7 @@ def load_block(ckpt: Checkpoint, layer: int, keep: LayerPlan | None, *,
     if cfg.attention_bias:
         biases = (get("q_bias", (nq * hd,)), get("k_bias", (nkv * hd,)), get("v_bias", (nkv * hd,)))
     if keep is not None:
-        q_rows, kv_rows = _head_rows(keep.heads, hd), _head_rows(keep.kv_heads, hd)
+        q_rows, kv_rows = head_rows(keep.heads, hd), head_rows(keep.kv_heads, hd)
         ch = torch.tensor(keep.channels, dtype=torch.long)
         q, k, v, o = q[q_rows], k[kv_rows], v[kv_rows], o[:, q_rows]
         gate, up, down = gate[ch], up[ch], down[:, ch]

@@ -113,5 +113,79 @@ def eval_cmd(
         _run(write_json_atomic, json_out, result.to_json())
 
 
+class _Bars:
+    """tqdm bars, one per stage, fed by the library's progress callback."""
+
+    LABELS = {"round": "rounds", "prior": "prior pass (blocks)", "masks": "masked passes (blocks)",
+              "write": "writing shards (blocks)"}
+
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self.bars: dict[str, object] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        bar = self.bars.get(stage)
+        if bar is None or done < bar.n:
+            if bar is not None:
+                bar.close()
+            bar = self._tqdm(total=total, desc=self.LABELS.get(stage, stage), leave=stage == "round",
+                             position=0 if stage == "round" else 1, disable=None, dynamic_ncols=True)
+            self.bars[stage] = bar
+        bar.total = total
+        bar.update(done - bar.n)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+@app.command("prune")
+def prune_cmd(
+    model: Annotated[Path, typer.Argument(help="Checkpoint folder to prune (config.json + safetensors).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the pruned checkpoint.")],
+    calib: Annotated[Path, typer.Option(
+        help="Calibration text (UTF-8); the first calib_seqs windows of seq_len tokens are used.")],
+    sparsity: Annotated[float, typer.Option(help="Fraction of non-embedding parameters to remove.")] = 0.5,
+    profile: Annotated[Optional[str], typer.Option(
+        help="Profile name (see profiles/) or path to a .toml file.")] = None,
+    method: Annotated[str, typer.Option(
+        help="bonsai (regression on sub-model losses), prior (structured Wanda), magnitude, random.")] = "bonsai",
+    seed: Annotated[int, typer.Option(help="Seed for mask sampling and the random baseline.")] = 0,
+    masks_per_round: Annotated[Optional[int], typer.Option(help="Override the profile.")] = None,
+    calib_seqs: Annotated[Optional[int], typer.Option(help="Override the profile.")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="Override the profile.")] = None,
+    prune_frac: Annotated[Optional[float], typer.Option(help="Override the profile.")] = None,
+    prior: Annotated[Optional[str], typer.Option(
+        help="Override the profile's prior: wanda, magnitude, fluctuation, random.")] = None,
+    estimator: Annotated[Optional[str], typer.Option(help="Override the profile: ridge or lasso.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
+) -> None:
+    """Prune a model with Bonsai: score sub-models with forward passes, regress, remove, repeat.
+
+    Writes OUT/config.json (with per-layer widths), safetensors shards, tokenizer files, plan.json,
+    report.json and pruning.png. Blocks are streamed from disk: memory stays near a few blocks plus
+    the hidden states of one wave of masks.
+    """
+    from .pipeline import prune_model
+    from .profiles import load_profile
+
+    prof = _run(load_profile, profile)
+    prof = _run(prof.replace, masks_per_round=masks_per_round, calib_seqs=calib_seqs, seq_len=seq_len,
+                prune_frac=prune_frac, prior=prior, estimator=estimator)
+    bars = _Bars()
+    try:
+        report = _run(prune_model, model_dir=model, out_dir=out, sparsity=sparsity, profile=prof,
+                      calib=calib, method=method, seed=seed, force=force, progress=bars)
+    finally:
+        bars.close()
+    typer.echo(
+        f"pruned {report['params_before']:,} -> {report['params_after']:,} block parameters "
+        f"(sparsity {report['achieved_sparsity']:.3f}) in {len(report['rounds'])} rounds, "
+        f"{report['forward_tokens']:,} forward tokens, {report['seconds']:.0f} s -> {out}"
+    )
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .block import UnitStats, block_forward, rms_norm
 from .checkpoint import Checkpoint
 from .plan import Plan
+from .prior import ColumnStats
 from .rope import rope_tables
 from .streamer import BlockStreamer
 
@@ -63,14 +64,14 @@ def streamed_nll(
     dtype: torch.dtype = torch.float32,
     prefetch: int = 1,
     chunk_tokens: int = 4096,
-    stats: list[UnitStats] | None = None,
+    stats: list[ColumnStats] | None = None,
     on_block: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Sum of next-token NLL of every sequence under every mask.
 
     tokens: (S, T) token ids. Returns (G, S) fp64, G = number of masks (1 without masks); each
     sequence contributes T-1 predicted positions. ``stats``, if given, is filled with one
-    :class:`UnitStats` per layer (only meaningful without masks).
+    :class:`ColumnStats` per layer for the priors (only meaningful without masks).
     """
     cfg = ckpt.config
     s_count, t = tokens.shape
@@ -98,7 +99,7 @@ def streamed_nll(
                                         head_mask=hm, channel_mask=cm, attn_mask=attn_mask,
                                         stats=layer_stats)
         if stats is not None:
-            stats.append(layer_stats)
+            stats.append(ColumnStats.of(w, layer_stats))
         if on_block is not None:
             on_block(w.layer)
         del w

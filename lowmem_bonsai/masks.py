@@ -1,0 +1,55 @@
+"""Mask sampler: which units each sub-model of a round drops.
+
+Per module (one layer's attention or MLP) only the eligible units (lowest-prior 2p share) are ever
+dropped. Masks come in antithetic pairs: the first drops ``n_drop`` eligible units drawn without
+replacement with probability proportional to (max prior - prior), its partner drops the rest of the
+eligible set. Every unit thus appears dropped in exactly half of the masks, which decorrelates the
+regression's features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class Module:
+    """A group of same-sized units whose widths the plan changes together."""
+
+    layer: int
+    kind: str  # "attn" (units = KV groups) or "mlp" (units = channels)
+    n_units: int  # current width
+    unit_params: int  # parameters removed with one unit
+    min_units: int  # never prune below this (exportability)
+
+
+def eligible_units(prior: torch.Tensor, *, n_eligible: int) -> torch.Tensor:
+    """Indices of the ``n_eligible`` lowest-prior units, ascending by index.  # (n_eligible,)"""
+    if n_eligible <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.sort(torch.argsort(prior, stable=True)[:n_eligible]).values
+
+
+def sample_masks(prior: torch.Tensor, eligible: torch.Tensor, *, n_units: int, n_masks: int,
+                 gen: torch.Generator) -> torch.Tensor:
+    """Keep-masks of one module for ``n_masks`` sub-models (pairs).  # (n_masks, n_units) float32
+
+    Row 2i drops about half of the eligible units, row 2i+1 drops the other half.
+    """
+    masks = torch.ones(n_masks, n_units)
+    e = eligible.numel()
+    if e < 2:
+        return masks
+    n_drop = e // 2
+    p = prior[eligible].double()
+    weight = (p.max() - p) + 1e-6 * (p.max() - p.min() + 1e-12) + 1e-12  # (e,) never all zero
+    for i in range(0, n_masks, 2):
+        pick = torch.multinomial(weight, n_drop, replacement=False, generator=gen)  # (n_drop,)
+        first = torch.zeros(e, dtype=torch.bool)
+        first[pick] = True
+        masks[i, eligible[first]] = 0
+        if i + 1 < n_masks:
+            masks[i + 1, eligible[~first]] = 0
+    return masks

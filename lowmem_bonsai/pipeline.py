@@ -1,0 +1,96 @@
+"""`lowmem-bonsai prune` as one library function: calibration text in, pruned checkpoint out."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import INDEX_NAME, Checkpoint
+from .data import load_tokenizer, tokenize_file, windows
+from .outputs import staged_dir, write_json_atomic
+from .profiles import Profile
+from .prune import DTYPES, Progress, PruneResult, run_rounds
+from .report import build_report, plot
+from .writer import copy_tokenizer, pruned_config, write_pruned
+
+log = logging.getLogger(__name__)
+
+
+def source_hashes(model_dir: Path) -> dict[str, str]:
+    """sha256 of the source config.json and of its index (or single shard's header)."""
+    def sha(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    model_dir = Path(model_dir)
+    out = {"config.json": sha((model_dir / "config.json").read_bytes())}
+    index = model_dir / INDEX_NAME
+    if index.is_file():
+        out[INDEX_NAME] = sha(index.read_bytes())
+    else:
+        with open(model_dir / "model.safetensors", "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            out["model.safetensors:header"] = sha(f.read(n))
+    return out
+
+
+def calibration_tokens(model_dir: Path, calib: Path, profile: Profile) -> torch.Tensor:
+    """The first calib_seqs windows of seq_len tokens of the calibration text.  # (S, T)"""
+    ids = tokenize_file(load_tokenizer(model_dir), calib)
+    seqs = windows(ids, seq_len=profile.seq_len, max_seqs=profile.calib_seqs, source=str(calib))
+    if seqs.shape[0] < profile.calib_seqs:
+        log.warning("%s gives only %d calibration windows of %d tokens (asked for %d)", calib,
+                    seqs.shape[0], profile.seq_len, profile.calib_seqs)
+    return seqs
+
+
+def prune_model(
+    *,
+    model_dir: Path,
+    out_dir: Path,
+    sparsity: float,
+    profile: Profile,
+    calib: Path,
+    method: str = "bonsai",
+    seed: int = 0,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Prune ``model_dir`` and write the pruned checkpoint, plan.json, report.json and a figure."""
+    start = time.perf_counter()
+    if profile.threads:
+        torch.set_num_threads(profile.threads)
+    ckpt = Checkpoint(model_dir)
+    tokens = calibration_tokens(model_dir, calib, profile)
+    settings = {
+        "method": method, "sparsity": sparsity, "seed": seed, "calib": str(calib),
+        "calib_seqs": int(tokens.shape[0]), "profile": {
+            k: getattr(profile, k) for k in profile.__dataclass_fields__},
+    }
+    with staged_dir(out_dir, force=force) as stage:  # checks --out before the long work
+        result: PruneResult = run_rounds(ckpt, tokens, sparsity=sparsity, profile=profile,
+                                         method=method, seed=seed, progress=progress)
+        plan = result.plan
+        plan.meta.update({"method": method, "settings": settings, "source": str(model_dir),
+                          "source_hashes": source_hashes(model_dir)})
+        storage = None if profile.storage_dtype == "auto" else DTYPES[profile.storage_dtype]
+        on_write = (lambda l: progress("write", l + 1, ckpt.config.num_hidden_layers)) if progress else None
+        write_pruned(ckpt, plan, stage, dtype=storage, on_block=on_write)
+        write_json_atomic(stage / "config.json", pruned_config(ckpt, plan))
+        copy_tokenizer(model_dir, stage)
+        write_json_atomic(stage / "plan.json", plan.to_json())
+        report = build_report(ckpt.config, result, settings=settings,
+                              seconds=time.perf_counter() - start)
+        write_json_atomic(stage / "report.json", report)
+        plot(ckpt.config, plan, report, stage / "pruning.png")
+    log.info("pruned %s -> %s: sparsity %.4f", model_dir, out_dir, report["achieved_sparsity"])
+    return report
+
+
+def load_report(out_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(out_dir) / "report.json").read_text())

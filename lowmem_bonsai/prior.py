@@ -1,0 +1,67 @@
+"""Priors: cheap per-unit importance from one unmasked pass (higher = more important).
+
+Units are the KV groups of each layer's attention (a KV head with its query heads; a plain head in
+MHA) and the intermediate channels of each layer's MLP. Per column c of o_proj / down_proj the pass
+records the input activation's mean and mean square over all calibration tokens.
+
+- ``wanda``: mean_i |W[i, c]| * RMS(x_c)   (Sun et al.; averaged over a unit's columns)
+- ``magnitude``: mean_i |W[i, c]|
+- ``fluctuation``: Var(x_c) * ||W[:, c]||^2  (FLAP, An et al.; summed over a unit's columns)
+- ``random``: uniform noise (a control)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .block import BlockWeights, UnitStats
+
+PRIORS = ("wanda", "magnitude", "fluctuation", "random")
+
+
+@dataclass(slots=True)
+class ColumnStats:
+    """What the prior needs of one block, gathered while it is resident.  fp64"""
+
+    act: UnitStats
+    o_abs_mean: torch.Tensor  # (n_heads hd,)  mean_i |W_o[i, c]|
+    o_sq: torch.Tensor  # (n_heads hd,)  ||W_o[:, c]||^2
+    down_abs_mean: torch.Tensor  # (F,)
+    down_sq: torch.Tensor  # (F,)
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, w: BlockWeights, act: UnitStats) -> ColumnStats:
+        o, down = w.o.double(), w.down.double()
+        return cls(act, o.abs().mean(0), o.pow(2).sum(0), down.abs().mean(0), down.pow(2).sum(0),
+                   w.n_heads, w.n_kv_heads, w.head_dim)
+
+
+def _per_column(kind: str, w_abs: torch.Tensor, w_sq: torch.Tensor, s: torch.Tensor,
+                sq: torch.Tensor, n: int) -> torch.Tensor:
+    mean, mean_sq = s / n, sq / n
+    if kind == "wanda":
+        return w_abs * mean_sq.sqrt()
+    if kind == "magnitude":
+        return w_abs
+    if kind == "fluctuation":
+        return (mean_sq - mean.pow(2)).clamp_min(0) * w_sq
+    raise ValueError(kind)
+
+
+def unit_priors(stats: ColumnStats, kind: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prior of every KV group and every channel of one layer.  # (n_kv,), (F,) fp64"""
+    n_kv, n_f = stats.n_kv_heads, stats.down_abs_mean.numel()
+    if kind == "random":
+        return (torch.rand(n_kv, generator=gen, dtype=torch.float64),
+                torch.rand(n_f, generator=gen, dtype=torch.float64))
+    a, n = stats.act, max(stats.act.tokens, 1)
+    head_cols = _per_column(kind, stats.o_abs_mean, stats.o_sq, a.head_sum, a.head_sq, n)
+    chan = _per_column(kind, stats.down_abs_mean, stats.down_sq, a.chan_sum, a.chan_sq, n)
+    groups = head_cols.view(n_kv, -1)  # (n_kv, q_per_kv * hd): a group's columns are contiguous
+    group = groups.sum(1) if kind == "fluctuation" else groups.mean(1)
+    return group, chan

@@ -1,0 +1,100 @@
+"""Profiles: a machine's budget and the method's sampling settings, as data (TOML).
+
+A profile is parsed into a frozen :class:`Profile`; unknown keys and wrong types are refused.
+``--profile NAME`` looks in the package's ``profiles/`` folder, ``--profile FILE.toml`` reads a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
+DEFAULT_PROFILE = "laptop-16gb"
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    name: str = "custom"
+    description: str = ""
+    # machine
+    memory_gb: float = 16.0  # peak resident memory the run may use
+    threads: int = 0  # 0: torch's default
+    compute_dtype: str = "float32"  # float32 | bfloat16 | float16 (norms, softmax and losses stay fp32)
+    storage_dtype: str = "auto"  # dtype of the written shards; auto = the source's
+    prefetch: int = 1  # blocks loaded ahead of the one computing
+    chunk_tokens: int = 4096  # tokens per GEMM row chunk inside a block
+    # method
+    masks_per_round: int = 64  # sub-models scored per round (antithetic pairs: must be even)
+    wave_masks: int = 0  # masks per streamed pass; 0 = sized from memory_gb
+    calib_seqs: int = 8
+    seq_len: int = 256
+    prune_frac: float = 0.05  # fraction of the original non-embedding params removed per round
+    align: int = 32  # kept MLP widths are multiples of this (quantization wants 32 or 256)
+    prior: str = "wanda"  # wanda | magnitude | fluctuation | random
+    estimator: str = "ridge"  # ridge | lasso
+    head_unit: str = "group"  # group: a KV head with its query heads
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.masks_per_round >= 2 and self.masks_per_round % 2 == 0,
+             "masks_per_round must be an even number >= 2 (masks come in antithetic pairs)"),
+            (0 < self.prune_frac <= 0.5, "prune_frac must be in (0, 0.5]"),
+            (self.calib_seqs >= 1 and self.seq_len >= 2, "calib_seqs >= 1 and seq_len >= 2"),
+            (self.align >= 1, "align must be >= 1"),
+            (self.compute_dtype in ("float32", "bfloat16", "float16"),
+             "compute_dtype must be float32, bfloat16 or float16"),
+            (self.storage_dtype in ("auto", "float32", "bfloat16", "float16"),
+             "storage_dtype must be auto, float32, bfloat16 or float16"),
+            (self.prior in ("wanda", "magnitude", "fluctuation", "random"),
+             "prior must be wanda, magnitude, fluctuation or random"),
+            (self.estimator in ("ridge", "lasso"), "estimator must be ridge or lasso"),
+            (self.head_unit == "group", "head_unit must be 'group'"),
+            (self.memory_gb > 0 and self.prefetch >= 0 and self.threads >= 0 and self.wave_masks >= 0,
+             "memory_gb > 0, prefetch >= 0, threads >= 0, wave_masks >= 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(f"profile '{self.name}': {msg}")
+
+    def replace(self, **changes: Any) -> Profile:
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def parse_profile(data: dict[str, Any], *, source: str, name: str) -> Profile:
+    fields = {f.name: f for f in dataclasses.fields(Profile)}
+    kwargs: dict[str, Any] = {"name": name}
+    for key, value in data.items():
+        if key not in fields:
+            raise UserError(f"{source}: unknown key '{key}'; known keys: {', '.join(sorted(fields))}")
+        want = type(getattr(Profile(), key))
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not want:
+            raise UserError(f"{source}: '{key}' = {value!r} should be a {want.__name__}")
+        kwargs[key] = value
+    return Profile(**kwargs)
+
+
+def load_profile(spec: str | Path | None) -> Profile:
+    """A profile by name (from profiles/) or by path; None gives the default profile."""
+    spec = str(spec) if spec is not None else DEFAULT_PROFILE
+    path = Path(spec)
+    if path.suffix != ".toml":
+        path = PROFILE_DIR / f"{spec}.toml"
+        if not path.is_file():
+            known = sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
+            raise UserError(f"profile '{spec}' not found; known profiles: {', '.join(known)} "
+                            "(or pass a path to a .toml file)")
+    if not path.is_file():
+        raise UserError(f"{path}: profile file not found")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not valid TOML ({exc})") from None
+    return parse_profile(data, source=str(path), name=path.stem)

@@ -1,0 +1,298 @@
+"""Bonsai rounds: prior pass -> eligible units -> masks -> batched masked passes -> regression -> plan.
+
+Every pass streams the blocks from the source checkpoint, sliced to the current plan, so later rounds
+run smaller GEMMs. The ``prior``, ``magnitude`` and ``random`` methods skip the masks and remove the
+lowest-prior share of every module in the same rounds (the forward-only baselines).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .checkpoint import Checkpoint
+from .config import ModelConfig
+from .errors import UserError
+from .forward import MaskSet, streamed_nll
+from .masks import Module, eligible_units, sample_masks
+from .plan import LayerPlan, Plan
+from .prior import ColumnStats, unit_priors
+from .profiles import Profile
+from .regression import fit
+
+log = logging.getLogger(__name__)
+
+METHODS = ("bonsai", "prior", "magnitude", "random")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# progress(stage, done, total): stage is "prior", "masks" (blocks of all waves) or "round"
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(slots=True)
+class RoundReport:
+    round: int
+    params_before: int
+    params_after: int
+    calib_loss: float  # mean next-token NLL of the model entering the round
+    masks: int
+    forward_tokens: int
+    seconds: float
+    mask_loss_mean: float | None = None
+    mask_loss_std: float | None = None
+    cv_tau: float | None = None
+    train_tau: float | None = None
+    penalty: float | None = None
+    removed_groups: int = 0
+    removed_channels: int = 0
+
+
+@dataclass(slots=True)
+class PruneResult:
+    plan: Plan
+    rounds: list[RoundReport] = field(default_factory=list)
+    final_calib_loss: float | None = None
+
+
+def modules_of(config: ModelConfig, plan: Plan, align: int) -> list[Module]:
+    """Attention (KV groups) and MLP (channels) of every layer, with their unit sizes."""
+    h, hd = config.hidden_size, config.head_dim
+    qpk = config.queries_per_kv
+    group_params = (2 * qpk + 2) * hd * h + ((qpk + 2) * hd if config.attention_bias else 0)
+    out = []
+    for layer, lp in enumerate(plan.layers):
+        out.append(Module(layer, "attn", len(lp.kv_heads), group_params, min_units=1))
+        out.append(Module(layer, "mlp", len(lp.channels), 3 * h,
+                          min_units=min(align, len(lp.channels))))
+    return out
+
+
+def plan_params(config: ModelConfig, plan: Plan) -> int:
+    return config.with_layers(plan.shapes()).non_embedding_params()
+
+
+def _remove(plan: Plan, config: ModelConfig, drop: dict[tuple[int, str], list[int]]) -> Plan:
+    """Drop units given by local (current) indices; returns the plan in original indices."""
+    qpk = config.queries_per_kv
+    layers = []
+    for layer, lp in enumerate(plan.layers):
+        gone_kv = {lp.kv_heads[i] for i in drop.get((layer, "attn"), [])}
+        gone_ch = {lp.channels[i] for i in drop.get((layer, "mlp"), [])}
+        layers.append(LayerPlan(
+            heads=tuple(q for q in lp.heads if q // qpk not in gone_kv),
+            kv_heads=tuple(k for k in lp.kv_heads if k not in gone_kv),
+            channels=tuple(c for c in lp.channels if c not in gone_ch),
+        ))
+    return Plan(tuple(layers), plan.meta)
+
+
+def _align_mlp(drop: list[int], order: list[int], n_units: int, align: int) -> list[int]:
+    """Adjust one MLP's dropped channels so the kept width is a multiple of ``align``.
+
+    ``order``: removable local indices, least important first, with ``drop`` as its prefix. The
+    kept width moves to the nearest multiple that ``order`` can reach; otherwise nothing changes.
+    """
+    kept = n_units - len(drop)
+    down = kept - kept % align
+    targets = sorted((down, down + align), key=lambda w: (abs(w - kept), w))
+    for width in targets:
+        if width >= min(align, n_units) and 0 <= n_units - width <= len(order):
+            return order[: n_units - width]
+    return drop
+
+
+def _priors(stats: list[ColumnStats], kind: str, gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out = []
+    for layer, s in enumerate(stats):
+        group, chan = unit_priors(s, kind, gen)
+        for name, t in (("attention", group), ("MLP", chan)):
+            if not torch.isfinite(t).all():
+                raise UserError(
+                    f"layer {layer}: the {name} prior is NaN or Inf: the weights or activations hold "
+                    "non-finite values (corrupt checkpoint, or fp16 overflow: use compute_dtype float32)"
+                )
+        out.append((group, chan))
+    return out
+
+
+def run_rounds(
+    ckpt: Checkpoint,
+    calib: torch.Tensor,
+    *,
+    sparsity: float,
+    profile: Profile,
+    method: str = "bonsai",
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> PruneResult:
+    """Prune ``ckpt`` to ``sparsity`` (fraction of non-embedding params removed); returns the plan."""
+    if method not in METHODS:
+        raise UserError(f"--method {method}: expected one of {', '.join(METHODS)}")
+    if not 0 < sparsity < 1:
+        raise UserError(f"--sparsity {sparsity}: must be between 0 and 1 (exclusive)")
+    cfg = ckpt.config
+    dtype = DTYPES[profile.compute_dtype]
+    gen = torch.Generator().manual_seed(seed)
+    prior_kind = {"magnitude": "magnitude", "random": "random"}.get(method, profile.prior)
+    total = cfg.non_embedding_params()
+    target = sparsity * total
+    plan = Plan.dense(cfg)
+    result = PruneResult(plan)
+    s_count, t = calib.shape
+    pass_tokens = s_count * t
+    expected_rounds = math.ceil(sparsity / profile.prune_frac - 1e-9)
+    fwd = dict(dtype=dtype, prefetch=profile.prefetch, chunk_tokens=profile.chunk_tokens)
+    r = 0
+    while True:
+        before = plan_params(cfg, plan)
+        budget = min(profile.prune_frac * total, target - (total - before))
+        # Stop when what is left is smaller than half the smallest unit we could remove.
+        if budget < 1.5 * cfg.hidden_size:
+            break
+        r += 1
+        start = time.perf_counter()
+        if progress:
+            progress("round", r - 1, max(expected_rounds, r))
+        stats: list[ColumnStats] = []
+        on_prior = (lambda l: progress("prior", l + 1, cfg.num_hidden_layers)) if progress else None
+        base = streamed_nll(ckpt, calib, plan=plan, stats=stats, on_block=on_prior, **fwd)
+        calib_loss = float(base.sum()) / (s_count * (t - 1))
+        priors = _priors(stats, prior_kind, gen)
+        modules = modules_of(cfg, plan, profile.align)
+        p = budget / before  # share of the current model this round removes
+        report = RoundReport(r, before, before, calib_loss, 0, pass_tokens, 0.0)
+        if method == "bonsai":
+            drop, fit_info = _bonsai_choice(ckpt, calib, plan, modules, priors, p, budget, profile,
+                                            gen, fwd, progress)
+            report.masks = profile.masks_per_round
+            report.forward_tokens += profile.masks_per_round * pass_tokens
+            (report.mask_loss_mean, report.mask_loss_std, report.cv_tau, report.train_tau,
+             report.penalty) = fit_info
+        else:
+            drop = _uniform_choice(modules, priors, p, profile.align)
+        plan = _remove(plan, cfg, drop)
+        report.params_after = plan_params(cfg, plan)
+        report.removed_groups = sum(len(v) for (_, k), v in drop.items() if k == "attn")
+        report.removed_channels = sum(len(v) for (_, k), v in drop.items() if k == "mlp")
+        report.seconds = time.perf_counter() - start
+        result.rounds.append(report)
+        log.info("round %d: %d -> %d params, calib loss %.4f, %.1f s", r, before,
+                 report.params_after, calib_loss, report.seconds)
+        if report.params_after == before:
+            log.warning("round %d removed nothing (units too coarse for the budget); stopping", r)
+            break
+    if progress:
+        progress("round", r, r)
+    result.plan = plan
+    return result
+
+
+def _order(prior: torch.Tensor, n_units: int, min_units: int) -> list[int]:
+    return torch.argsort(prior, stable=True)[: max(n_units - min_units, 0)].tolist()
+
+
+def _uniform_choice(modules: list[Module], priors, p: float, align: int) -> dict[tuple[int, str], list[int]]:
+    """Baselines: every module loses its lowest-prior share p (widths rounded to ``align``)."""
+    drop: dict[tuple[int, str], list[int]] = {}
+    for m in modules:
+        prior = priors[m.layer][0 if m.kind == "attn" else 1]
+        order = _order(prior, m.n_units, m.min_units)
+        chosen = order[: min(round(p * m.n_units), len(order))]
+        if m.kind == "mlp":
+            chosen = _align_mlp(chosen, order, m.n_units, align)
+        drop[(m.layer, m.kind)] = chosen
+    return drop
+
+
+def _bonsai_choice(ckpt, calib, plan, modules, priors, p, budget, profile, gen, fwd, progress):
+    cfg = ckpt.config
+    n_masks = profile.masks_per_round
+    per_module = []  # (module, prior, eligible, masks (M, N))
+    for m in modules:
+        prior = priors[m.layer][0 if m.kind == "attn" else 1]
+        room = m.n_units - m.min_units
+        e = min(max(math.ceil(2 * p * m.n_units), 2), room) if room >= 2 else 0
+        elig = eligible_units(prior, n_eligible=e)
+        masks = sample_masks(prior, elig, n_units=m.n_units, n_masks=n_masks, gen=gen)
+        if e:
+            # Coarse modules (few large units) are perturbed only in some pairs, so each mask drops
+            # about p of every module on average, as for fine modules.
+            active = min(1.0, 2 * p * m.n_units / e)
+            idle = torch.rand(n_masks // 2, generator=gen) >= active
+            masks.view(n_masks // 2, 2, -1)[idle] = 1.0
+        per_module.append((m, prior, elig, masks))
+
+    head, chan = [], []
+    qpk = cfg.queries_per_kv
+    for m, _, _, masks in per_module:
+        if m.kind == "attn":
+            head.append(masks.repeat_interleave(qpk, dim=1))  # (M, n_heads): a group's heads together
+        else:
+            chan.append(masks)
+    wave = _wave_size(cfg, calib, profile)
+    losses = []
+    blocks_total = math.ceil(n_masks / wave) * cfg.num_hidden_layers
+    done = 0
+    for a in range(0, n_masks, wave):
+        b = min(a + wave, n_masks)
+        sub = MaskSet([h[a:b] for h in head], [c[a:b] for c in chan])
+
+        def on_block(_l: int) -> None:
+            nonlocal done
+            done += 1
+            if progress:
+                progress("masks", done, blocks_total)
+
+        nll = streamed_nll(ckpt, calib, plan=plan, masks=sub, on_block=on_block, **fwd)
+        losses.append(nll.sum(1) / (calib.shape[0] * (calib.shape[1] - 1)))
+    loss = torch.cat(losses)  # (M,) mean NLL per mask
+    y = -loss
+
+    cols, pri, kinds, owners = [], [], [], []
+    for idx, (m, prior, elig, masks) in enumerate(per_module):
+        if not elig.numel():
+            continue
+        cols.append(masks[:, elig])
+        norm = prior / prior.mean().clamp_min(1e-30)
+        pri.append(norm[elig])
+        kinds.append(torch.full((elig.numel(),), 0 if m.kind == "attn" else 1))
+        owners += [(idx, int(u)) for u in elig]
+    x = torch.cat(cols, 1)  # (M, D)
+    f = fit(x, y, prior=torch.cat(pri), kinds=torch.cat(kinds), estimator=profile.estimator, gen=gen)
+
+    # Remove by increasing estimated loss cost per parameter until the round's budget is spent.
+    cost = torch.tensor([float(f.beta[i]) / per_module[o][0].unit_params for i, (o, _) in enumerate(owners)])
+    drop: dict[tuple[int, str], list[int]] = {(m.layer, m.kind): [] for m, *_ in per_module}
+    removed = 0.0
+    for i in torch.argsort(cost, stable=True).tolist():
+        m = per_module[owners[i][0]][0]
+        if removed + m.unit_params > budget + 0.5 * m.unit_params:
+            continue
+        drop[(m.layer, m.kind)].append(owners[i][1])
+        removed += m.unit_params
+    # Kept MLP widths to multiples of `align`, extending or trimming in the same beta order.
+    beta_of = {owners[i]: float(f.beta[i]) for i in range(len(owners))}
+    for idx, (m, prior, elig, _) in enumerate(per_module):
+        if m.kind != "mlp":
+            continue
+        order = sorted((int(u) for u in elig), key=lambda u: beta_of[(idx, u)])
+        chosen = set(drop[(m.layer, m.kind)])
+        ranked = [u for u in order if u in chosen] + [u for u in order if u not in chosen]
+        drop[(m.layer, m.kind)] = _align_mlp(sorted(chosen, key=ranked.index), ranked, m.n_units,
+                                             profile.align)
+    info = (float(loss.mean()), float(loss.std()), f.cv_tau, f.train_tau, f.penalty)
+    return drop, info
+
+
+def _wave_size(cfg: ModelConfig, calib: torch.Tensor, profile: Profile) -> int:
+    """Masks per streamed pass: the profile's, or what a quarter of the memory budget holds."""
+    if profile.wave_masks:
+        return max(2, profile.wave_masks - profile.wave_masks % 2)
+    per_mask = calib.numel() * cfg.hidden_size * DTYPES[profile.compute_dtype].itemsize
+    fit_masks = int(0.25 * profile.memory_gb * 1e9 // max(per_mask, 1))
+    return max(2, min(profile.masks_per_round, fit_masks - fit_masks % 2))
