@@ -56,45 +56,60 @@ def head_rows(heads: tuple[int, ...], head_dim: int) -> torch.Tensor:
 
 def load_block(ckpt: Checkpoint, layer: int, keep: LayerPlan | None, *,
                dtype: torch.dtype) -> BlockWeights:
-    """Read block ``layer`` from the checkpoint and slice it to ``keep`` (None: keep everything)."""
+    """Read block ``layer`` from the checkpoint and slice it to ``keep`` (None: keep everything).
+
+    Tensors are read one at a time and copied into preallocated fused buffers in ``dtype``, so the
+    transient memory is one source tensor on top of the block itself.
+    """
     cfg = ckpt.config
     s = cfg.layers[layer]
     hd, h = cfg.head_dim, cfg.hidden_size
     nq, nkv, ffn = s.num_attention_heads, s.num_key_value_heads, s.intermediate_size
-
-    def get(key: str, shape: tuple[int, ...]) -> torch.Tensor:
-        return ckpt.get(ckpt.name(key, layer), expect=shape)
-
-    q = get("q", (nq * hd, h))
-    k = get("k", (nkv * hd, h))
-    v = get("v", (nkv * hd, h))
-    o = get("o", (h, nq * hd))
-    gate = get("gate", (ffn, h))
-    up = get("up", (ffn, h))
-    down = get("down", (h, ffn))
-    biases = None
-    if cfg.attention_bias:
-        biases = (get("q_bias", (nq * hd,)), get("k_bias", (nkv * hd,)), get("v_bias", (nkv * hd,)))
-    if keep is not None:
+    if keep is None:
+        q_rows = kv_rows = ch = None
+        kq, kkv, kf = nq, nkv, ffn
+    else:
         q_rows, kv_rows = head_rows(keep.heads, hd), head_rows(keep.kv_heads, hd)
         ch = torch.tensor(keep.channels, dtype=torch.long)
-        q, k, v, o = q[q_rows], k[kv_rows], v[kv_rows], o[:, q_rows]
-        gate, up, down = gate[ch], up[ch], down[:, ch]
-        if biases is not None:
-            biases = (biases[0][q_rows], biases[1][kv_rows], biases[2][kv_rows])
-        nq, nkv = len(keep.heads), len(keep.kv_heads)
+        kq, kkv, kf = len(keep.heads), len(keep.kv_heads), len(keep.channels)
+
+    def read(key: str, shape: tuple[int, ...], rows: torch.Tensor | None, axis: int,
+             out: torch.Tensor) -> None:
+        t = ckpt.get(ckpt.name(key, layer), expect=shape)
+        out.copy_(t if rows is None else t.index_select(axis, rows))
+        del t  # release the source copy before the next read
+
+    qkv = torch.empty((kq + 2 * kkv) * hd, h, dtype=dtype)
+    q_out, k_out, v_out = qkv.split([kq * hd, kkv * hd, kkv * hd])
+    read("q", (nq * hd, h), q_rows, 0, q_out)
+    read("k", (nkv * hd, h), kv_rows, 0, k_out)
+    read("v", (nkv * hd, h), kv_rows, 0, v_out)
+    qkv_bias = None
+    if cfg.attention_bias:
+        qkv_bias = torch.empty((kq + 2 * kkv) * hd, dtype=dtype)
+        qb, kb, vb = qkv_bias.split([kq * hd, kkv * hd, kkv * hd])
+        read("q_bias", (nq * hd,), q_rows, 0, qb)
+        read("k_bias", (nkv * hd,), kv_rows, 0, kb)
+        read("v_bias", (nkv * hd,), kv_rows, 0, vb)
+    o = torch.empty(h, kq * hd, dtype=dtype)
+    read("o", (h, nq * hd), q_rows, 1, o)
+    gate_up = torch.empty(2 * kf, h, dtype=dtype)
+    read("gate", (ffn, h), ch, 0, gate_up[:kf])
+    read("up", (ffn, h), ch, 0, gate_up[kf:])
+    down = torch.empty(h, kf, dtype=dtype)
+    read("down", (h, ffn), ch, 1, down)
     return BlockWeights(
         layer=layer,
-        n_heads=nq,
-        n_kv_heads=nkv,
+        n_heads=kq,
+        n_kv_heads=kkv,
         head_dim=hd,
-        attn_norm=get("attn_norm", (h,)).float(),
-        qkv=torch.cat([q, k, v]).to(dtype).contiguous(),
-        qkv_bias=torch.cat(biases).to(dtype) if biases is not None else None,
-        o=o.to(dtype).contiguous(),
-        mlp_norm=get("mlp_norm", (h,)).float(),
-        gate_up=torch.cat([gate, up]).to(dtype).contiguous(),
-        down=down.to(dtype).contiguous(),
+        attn_norm=ckpt.get(ckpt.name("attn_norm", layer), expect=(h,)).float(),
+        qkv=qkv,
+        qkv_bias=qkv_bias,
+        o=o,
+        mlp_norm=ckpt.get(ckpt.name("mlp_norm", layer), expect=(h,)).float(),
+        gate_up=gate_up,
+        down=down,
     )
 
 

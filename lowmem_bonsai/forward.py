@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .block import UnitStats, block_forward, rms_norm
 from .checkpoint import Checkpoint
+from .errors import UserError
 from .plan import Plan
 from .prior import ColumnStats
 from .rope import rope_tables
@@ -36,15 +37,74 @@ class MaskSet:
         return self.head[0].shape[0]
 
 
-def lm_head_weight(ckpt: Checkpoint) -> torch.Tensor:
-    """The output projection (the embedding when tied).  # (vocab, H)"""
-    cfg = ckpt.config
+LOGIT_BUDGET = 1 << 25  # logits held at once (elements): 128 MB in fp32
+
+
+def lm_head_name(ckpt: Checkpoint) -> str:
+    """The output projection's tensor (the embedding when tied)."""
     name = ckpt.name("lm_head")
-    if ckpt.has(name):
-        return ckpt.get(name, expect=(cfg.vocab_size, cfg.hidden_size))
-    if cfg.tie_word_embeddings:
-        return ckpt.get(ckpt.name("embed"), expect=(cfg.vocab_size, cfg.hidden_size))
-    return ckpt.get(name)  # raises: missing lm_head in an untied model
+    if ckpt.has(name) or not ckpt.config.tie_word_embeddings:
+        return name  # a missing lm_head of an untied model is reported when it is read
+    return ckpt.name("embed")
+
+
+def vocab_slices(ckpt: Checkpoint, name: str, chunk: int):
+    """Row ranges of a (vocab, H) matrix, read one range at a time.  yields (start, (rows, H))"""
+    cfg = ckpt.config
+    if ckpt.has(name) and ckpt.shape(name) != (cfg.vocab_size, cfg.hidden_size):
+        ckpt.get(name, expect=(cfg.vocab_size, cfg.hidden_size))  # raises with both shapes
+    for a in range(0, cfg.vocab_size, chunk):
+        yield a, ckpt.get(name, rows=slice(a, min(a + chunk, cfg.vocab_size)))
+
+
+def embed_tokens(ckpt: Checkpoint, tokens: torch.Tensor, *, dtype: torch.dtype,
+                 chunk: int = 8192) -> torch.Tensor:
+    """Embedding rows of ``tokens`` (S, T), reading the table in row ranges.  # (S, T, H)"""
+    cfg = ckpt.config
+    flat = tokens.flatten()
+    if flat.numel() and (int(flat.max()) >= cfg.vocab_size or int(flat.min()) < 0):
+        raise UserError(f"token id {int(flat.max())} is outside the model's vocabulary of "
+                        f"{cfg.vocab_size}; the tokenizer does not belong to this model")
+    out = torch.empty(flat.numel(), cfg.hidden_size, dtype=dtype)
+    for a, rows in vocab_slices(ckpt, ckpt.name("embed"), chunk):
+        sel = (flat >= a) & (flat < a + rows.shape[0])
+        out[sel] = rows[flat[sel] - a].to(dtype)
+    return out.view(*tokens.shape, cfg.hidden_size)
+
+
+def token_nll(ckpt: Checkpoint, hidden: torch.Tensor, targets: torch.Tensor, *, dtype: torch.dtype,
+              rows_per_chunk: int) -> torch.Tensor:
+    """Next-token NLL from final hidden states, lm_head read in vocab ranges (online logsumexp).
+
+    hidden: (N, T, H), normalised in place; targets: (N, T-1). Returns (N,) sums, fp64.
+    """
+    cfg = ckpt.config
+    n, t, _ = hidden.shape
+    norm = ckpt.get(ckpt.name("final_norm"), expect=(cfg.hidden_size,)).float()
+    for a in range(0, n, rows_per_chunk):
+        hidden[a : a + rows_per_chunk] = rms_norm(hidden[a : a + rows_per_chunk], norm, cfg.rms_norm_eps)
+    run_max = torch.full((n, t - 1), -torch.inf)  # (N, T-1) fp32
+    run_sum = torch.zeros(n, t - 1)
+    target_logit = torch.zeros(n, t - 1)
+    vocab_chunk = max(256, LOGIT_BUDGET // max(rows_per_chunk * t, 1))
+    for v0, w in vocab_slices(ckpt, lm_head_name(ckpt), vocab_chunk):
+        w = w.to(dtype)  # (Vc, H)
+        v1 = v0 + w.shape[0]
+        for a in range(0, n, rows_per_chunk):
+            b = min(a + rows_per_chunk, n)
+            logits = F.linear(hidden[a:b, :-1], w).float()  # (rows, T-1, Vc)
+            m = torch.maximum(run_max[a:b], logits.amax(-1))
+            run_sum[a:b] = run_sum[a:b] * torch.exp(run_max[a:b] - m) + torch.exp(
+                logits - m[..., None]).sum(-1)
+            run_max[a:b] = m
+            tg = targets[a:b]
+            inside = (tg >= v0) & (tg < v1)
+            local = (tg - v0).clamp(0, v1 - v0 - 1)
+            picked = logits.gather(-1, local[..., None]).squeeze(-1)
+            target_logit[a:b] = torch.where(inside, picked, target_logit[a:b])
+        del w
+    nll = run_max + torch.log(run_sum) - target_logit  # (N, T-1)
+    return nll.double().sum(1)
 
 
 def sliding_mask(seq_len: int, window: int | None) -> torch.Tensor | None:
@@ -80,9 +140,7 @@ def streamed_nll(
     cos, sin = rope_tables(cfg, t)
     attn_mask = sliding_mask(t, cfg.sliding_window)
 
-    embed = ckpt.get(ckpt.name("embed"), expect=(cfg.vocab_size, cfg.hidden_size))
-    x0 = F.embedding(tokens, embed).to(dtype)  # (S, T, H)
-    del embed
+    x0 = embed_tokens(ckpt, tokens, dtype=dtype)  # (S, T, H)
     hidden = x0.repeat(g_count, 1, 1)  # (G S, T, H); row r belongs to mask r // S
     del x0
     row_mask = torch.arange(g_count * s_count) // s_count  # (G S,)
@@ -104,14 +162,6 @@ def streamed_nll(
             on_block(w.layer)
         del w
 
-    norm = ckpt.get(ckpt.name("final_norm"), expect=(cfg.hidden_size,)).float()
-    head = lm_head_weight(ckpt).to(dtype)
     targets = tokens[:, 1:].repeat(g_count, 1)  # (G S, T-1)
-    nll = torch.zeros(g_count * s_count, dtype=torch.float64)
-    for a in range(0, hidden.shape[0], rows_per_chunk):
-        b = min(a + rows_per_chunk, hidden.shape[0])
-        h = rms_norm(hidden[a:b, :-1], norm, cfg.rms_norm_eps)  # (rows, T-1, H)
-        logits = F.linear(h, head).float()  # (rows, T-1, vocab)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets[a:b].flatten(), reduction="none")
-        nll[a:b] = loss.view(b - a, t - 1).sum(1).double()
+    nll = token_nll(ckpt, hidden, targets, dtype=dtype, rows_per_chunk=rows_per_chunk)
     return nll.view(g_count, s_count)

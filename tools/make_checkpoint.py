@@ -1,0 +1,104 @@
+"""Write a random-weight checkpoint in the exact shapes of a real model, shard by shard.
+
+For memory, I/O and speed work only (quality needs a real model). Weights are drawn from a seeded
+normal with std 0.02 (norms at 1), in bf16 by default; at most one shard is held in memory.
+
+    python tools/make_checkpoint.py llama2-13b /data/llama2-13b-random
+    python tools/make_checkpoint.py tinyllama-1.1b /tmp/tl --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lowmem_bonsai.outputs import staged_dir  # noqa: E402
+from lowmem_bonsai.shards import ShardWriter  # noqa: E402
+
+SHAPES = {
+    # name: hidden, layers, heads, kv heads, ffn, vocab, tied
+    "tinyllama-1.1b": (2048, 22, 32, 4, 5632, 32000, False),
+    "llama2-7b": (4096, 32, 32, 32, 11008, 32000, False),
+    "llama2-13b": (5120, 40, 40, 40, 13824, 32000, False),
+    "llama3-8b": (4096, 32, 32, 8, 14336, 128256, False),
+    "smollm2-135m": (576, 30, 9, 3, 1536, 49152, True),
+}
+WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
+
+
+def config_for(name: str) -> dict:
+    hidden, layers, heads, kv, ffn, vocab, tied = SHAPES[name]
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
+        "head_dim": hidden // heads, "intermediate_size": ffn, "vocab_size": vocab,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096,
+        "tie_word_embeddings": tied, "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
+    }
+
+
+def word_tokenizer(path: Path, vocab: int) -> None:
+    """A word-level tokenizer over WikiText-2 words, so `eval` and `prune` have text to run on."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    text = WIKITEXT.read_text(encoding="utf-8") if WIKITEXT.is_file() else "the a of and"
+    words = [w for w, _ in Counter(text.split()).most_common(min(vocab, 30000) - 1)]
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}},
+                                     unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path / "tokenizer.json"))
+
+
+def write(name: str, out: Path, *, dtype: torch.dtype, seed: int, shard_gb: float, force: bool) -> None:
+    cfg = config_for(name)
+    h, n_layers, ffn, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
+    q, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * 0.02).to(dtype)
+
+    with staged_dir(out, force=force) as stage:
+        w = ShardWriter(stage, max_shard_bytes=int(shard_gb * 1024**3))
+        w.add("model.embed_tokens.weight", rand(vocab, h))
+        for i in range(n_layers):
+            p = f"model.layers.{i}."
+            w.add(p + "input_layernorm.weight", torch.ones(h, dtype=dtype))
+            w.add(p + "self_attn.q_proj.weight", rand(q, h))
+            w.add(p + "self_attn.k_proj.weight", rand(kv, h))
+            w.add(p + "self_attn.v_proj.weight", rand(kv, h))
+            w.add(p + "self_attn.o_proj.weight", rand(h, q))
+            w.add(p + "post_attention_layernorm.weight", torch.ones(h, dtype=dtype))
+            w.add(p + "mlp.gate_proj.weight", rand(ffn, h))
+            w.add(p + "mlp.up_proj.weight", rand(ffn, h))
+            w.add(p + "mlp.down_proj.weight", rand(h, ffn))
+            print(f"\rlayer {i + 1}/{n_layers}", end="", file=sys.stderr, flush=True)
+        w.add("model.norm.weight", torch.ones(h, dtype=dtype))
+        if not cfg["tie_word_embeddings"]:
+            w.add("lm_head.weight", rand(vocab, h))
+        w.close()
+        (stage / "config.json").write_text(json.dumps(cfg, indent=2))
+        word_tokenizer(stage, vocab)
+    print(f"\nwrote {out}", file=sys.stderr)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("shape", choices=sorted(SHAPES))
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shard-gb", type=float, default=2.0)
+    ap.add_argument("--force", action="store_true")
+    a = ap.parse_args()
+    write(a.shape, a.out, dtype=getattr(torch, a.dtype), seed=a.seed, shard_gb=a.shard_gb, force=a.force)
+
+
+if __name__ == "__main__":
+    main()
