@@ -113,6 +113,38 @@ def eval_cmd(
         _run(write_json_atomic, json_out, result.to_json())
 
 
+@app.command("estimate")
+def estimate_cmd(
+    model: Annotated[Path, typer.Argument(help="Checkpoint folder to prune.")],
+    profile: Annotated[Optional[str], typer.Option(help="Profile name or .toml path.")] = None,
+    sparsity: Annotated[float, typer.Option(help="Target sparsity.")] = 0.5,
+    method: Annotated[str, typer.Option(help="bonsai, or a baseline (no masks).")] = "bonsai",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Before any work: peak memory by component, disk needed, forward FLOPs per round and an ETA
+    from a matmul rate measured on this machine in about a second."""
+    from .estimate import estimate
+    from .profiles import load_profile
+
+    prof = _run(load_profile, profile)
+    e = _run(estimate, model_dir=model, profile=prof, sparsity=sparsity, method=method)
+    if as_json:
+        typer.echo(json.dumps(e, indent=2))
+        return
+    m = e["memory"]
+    typer.echo(f"model      {e['params_total'] / 1e9:.2f} B params ({e['params_blocks'] / 1e9:.2f} B in blocks)")
+    typer.echo(f"profile    {e['profile']}: budget {m['budget_gb']:.1f} GiB, compute {e['compute_dtype']}")
+    typer.echo("memory     " + ", ".join(f"{k.removesuffix('_gb').replace('_', ' ')} {v:.2f}"
+                                         for k, v in m.items() if k.endswith("_gb") and k != "budget_gb")
+               + " GiB")
+    typer.echo(f"waves      {m['waves']} x {m['wave_masks']} masks per round")
+    typer.echo(f"disk       {e['disk_output_gb']:.2f} GiB for the pruned model")
+    typer.echo(f"compute    {e['rounds']} rounds, {e['forward_tokens_per_round']:,} forward tokens and "
+               f"{e['forward_tflops_per_round'][0]:.1f} TFLOP in the first; {e['forward_tflops_total']:.1f} TFLOP in all")
+    typer.echo(f"speed      {e['matmul_gflops_measured']:.0f} GFLOP/s measured matmul rate here")
+    typer.echo(f"ETA        {e['eta_hours']:.2f} h")
+
+
 class _Bars:
     """tqdm bars, one per stage, fed by the library's progress callback."""
 

@@ -20,6 +20,7 @@ from .config import ModelConfig
 from .errors import UserError
 from .forward import MaskSet, streamed_nll
 from .masks import Module, eligible_units, sample_masks
+from .memory import plan_memory
 from .plan import LayerPlan, Plan
 from .prior import ColumnStats, unit_priors
 from .profiles import Profile
@@ -137,6 +138,8 @@ def run_rounds(
         raise UserError(f"--sparsity {sparsity}: must be between 0 and 1 (exclusive)")
     cfg = ckpt.config
     dtype = DTYPES[profile.compute_dtype]
+    wave = _wave_size(cfg, calib, profile)  # refuses now, not hours in, if the budget cannot work
+    log.info("waves of %d masks (%d per round)", wave, profile.masks_per_round)
     gen = torch.Generator().manual_seed(seed)
     prior_kind = {"magnitude": "magnitude", "random": "random"}.get(method, profile.prior)
     total = cfg.non_embedding_params()
@@ -290,9 +293,6 @@ def _bonsai_choice(ckpt, calib, plan, modules, priors, p, budget, profile, gen, 
 
 
 def _wave_size(cfg: ModelConfig, calib: torch.Tensor, profile: Profile) -> int:
-    """Masks per streamed pass: the profile's, or what a quarter of the memory budget holds."""
-    if profile.wave_masks:
-        return max(2, profile.wave_masks - profile.wave_masks % 2)
-    per_mask = calib.numel() * cfg.hidden_size * DTYPES[profile.compute_dtype].itemsize
-    fit_masks = int(0.25 * profile.memory_gb * 1e9 // max(per_mask, 1))
-    return max(2, min(profile.masks_per_round, fit_masks - fit_masks % 2))
+    """Masks per streamed pass: the profile's, or the largest wave the memory planner fits."""
+    fitted = profile.replace(calib_seqs=calib.shape[0], seq_len=calib.shape[1])
+    return plan_memory(cfg, fitted).wave_masks

@@ -1,0 +1,105 @@
+"""Memory planner: what a prune will hold at its peak, sized before any work starts.
+
+From the model's geometry and the profile it sizes the resident blocks, the hidden-state store of one
+wave of masks, the activations of one row chunk and the lm_head chunk, picks the largest wave of
+masks that fits ``memory_gb``, and refuses (saying what to change) when not even two masks fit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .config import ModelConfig
+from .errors import UserError
+from .forward import LOGIT_BUDGET
+from .profiles import Profile
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+STORAGE_BYTES = {"F32": 4, "BF16": 2, "F16": 2}
+RUNTIME_GB = 0.35  # python, torch and tokenizers loaded (measured peak_anon of an idle import: 0.14 GiB)
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryPlan:
+    wave_masks: int  # masks per streamed pass
+    waves: int  # passes per round
+    resident_blocks_gb: float  # (prefetch + 1) blocks in the compute dtype + one source tensor
+    hidden_store_gb: float  # wave x calib tokens x hidden
+    activations_gb: float  # one row chunk inside a block (+ attention scores)
+    head_gb: float  # lm_head / embedding row range + logits of one chunk + loss state
+    runtime_gb: float
+    total_gb: float
+    budget_gb: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def block_bytes(config: ModelConfig, dtype_bytes: int) -> int:
+    """Largest block of the model, in the compute dtype."""
+    return max(config.layer_params(i) for i in range(config.num_hidden_layers)) * dtype_bytes
+
+
+def plan_memory(config: ModelConfig, profile: Profile, *, storage_bytes: int = 2) -> MemoryPlan:
+    """Size every component of a prune's peak; pick the wave size; refuse if nothing fits."""
+    gb = 1024**3
+    b = DTYPE_BYTES[profile.compute_dtype]
+    h = config.hidden_size
+    widest = max(config.layers, key=lambda s: s.intermediate_size)
+    most_heads = max(s.num_attention_heads for s in config.layers)
+    largest_tensor = max(widest.intermediate_size, most_heads * config.head_dim) * h * storage_bytes
+    resident = (profile.prefetch + 1) * block_bytes(config, b) + largest_tensor
+    t = profile.seq_len
+    chunk = max(1, profile.chunk_tokens // t) * t  # tokens in one row chunk
+    qkv = (most_heads + 2 * config.num_key_value_heads) * config.head_dim
+    per_token = (qkv + 3 * h + 3 * widest.intermediate_size) * b  # qkv, norms/residual, gate|up, act
+    scores = max(1, profile.chunk_tokens // t) * most_heads * t * t * 4  # if SDPA materialises them
+    activations = chunk * per_token + scores
+    tokens_per_mask = profile.calib_seqs * t
+    vocab_rows = max(256, LOGIT_BUDGET // max(chunk, 1))
+    head = LOGIT_BUDGET * 4 * 3 + vocab_rows * h * (b + storage_bytes)
+    per_mask = tokens_per_mask * (h * b + 3 * 4)  # hidden row + loss state (max, sum, target)
+    fixed = resident + activations + head + RUNTIME_GB * gb
+    room = profile.memory_gb * gb - fixed
+    fit = int(room // per_mask) if room > 0 else 0
+    wave = profile.wave_masks or min(profile.masks_per_round, fit - fit % 2)
+    if wave < 2 or (profile.wave_masks and fixed + wave * per_mask > profile.memory_gb * gb):
+        need = (fixed + 2 * per_mask) / gb
+        raise UserError(
+            f"memory budget {profile.memory_gb:g} GB is too small: two blocks, activations and 2 masks "
+            f"need {need:.1f} GB for this model; raise memory_gb, or lower prefetch, chunk_tokens, "
+            "calib_seqs or seq_len, or use compute_dtype bfloat16"
+        )
+    wave = max(2, wave - wave % 2)
+    total = fixed + wave * per_mask
+    return MemoryPlan(
+        wave_masks=wave, waves=math.ceil(profile.masks_per_round / wave),
+        resident_blocks_gb=resident / gb, hidden_store_gb=wave * per_mask / gb,
+        activations_gb=activations / gb, head_gb=head / gb, runtime_gb=RUNTIME_GB,
+        total_gb=total / gb, budget_gb=profile.memory_gb,
+    )
+
+
+def round_flops(config: ModelConfig, profile: Profile, *, with_masks: bool) -> float:
+    """Forward FLOPs of one round of the dense model (later rounds are smaller)."""
+    t = profile.seq_len
+    tokens = profile.calib_seqs * t * (1 + (profile.masks_per_round if with_masks else 0))
+    per_token = 2 * (config.non_embedding_params() + config.vocab_size * config.hidden_size)
+    attn = sum(4 * s.num_attention_heads * config.head_dim * t / 2 for s in config.layers)
+    return tokens * (per_token + attn)
+
+
+def measure_matmul_gflops(dtype: torch.dtype, *, n: int = 1024, k: int = 2048, seconds: float = 1.0) -> float:
+    """A matmul rate of this machine in ``dtype`` (GFLOP/s), measured for about ``seconds``."""
+    a = torch.randn(n, k).to(dtype)
+    w = torch.randn(k, k).to(dtype)
+    torch.nn.functional.linear(a, w)  # warm-up
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.nn.functional.linear(a, w)
+        count += 1
+    return 2 * n * k * k * count / (time.perf_counter() - start) / 1e9

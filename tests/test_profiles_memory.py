@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from lowmem_bonsai.cli import app
+from lowmem_bonsai.config import parse_config
+from lowmem_bonsai.errors import UserError
+from lowmem_bonsai.memory import plan_memory
+from lowmem_bonsai.profiles import PROFILE_DIR, load_profile
+
+from .conftest import make_tiny
+
+LLAMA2_13B = {"architectures": ["LlamaForCausalLM"], "hidden_size": 5120, "num_hidden_layers": 40,
+              "num_attention_heads": 40, "num_key_value_heads": 40, "intermediate_size": 13824,
+              "vocab_size": 32000}
+
+
+def test_every_shipped_profile_parses_and_starts_with_its_command():
+    names = sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
+    assert "laptop-16gb" in names and len(names) >= 3
+    for name in names:
+        assert load_profile(name).name == name
+        assert (PROFILE_DIR / f"{name}.toml").read_text().startswith("# lowmem-bonsai ")
+
+
+def test_profile_rejects_unknown_keys_and_wrong_types(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('mask_per_round = 8\n')
+    with pytest.raises(UserError, match="unknown key 'mask_per_round'"):
+        load_profile(bad)
+    bad.write_text('masks_per_round = "many"\n')
+    with pytest.raises(UserError, match="should be a int"):
+        load_profile(bad)
+    bad.write_text('masks_per_round = 7\n')
+    with pytest.raises(UserError, match="even"):
+        load_profile(bad)
+
+
+def test_planner_fits_13b_in_16gb_and_refuses_a_budget_that_cannot_work():
+    cfg = parse_config(LLAMA2_13B, source="13b")
+    plan = plan_memory(cfg, load_profile("laptop-16gb"))
+    assert plan.total_gb <= plan.budget_gb and plan.wave_masks >= 2
+    # two fp32 13B blocks alone are 2.4 GiB
+    assert 2.3 < plan.resident_blocks_gb < 3.0
+    with pytest.raises(UserError, match="too small.*raise memory_gb"):
+        plan_memory(cfg, load_profile("laptop-16gb").replace(memory_gb=2.0))
+
+
+def test_waves_shrink_with_the_budget():
+    cfg = parse_config(LLAMA2_13B, source="13b")
+    prof = load_profile("laptop-16gb").replace(masks_per_round=256, calib_seqs=16, seq_len=512)
+    small, large = plan_memory(cfg, prof.replace(memory_gb=12.0)), plan_memory(cfg, prof.replace(memory_gb=48.0))
+    assert small.wave_masks < large.wave_masks and small.waves > large.waves
+    assert small.total_gb <= 12.0
+
+
+def test_estimate_cli(tmp_path):
+    make_tiny(tmp_path / "m", "llama-gqa-tied")
+    res = CliRunner().invoke(app, ["estimate", str(tmp_path / "m"), "--sparsity", "0.5", "--json"])
+    assert res.exit_code == 0, res.output
+    e = json.loads(res.output)
+    assert e["rounds"] == 10 and e["matmul_gflops_measured"] > 0 and e["eta_hours"] > 0
+    assert e["forward_tflops_per_round"][0] > e["forward_tflops_per_round"][-1]
