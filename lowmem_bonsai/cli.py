@@ -192,7 +192,8 @@ def prune_cmd(
     prior: Annotated[Optional[str], typer.Option(
         help="Override the profile's prior: wanda, magnitude, fluctuation, random.")] = None,
     estimator: Annotated[Optional[str], typer.Option(help="Override the profile: ridge or lasso.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out (and any saved progress).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a prune that stopped (crash, kill, Ctrl-C).")] = False,
 ) -> None:
     """Prune a model with Bonsai: score sub-models with forward passes, regress, remove, repeat.
 
@@ -209,7 +210,14 @@ def prune_cmd(
     bars = _Bars()
     try:
         report = _run(prune_model, model_dir=model, out_dir=out, sparsity=sparsity, profile=prof,
-                      calib=calib, method=method, seed=seed, force=force, progress=bars)
+                      calib=calib, method=method, seed=seed, force=force, resume=resume,
+                      progress=bars)
+    except typer.Exit as exc:
+        bars.close()
+        if exc.exit_code == 130:
+            typer.echo(f"progress is saved in {out}.partial; run the same command with --resume to "
+                       "continue", err=True)
+        raise
     finally:
         bars.close()
     typer.echo(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -13,10 +15,12 @@ import torch
 
 from .checkpoint import INDEX_NAME, Checkpoint
 from .data import load_tokenizer, tokenize_file, windows
-from .outputs import staged_dir, write_json_atomic
+from .errors import UserError
+from .outputs import check_output_dir, fsync_dir, write_json_atomic
 from .profiles import Profile
-from .prune import DTYPES, Progress, PruneResult, run_rounds
+from .prune import DTYPES, Progress, PruneResult, check_settings, run_rounds
 from .report import build_report, plot
+from .resume import RunState
 from .writer import copy_tokenizer, pruned_config, write_pruned
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,36 @@ def calibration_tokens(model_dir: Path, calib: Path, profile: Profile) -> torch.
     return seqs
 
 
+def work_dir(out_dir: Path) -> Path:
+    """Where a prune keeps its progress and builds its output until it is complete."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(f"{out_dir.name}.partial")
+
+
+def _open_state(model_dir: Path, out_dir: Path, key: dict[str, Any], *, resume: bool,
+                force: bool) -> RunState:
+    work = work_dir(out_dir)
+    state_path = work / "state.json"
+    if resume:
+        if not state_path.is_file():
+            if (Path(out_dir) / "plan.json").is_file():
+                raise UserError(f"{out_dir}: this prune already finished; nothing to resume")
+            raise UserError(f"{work}: no saved progress to resume; run without --resume")
+        return RunState.load(state_path, key=key)
+    check_output_dir(out_dir, force=force)
+    if work.exists():
+        if not force:
+            raise UserError(
+                f"{work}: a previous prune into {out_dir} stopped before finishing; add --resume to "
+                "continue it, or --force to start over"
+            )
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    state = RunState(state_path, key=key)
+    state._save()
+    return state
+
+
 def prune_model(
     *,
     model_dir: Path,
@@ -59,12 +93,18 @@ def prune_model(
     method: str = "bonsai",
     seed: int = 0,
     force: bool = False,
+    resume: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Prune ``model_dir`` and write the pruned checkpoint, plan.json, report.json and a figure."""
+    """Prune ``model_dir`` and write the pruned checkpoint, plan.json, report.json and a figure.
+
+    Progress lives in ``OUT.partial/`` until the output is complete; ``resume`` continues it.
+    """
     start = time.perf_counter()
     if profile.threads:
         torch.set_num_threads(profile.threads)
+    out_dir = Path(out_dir)
+    check_settings(sparsity=sparsity, method=method)
     ckpt = Checkpoint(model_dir)
     tokens = calibration_tokens(model_dir, calib, profile)
     settings = {
@@ -72,22 +112,33 @@ def prune_model(
         "calib_seqs": int(tokens.shape[0]), "profile": {
             k: getattr(profile, k) for k in profile.__dataclass_fields__},
     }
-    with staged_dir(out_dir, force=force) as stage:  # checks --out before the long work
-        result: PruneResult = run_rounds(ckpt, tokens, sparsity=sparsity, profile=profile,
-                                         method=method, seed=seed, progress=progress)
-        plan = result.plan
-        plan.meta.update({"method": method, "settings": settings, "source": str(model_dir),
-                          "source_hashes": source_hashes(model_dir)})
-        storage = None if profile.storage_dtype == "auto" else DTYPES[profile.storage_dtype]
-        on_write = (lambda l: progress("write", l + 1, ckpt.config.num_hidden_layers)) if progress else None
-        write_pruned(ckpt, plan, stage, dtype=storage, on_block=on_write)
-        write_json_atomic(stage / "config.json", pruned_config(ckpt, plan))
-        copy_tokenizer(model_dir, stage)
-        write_json_atomic(stage / "plan.json", plan.to_json())
-        report = build_report(ckpt.config, result, settings=settings,
-                              seconds=time.perf_counter() - start)
-        write_json_atomic(stage / "report.json", report)
-        plot(ckpt.config, plan, report, stage / "pruning.png")
+    hashes = source_hashes(model_dir)
+    key = {"source_hashes": hashes, "settings": settings,
+           "calib_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()}
+    state = _open_state(model_dir, out_dir, key, resume=resume, force=force)
+    result: PruneResult = run_rounds(ckpt, tokens, sparsity=sparsity, profile=profile, method=method,
+                                     seed=seed, progress=progress, state=state)
+    plan = result.plan
+    plan.meta.update({"method": method, "settings": settings, "source": str(model_dir),
+                      "source_hashes": hashes})
+    stage = work_dir(out_dir) / "out"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    storage = None if profile.storage_dtype == "auto" else DTYPES[profile.storage_dtype]
+    on_write = (lambda l: progress("write", l + 1, ckpt.config.num_hidden_layers)) if progress else None
+    write_pruned(ckpt, plan, stage, dtype=storage, on_block=on_write)
+    write_json_atomic(stage / "config.json", pruned_config(ckpt, plan))
+    copy_tokenizer(model_dir, stage)
+    write_json_atomic(stage / "plan.json", plan.to_json())
+    report = build_report(ckpt.config, result, settings=settings, seconds=time.perf_counter() - start)
+    write_json_atomic(stage / "report.json", report)
+    plot(ckpt.config, plan, report, stage / "pruning.png")
+    # Only a complete output gets the final name; then the progress is no longer needed.
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(stage, out_dir)
+    fsync_dir(out_dir.parent)
+    shutil.rmtree(work_dir(out_dir))
     log.info("pruned %s -> %s: sparsity %.4f", model_dir, out_dir, report["achieved_sparsity"])
     return report
 

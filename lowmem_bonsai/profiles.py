@@ -39,6 +39,8 @@ class Profile:
     prior: str = "wanda"  # wanda | magnitude | fluctuation | random
     estimator: str = "ridge"  # ridge | lasso
     head_unit: str = "group"  # group: a KV head with its query heads
+    allocation: str = "uniform"  # uniform: every module loses p, the regression picks which units;
+    #                              global: units ranked by beta per parameter across modules
 
     def __post_init__(self) -> None:
         checks = [
@@ -55,6 +57,7 @@ class Profile:
              "prior must be wanda, magnitude, fluctuation or random"),
             (self.estimator in ("ridge", "lasso"), "estimator must be ridge or lasso"),
             (self.head_unit == "group", "head_unit must be 'group'"),
+            (self.allocation in ("uniform", "global"), "allocation must be uniform or global"),
             (self.memory_gb > 0 and self.prefetch >= 0 and self.threads >= 0 and self.wave_masks >= 0,
              "memory_gb > 0, prefetch >= 0, threads >= 0, wave_masks >= 0"),
         ]

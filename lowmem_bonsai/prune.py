@@ -25,6 +25,7 @@ from .plan import LayerPlan, Plan
 from .prior import ColumnStats, unit_priors
 from .profiles import Profile
 from .regression import fit
+from .resume import RunState
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,13 @@ def _priors(stats: list[ColumnStats], kind: str, gen: torch.Generator) -> list[t
     return out
 
 
+def check_settings(*, sparsity: float, method: str) -> None:
+    if method not in METHODS:
+        raise UserError(f"--method {method}: expected one of {', '.join(METHODS)}")
+    if not 0 < sparsity < 1:
+        raise UserError(f"--sparsity {sparsity}: must be between 0 and 1 (exclusive)")
+
+
 def run_rounds(
     ckpt: Checkpoint,
     calib: torch.Tensor,
@@ -130,12 +138,14 @@ def run_rounds(
     method: str = "bonsai",
     seed: int = 0,
     progress: Progress | None = None,
+    state: RunState | None = None,
 ) -> PruneResult:
-    """Prune ``ckpt`` to ``sparsity`` (fraction of non-embedding params removed); returns the plan."""
-    if method not in METHODS:
-        raise UserError(f"--method {method}: expected one of {', '.join(METHODS)}")
-    if not 0 < sparsity < 1:
-        raise UserError(f"--sparsity {sparsity}: must be between 0 and 1 (exclusive)")
+    """Prune ``ckpt`` to ``sparsity`` (fraction of non-embedding params removed); returns the plan.
+
+    With ``state``, progress is checkpointed after every wave and round, and a state holding
+    earlier progress is continued from where it stopped.
+    """
+    check_settings(sparsity=sparsity, method=method)
     cfg = ckpt.config
     dtype = DTYPES[profile.compute_dtype]
     wave = _wave_size(cfg, calib, profile)  # refuses now, not hours in, if the budget cannot work
@@ -146,11 +156,16 @@ def run_rounds(
     target = sparsity * total
     plan = Plan.dense(cfg)
     result = PruneResult(plan)
+    if state is not None and state.rounds:
+        plan = state.plan()
+        result.rounds = [RoundReport(**r) for r in state.rounds]
+        state.restore_generator(gen)
+        log.info("resuming after round %d", len(result.rounds))
     s_count, t = calib.shape
     pass_tokens = s_count * t
     expected_rounds = math.ceil(sparsity / profile.prune_frac - 1e-9)
     fwd = dict(dtype=dtype, prefetch=profile.prefetch, chunk_tokens=profile.chunk_tokens)
-    r = 0
+    r = len(result.rounds)
     while True:
         before = plan_params(cfg, plan)
         budget = min(profile.prune_frac * total, target - (total - before))
@@ -159,6 +174,8 @@ def run_rounds(
             break
         r += 1
         start = time.perf_counter()
+        if state is not None:
+            state.begin_round(r, gen)
         if progress:
             progress("round", r - 1, max(expected_rounds, r))
         stats: list[ColumnStats] = []
@@ -171,19 +188,21 @@ def run_rounds(
         report = RoundReport(r, before, before, calib_loss, 0, pass_tokens, 0.0)
         if method == "bonsai":
             drop, fit_info = _bonsai_choice(ckpt, calib, plan, modules, priors, p, budget, profile,
-                                            gen, fwd, progress)
+                                            gen, fwd, progress, state)
             report.masks = profile.masks_per_round
             report.forward_tokens += profile.masks_per_round * pass_tokens
             (report.mask_loss_mean, report.mask_loss_std, report.cv_tau, report.train_tau,
              report.penalty) = fit_info
         else:
-            drop = _uniform_choice(modules, priors, p, profile.align)
+            drop = _per_module_choice(modules, _prior_orders(modules, priors), p, profile.align)
         plan = _remove(plan, cfg, drop)
         report.params_after = plan_params(cfg, plan)
         report.removed_groups = sum(len(v) for (_, k), v in drop.items() if k == "attn")
         report.removed_channels = sum(len(v) for (_, k), v in drop.items() if k == "mlp")
         report.seconds = time.perf_counter() - start
         result.rounds.append(report)
+        if state is not None:
+            state.end_round(plan, report, gen)
         log.info("round %d: %d -> %d params, calib loss %.4f, %.1f s", r, before,
                  report.params_after, calib_loss, report.seconds)
         if report.params_after == before:
@@ -199,12 +218,14 @@ def _order(prior: torch.Tensor, n_units: int, min_units: int) -> list[int]:
     return torch.argsort(prior, stable=True)[: max(n_units - min_units, 0)].tolist()
 
 
-def _uniform_choice(modules: list[Module], priors, p: float, align: int) -> dict[tuple[int, str], list[int]]:
-    """Baselines: every module loses its lowest-prior share p (widths rounded to ``align``)."""
+def _per_module_choice(modules: list[Module], orders: list[list[int]], p: float,
+                       align: int) -> dict[tuple[int, str], list[int]]:
+    """Every module loses the first round(p * width) units of its order (MLP widths aligned).
+
+    ``orders[i]``: module i's removable local indices, least important first.
+    """
     drop: dict[tuple[int, str], list[int]] = {}
-    for m in modules:
-        prior = priors[m.layer][0 if m.kind == "attn" else 1]
-        order = _order(prior, m.n_units, m.min_units)
+    for m, order in zip(modules, orders):
         chosen = order[: min(round(p * m.n_units), len(order))]
         if m.kind == "mlp":
             chosen = _align_mlp(chosen, order, m.n_units, align)
@@ -212,7 +233,11 @@ def _uniform_choice(modules: list[Module], priors, p: float, align: int) -> dict
     return drop
 
 
-def _bonsai_choice(ckpt, calib, plan, modules, priors, p, budget, profile, gen, fwd, progress):
+def _prior_orders(modules: list[Module], priors) -> list[list[int]]:
+    return [_order(priors[m.layer][0 if m.kind == "attn" else 1], m.n_units, m.min_units) for m in modules]
+
+
+def _bonsai_choice(ckpt, calib, plan, modules, priors, p, budget, profile, gen, fwd, progress, state):
     cfg = ckpt.config
     n_masks = profile.masks_per_round
     per_module = []  # (module, prior, eligible, masks (M, N))
@@ -241,8 +266,13 @@ def _bonsai_choice(ckpt, calib, plan, modules, priors, p, budget, profile, gen, 
     losses = []
     blocks_total = math.ceil(n_masks / wave) * cfg.num_hidden_layers
     done = 0
-    for a in range(0, n_masks, wave):
+    for index, a in enumerate(range(0, n_masks, wave)):
         b = min(a + wave, n_masks)
+        saved = state.wave_loss(index) if state is not None else None
+        if saved is not None and saved.numel() == b - a:
+            losses.append(saved)
+            done += cfg.num_hidden_layers
+            continue
         sub = MaskSet([h[a:b] for h in head], [c[a:b] for c in chan])
 
         def on_block(_l: int) -> None:
@@ -253,6 +283,8 @@ def _bonsai_choice(ckpt, calib, plan, modules, priors, p, budget, profile, gen, 
 
         nll = streamed_nll(ckpt, calib, plan=plan, masks=sub, on_block=on_block, **fwd)
         losses.append(nll.sum(1) / (calib.shape[0] * (calib.shape[1] - 1)))
+        if state is not None:
+            state.save_wave(index, losses[-1])
     loss = torch.cat(losses)  # (M,) mean NLL per mask
     y = -loss
 
@@ -261,35 +293,57 @@ def _bonsai_choice(ckpt, calib, plan, modules, priors, p, budget, profile, gen, 
         if not elig.numel():
             continue
         cols.append(masks[:, elig])
-        norm = prior / prior.mean().clamp_min(1e-30)
-        pri.append(norm[elig])
+        pe = prior[elig]
+        pri.append(pe / pe.mean().clamp_min(1e-30))  # mean 1 over the module's eligible units
         kinds.append(torch.full((elig.numel(),), 0 if m.kind == "attn" else 1))
         owners += [(idx, int(u)) for u in elig]
     x = torch.cat(cols, 1)  # (M, D)
     f = fit(x, y, prior=torch.cat(pri), kinds=torch.cat(kinds), estimator=profile.estimator, gen=gen)
 
-    # Remove by increasing estimated loss cost per parameter until the round's budget is spent.
+    beta_of = {owners[i]: float(f.beta[i]) for i in range(len(owners)) if f.informed[i]}
+    if profile.allocation == "uniform":
+        # Same widths as the baselines; the regression decides which units go: informed eligible
+        # units by increasing beta, then the rest of the module by increasing prior.
+        orders = []
+        for idx, (m, prior, _, _) in enumerate(per_module):
+            by_prior = _order(prior, m.n_units, m.min_units)
+            scored = sorted((u for u in by_prior if (idx, u) in beta_of), key=lambda u: beta_of[(idx, u)])
+            orders.append(scored + [u for u in by_prior if (idx, u) not in beta_of])
+        drop = _per_module_choice([m for m, *_ in per_module], orders, p, profile.align)
+    else:
+        drop = _global_choice(per_module, owners, f, beta_of, budget, profile.align)
+    log.info("regression: cv tau %.3f, penalty %g, per-unit scale (attention group, MLP channel) %s",
+             f.cv_tau, f.penalty, f.kind_scale)
+    info = (float(loss.mean()), float(loss.std()), f.cv_tau, f.train_tau, f.penalty)
+    return drop, info
+
+
+def _global_choice(per_module, owners, f, beta_of, budget, align) -> dict[tuple[int, str], list[int]]:
+    """Remove by increasing estimated loss per parameter across all modules until the budget is spent.
+
+    Units the masks never varied carry no evidence and stay. A module loses at most what one
+    sub-model dropped from it: beyond that the linear model extrapolates.
+    """
     cost = torch.tensor([float(f.beta[i]) / per_module[o][0].unit_params for i, (o, _) in enumerate(owners)])
     drop: dict[tuple[int, str], list[int]] = {(m.layer, m.kind): [] for m, *_ in per_module}
+    cap = {(m.layer, m.kind): max(1, e.numel() // 2) for m, _, e, _ in per_module}
     removed = 0.0
     for i in torch.argsort(cost, stable=True).tolist():
         m = per_module[owners[i][0]][0]
+        if not f.informed[i] or len(drop[(m.layer, m.kind)]) >= cap[(m.layer, m.kind)]:
+            continue
         if removed + m.unit_params > budget + 0.5 * m.unit_params:
             continue
         drop[(m.layer, m.kind)].append(owners[i][1])
         removed += m.unit_params
-    # Kept MLP widths to multiples of `align`, extending or trimming in the same beta order.
-    beta_of = {owners[i]: float(f.beta[i]) for i in range(len(owners))}
-    for idx, (m, prior, elig, _) in enumerate(per_module):
+    for idx, (m, _, elig, _) in enumerate(per_module):  # aligned MLP widths, in the same beta order
         if m.kind != "mlp":
             continue
-        order = sorted((int(u) for u in elig), key=lambda u: beta_of[(idx, u)])
+        order = sorted((int(u) for u in elig if (idx, int(u)) in beta_of), key=lambda u: beta_of[(idx, u)])
         chosen = set(drop[(m.layer, m.kind)])
         ranked = [u for u in order if u in chosen] + [u for u in order if u not in chosen]
-        drop[(m.layer, m.kind)] = _align_mlp(sorted(chosen, key=ranked.index), ranked, m.n_units,
-                                             profile.align)
-    info = (float(loss.mean()), float(loss.std()), f.cv_tau, f.train_tau, f.penalty)
-    return drop, info
+        drop[(m.layer, m.kind)] = _align_mlp(ranked[: len(chosen)], ranked, m.n_units, align)
+    return drop
 
 
 def _wave_size(cfg: ModelConfig, calib: torch.Tensor, profile: Profile) -> int:

@@ -29,6 +29,8 @@ class Fit:
     penalty: float  # the chosen multiplier from the grid
     cv_tau: float  # mean held-out Kendall tau at that penalty (nan if too few samples)
     train_tau: float
+    informed: torch.Tensor  # (D,) bool: the unit was dropped in some masks and kept in others
+    kind_scale: list[float]  # fitted effect of keeping one average unit, per kind
 
 
 def kendall_tau(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -40,18 +42,27 @@ def kendall_tau(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(concord / norm) if norm > 0 else float("nan")
 
 
-def _base(xc: torch.Tensor, yc: torch.Tensor, prior: torch.Tensor, kinds: torch.Tensor) -> torch.Tensor:
-    """Prior scaled per kind by non-negative least squares on the centered data.  # (D,)"""
-    cols = []
-    for k in kinds.unique():
-        cols.append(xc @ torch.where(kinds == k, prior, 0.0))  # (M,)
-    a = torch.stack(cols, 1)  # (M, K)
-    s = torch.linalg.lstsq(a.T @ a + 1e-9 * torch.eye(a.shape[1], dtype=a.dtype), a.T @ yc).solution
+def _base(xc: torch.Tensor, yc: torch.Tensor, prior: torch.Tensor,
+          kinds: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    """Prior scaled per kind by non-negative least squares on the centered data.  # (D,)
+
+    Each kind's column is the prior-weighted count of kept units of that kind, so its coefficient
+    is the effect of keeping one unit of average prior: a 2-4 parameter fit that the masks
+    determine well even when the per-unit fit cannot.
+    """
+    ks = kinds.unique()
+    a = torch.stack([xc @ torch.where(kinds == k, prior, 0.0) for k in ks], 1)  # (M, K)
+    live = a.abs().sum(0) > 0  # kinds never perturbed get no scale
+    s = torch.zeros(len(ks), dtype=xc.dtype)
+    if live.any():
+        al = a[:, live]
+        s[live] = torch.linalg.lstsq(al.T @ al + 1e-12 * torch.eye(al.shape[1], dtype=al.dtype),
+                                     al.T @ yc).solution
     s = s.clamp_min(0)
     out = torch.zeros_like(prior)
-    for i, k in enumerate(kinds.unique()):
+    for i, k in enumerate(ks):
         out = torch.where(kinds == k, s[i] * prior, out)
-    return out
+    return out, s.tolist()
 
 
 def _ridge(xc: torch.Tensor, r: torch.Tensor, lam: float) -> torch.Tensor:
@@ -80,18 +91,19 @@ def _solve(x: torch.Tensor, y: torch.Tensor, prior: torch.Tensor, kinds: torch.T
            penalty: float) -> tuple[torch.Tensor, float]:
     xm, ym = x.mean(0), y.mean()
     xc, yc = x - xm, y - ym
-    base = _base(xc, yc, prior, kinds)
+    base, scale = _base(xc, yc, prior, kinds)
     resid = yc - xc @ base
     delta = _ridge(xc, resid, penalty) if estimator == "ridge" else _lasso(xc, resid, penalty)
     beta = base + delta
-    return beta, float(ym - xm @ beta)
+    return beta, float(ym - xm @ beta), scale
 
 
 def fit(x: torch.Tensor, y: torch.Tensor, *, prior: torch.Tensor, kinds: torch.Tensor,
         estimator: str = "ridge", folds: int = 5, gen: torch.Generator | None = None) -> Fit:
     """Fit beta on masks x (M, D) in {0, 1} and scores y (M,), penalty chosen by k-fold CV.
 
-    ``prior`` (D,) is each unit's prior normalised within its module; ``kinds`` (D,) says which
+    ``prior`` (D,) is each unit's prior normalised to mean 1 over its module's eligible units;
+    ``kinds`` (D,) says which
     units share a scale (0 = attention group, 1 = MLP channel).
     """
     if estimator not in ("ridge", "lasso"):
@@ -113,11 +125,12 @@ def fit(x: torch.Tensor, y: torch.Tensor, *, prior: torch.Tensor, kinds: torch.T
             taus = []
             for f in range(folds):
                 tr, te = fold != f, fold == f
-                beta, b = _solve(x[tr], y[tr], prior, kinds, estimator, p)
+                beta, b, _ = _solve(x[tr], y[tr], prior, kinds, estimator, p)
                 taus.append(kendall_tau(x[te] @ beta + b, y[te]))
             scores[p] = float(torch.tensor(taus).nanmean())
     valid = {p: s for p, s in scores.items() if s == s}
     best = max(valid, key=lambda p: (valid[p], p)) if valid else grid[len(grid) // 2]
-    beta, b = _solve(x, y, prior, kinds, estimator, best)
+    beta, b, scale = _solve(x, y, prior, kinds, estimator, best)
+    informed = (x.max(0).values > x.min(0).values)
     return Fit(beta=beta, intercept=b, penalty=best, cv_tau=scores[best],
-               train_tau=kendall_tau(x @ beta + b, y))
+               train_tau=kendall_tau(x @ beta + b, y), informed=informed, kind_scale=scale)

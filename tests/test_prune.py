@@ -48,7 +48,8 @@ def test_bonsai_prunes_to_target_and_pruned_model_equals_dense_with_units_remove
     plan = Plan.load(out / "plan.json")
     assert cfg["intermediate_size_per_layer"] == [len(lp.channels) for lp in plan.layers]
     assert all(len(lp.channels) % 8 == 0 for lp in plan.layers)
-    assert len(report["rounds"]) == 5 and all(r["masks"] == 16 for r in report["rounds"])
+    # 10% per round; narrow attention modules may round to 0 units, leaving more rounds to the MLPs
+    assert 5 <= len(report["rounds"]) <= 10 and all(r["masks"] == 16 for r in report["rounds"])
 
     # The written shards, read back, give the dense model's NLL with the pruned units zeroed.
     tokens = torch.randint(0, 211, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -69,6 +70,15 @@ def test_same_seed_same_plan_other_seed_other_plan(tmp_path, tiny, sample_text):
         plans.append(Plan.load(tmp_path / f"o{i}" / "plan.json").layers)
     assert plans[0] == plans[1]
     assert plans[0] != plans[2]
+
+
+def test_global_allocation_reaches_the_target(tmp_path, tiny, sample_text):
+    _, model_dir = tiny
+    report = prune_model(model_dir=model_dir, out_dir=tmp_path / "o", sparsity=0.5,
+                         profile=profile(allocation="global"), calib=sample_text)
+    assert abs(report["achieved_sparsity"] - 0.5) <= 0.02
+    assert report["settings"]["profile"]["allocation"] == "global"
+    assert all(l["channels"] % 8 == 0 for l in report["layers"])
 
 
 @pytest.mark.parametrize("method", ["prior", "magnitude", "random"])
