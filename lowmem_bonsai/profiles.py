@@ -25,7 +25,8 @@ class Profile:
     # machine
     memory_gb: float = 16.0  # peak resident memory the run may use
     threads: int = 0  # 0: torch's default
-    compute_dtype: str = "float32"  # float32 | bfloat16 | float16 (norms, softmax and losses stay fp32)
+    compute_dtype: str = "auto"  # auto (fastest matmul, measured) | float32 | bfloat16 | float16;
+    #                              norms, softmax and losses stay fp32 whatever is chosen
     storage_dtype: str = "auto"  # dtype of the written shards; auto = the source's
     prefetch: int = 1  # blocks loaded ahead of the one computing
     chunk_tokens: int = 4096  # tokens per GEMM row chunk inside a block
@@ -49,8 +50,8 @@ class Profile:
             (0 < self.prune_frac <= 0.5, "prune_frac must be in (0, 0.5]"),
             (self.calib_seqs >= 1 and self.seq_len >= 2, "calib_seqs >= 1 and seq_len >= 2"),
             (self.align >= 1, "align must be >= 1"),
-            (self.compute_dtype in ("float32", "bfloat16", "float16"),
-             "compute_dtype must be float32, bfloat16 or float16"),
+            (self.compute_dtype in ("auto", "float32", "bfloat16", "float16"),
+             "compute_dtype must be auto, float32, bfloat16 or float16"),
             (self.storage_dtype in ("auto", "float32", "bfloat16", "float16"),
              "storage_dtype must be auto, float32, bfloat16 or float16"),
             (self.prior in ("wanda", "magnitude", "fluctuation", "random"),

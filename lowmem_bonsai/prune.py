@@ -20,7 +20,7 @@ from .config import ModelConfig
 from .errors import UserError
 from .forward import MaskSet, streamed_nll
 from .masks import Module, eligible_units, sample_masks
-from .memory import plan_memory
+from .memory import pick_compute_dtype, plan_memory
 from .plan import LayerPlan, Plan
 from .prior import ColumnStats, unit_priors
 from .profiles import Profile
@@ -147,7 +147,11 @@ def run_rounds(
     """
     check_settings(sparsity=sparsity, method=method)
     cfg = ckpt.config
-    dtype = DTYPES[profile.compute_dtype]
+    dtype_name, rates = pick_compute_dtype(profile.compute_dtype)
+    dtype = DTYPES[dtype_name]
+    if rates:
+        log.info("compute dtype %s (measured matmul GFLOP/s: %s)", dtype_name,
+                 ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
     wave = _wave_size(cfg, calib, profile)  # refuses now, not hours in, if the budget cannot work
     log.info("waves of %d masks (%d per round)", wave, profile.masks_per_round)
     gen = torch.Generator().manual_seed(seed)
