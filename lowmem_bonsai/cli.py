@@ -79,7 +79,8 @@ def import_gguf_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    model: Annotated[Path, typer.Argument(help="Checkpoint folder (config.json + safetensors).")],
+    model: Annotated[Path, typer.Argument(
+        help="Checkpoint folder (config.json + safetensors), or a .gguf file (run by llama.cpp).")],
     data: Annotated[Path, typer.Option("--data", help="UTF-8 text file to measure perplexity on.")],
     seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
     max_seqs: Annotated[Optional[int], typer.Option(help="Use only the first N windows.")] = None,
@@ -104,8 +105,14 @@ def eval_cmd(
         bar.total = total
         bar.update(done - bar.n)
 
-    result = _run(evaluate, model_dir=model, data=data, seq_len=seq_len, max_seqs=max_seqs, skip=skip,
-                  batch_seqs=batch_seqs, dtype=_run(_dtype, dtype), on_batch=on_batch)
+    if model.suffix == ".gguf" and not model.is_dir():  # llama.cpp tokenizes and runs it
+        from .llama_runner import gguf_perplexity
+
+        result = _run(gguf_perplexity, gguf=model, data=data, seq_len=seq_len, max_seqs=max_seqs,
+                      skip=skip, threads=threads, on_batch=on_batch)
+    else:
+        result = _run(evaluate, model_dir=model, data=data, seq_len=seq_len, max_seqs=max_seqs,
+                      skip=skip, batch_seqs=batch_seqs, dtype=_run(_dtype, dtype), on_batch=on_batch)
     bar.close()
     typer.echo(f"perplexity {result.perplexity:.4f}  ({result.tokens} tokens, {result.sequences} x "
                f"{result.seq_len}, {result.seconds:.1f} s)")
@@ -225,6 +232,44 @@ def prune_cmd(
         f"(sparsity {report['achieved_sparsity']:.3f}) in {len(report['rounds'])} rounds, "
         f"{report['forward_tokens']:,} forward tokens, {report['seconds']:.0f} s -> {out}"
     )
+
+
+@app.command("export-gguf")
+def export_gguf_cmd(
+    model: Annotated[Path, typer.Argument(help="Checkpoint folder, dense or pruned (per-layer widths).")],
+    out: Annotated[Path, typer.Option("--out", help="The .gguf file to write.")],
+    type: Annotated[str, typer.Option(
+        "--type", help="f32, f16, bf16, q8_0 (written directly); q4_0, q4_1, q5_0, q5_1, q2_k, "
+        "q3_k_s/m/l, q4_k_s/m, q5_k_s/m, q6_k (by llama.cpp's quantizer).")] = "f16",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out.")] = False,
+) -> None:
+    """Write a GGUF that llama.cpp serves; pruned models with per-layer widths use arch 'deci'.
+
+    Tensors are streamed one at a time from the checkpoint's shards; the file appears only when
+    complete.
+    """
+    from .gguf_export import export_gguf
+
+    path = _run(export_gguf, model_dir=model, out=out, type=type, force=force)
+    typer.echo(f"wrote {path}")
+
+
+@app.command("generate")
+def generate_cmd(
+    gguf_file: Annotated[Path, typer.Argument(help="A .gguf model file.")],
+    prompt: Annotated[str, typer.Option("--prompt", help="Text to continue (or, with --chat, to answer).")],
+    n_tokens: Annotated[int, typer.Option("-n", "--n-tokens", help="Tokens to generate.")] = 64,
+    chat: Annotated[bool, typer.Option(
+        "--chat", help="Wrap the prompt in the GGUF's chat template.")] = False,
+    temperature: Annotated[float, typer.Option(help="0 = greedy; above 0, seeded sampling.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+) -> None:
+    """Generate text from a GGUF with llama.cpp."""
+    from .llama_runner import generate
+
+    text = _run(generate, gguf=gguf_file, prompt=prompt, n_tokens=n_tokens, chat=chat, seed=seed,
+                temperature=temperature)
+    typer.echo(text)
 
 
 if __name__ == "__main__":  # pragma: no cover

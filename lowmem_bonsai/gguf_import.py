@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .gguf_layout import ROPE_FREQS, TENSOR_NAMES, llama3_rope_factors, unpermute_qk
 from .gguf_vocab import tokenizer_from_gguf
 from .outputs import check_output_dir, staged_dir, write_bytes_atomic, write_json_atomic
 from .shards import DEFAULT_SHARD_BYTES, ShardWriter
@@ -33,30 +33,6 @@ SUPPORTED_ARCHS = ("llama",)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# GGUF name -> HF name; "{}" is the layer index.
-TENSOR_NAMES: dict[str, str] = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "blk.{}.attn_norm.weight": "model.layers.{}.input_layernorm.weight",
-    "blk.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
-    "blk.{}.attn_q.weight": "model.layers.{}.self_attn.q_proj.weight",
-    "blk.{}.attn_k.weight": "model.layers.{}.self_attn.k_proj.weight",
-    "blk.{}.attn_v.weight": "model.layers.{}.self_attn.v_proj.weight",
-    "blk.{}.attn_output.weight": "model.layers.{}.self_attn.o_proj.weight",
-    "blk.{}.attn_q.bias": "model.layers.{}.self_attn.q_proj.bias",
-    "blk.{}.attn_k.bias": "model.layers.{}.self_attn.k_proj.bias",
-    "blk.{}.attn_v.bias": "model.layers.{}.self_attn.v_proj.bias",
-    "blk.{}.attn_output.bias": "model.layers.{}.self_attn.o_proj.bias",
-    "blk.{}.ffn_gate.weight": "model.layers.{}.mlp.gate_proj.weight",
-    "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
-    "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
-    "blk.{}.ffn_gate.bias": "model.layers.{}.mlp.gate_proj.bias",
-    "blk.{}.ffn_up.bias": "model.layers.{}.mlp.up_proj.bias",
-    "blk.{}.ffn_down.bias": "model.layers.{}.mlp.down_proj.bias",
-}
-# Not weights of the HF model: Llama 3's rope frequency factors become config.json's rope_scaling.
-ROPE_FREQS = "rope_freqs.weight"
 _LAYER = re.compile(r"blk\.(\d+)\.(.+)")
 _ATTN_PROJ = ("attn_q", "attn_k", "attn_v", "attn_output")
 _MLP_PROJ = ("ffn_gate", "ffn_up", "ffn_down")
@@ -161,16 +137,6 @@ def _scalar(reader: gguf.GGUFReader, key: str, source: str, default: Any = None)
     return value
 
 
-def _llama3_rope_factors(*, factor: float, head_dim: int, theta: float) -> np.ndarray:
-    """The rope_freqs llama.cpp's converter writes for Llama 3.1+ (low 1, high 4, original 8192)."""
-    low, high, original = 1.0, 4.0, 8192
-    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # (hd/2,)
-    wavelen = 2 * math.pi / freqs
-    smooth = (original / wavelen - low) / (high - low)
-    mid = 1.0 / ((1 - smooth) / factor + smooth)
-    return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, mid))
-
-
 def _rope_scaling(reader: gguf.GGUFReader, arch: str, *, head_dim: int, theta: float,
                   source: str) -> dict[str, Any] | None:
     kind = _field(reader, f"{arch}.rope.scaling.type", "none")
@@ -180,7 +146,7 @@ def _rope_scaling(reader: gguf.GGUFReader, arch: str, *, head_dim: int, theta: f
     if freqs is not None:
         values = gguf.quants.dequantize(freqs.data, freqs.tensor_type).reshape(-1)
         values = values.astype(np.float64)  # (head_dim/2,)
-        expected = _llama3_rope_factors(factor=float(values.max()), head_dim=head_dim, theta=theta)
+        expected = llama3_rope_factors(factor=float(values.max()), head_dim=head_dim, theta=theta)
         if values.shape != expected.shape or not np.allclose(values, expected, rtol=1e-4):
             raise UserError(f"{source}: {ROPE_FREQS} does not match Llama 3 rope scaling (low 1, "
                             "high 4, original context 8192); expected that; import from the HF "
@@ -256,7 +222,7 @@ def hf_name(gguf_name: str) -> tuple[str, int | None]:
     key, layer = ("blk.{}." + m.group(2), int(m.group(1))) if m else (gguf_name, None)
     if key not in TENSOR_NAMES:
         raise UserError(f"GGUF tensor '{gguf_name}' has no Hugging Face Llama name; expected only "
-                        "tensors listed in TENSOR_NAMES (lowmem_bonsai/gguf_import.py); this GGUF "
+                        "tensors listed in TENSOR_NAMES (lowmem_bonsai/gguf_layout.py); this GGUF "
                         "carries weights a LlamaForCausalLM does not have")
     return TENSOR_NAMES[key].format(layer), layer
 
@@ -320,13 +286,6 @@ def plan_tensors(reader: gguf.GGUFReader, c: GgufLlamaConfig, *, source: str) ->
     return list(jobs.values())
 
 
-def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's q/k row order: within each head, interleaved pairs back to two halves."""
-    d = w.shape[0] // n_heads
-    # (n_heads, d/2, 2, *in) -> (n_heads, 2, d/2, *in): row 2i+j of a head goes back to j*d/2+i
-    return w.reshape(n_heads, d // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
 def load_tensor(job: TensorJob, *, dtype: torch.dtype) -> torch.Tensor:
     """Dequantize one GGUF tensor in row chunks, cast to ``dtype``, restore HF row order."""
     if job.source is None:
@@ -345,7 +304,7 @@ def load_tensor(job: TensorJob, *, dtype: torch.dtype) -> torch.Tensor:
         block = np.require(block, dtype=np.float32, requirements=["C", "W"])  # (chunk, in)
         out[r0:r0 + block.shape[0]] = torch.from_numpy(block)
     w = out.reshape(job.shape)
-    return _unpermute(w, job.unpermute_heads) if job.unpermute_heads else w
+    return unpermute_qk(w, job.unpermute_heads) if job.unpermute_heads else w
 
 
 def import_gguf(*, gguf_path: Path, out_dir: Path, dtype: str = "float16", force: bool = False,

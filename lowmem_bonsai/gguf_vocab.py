@@ -216,7 +216,15 @@ def _post_processor(tok: Tokenizer, v: GgufVocab, *, add_bos: bool, add_eos: boo
 
 def tokenizer_from_gguf(reader: gguf.GGUFReader) -> tuple[Tokenizer, dict[str, Any]]:
     """The GGUF's vocabulary as a ``tokenizers.Tokenizer``, plus tokenizer_config.json content."""
-    v = GgufVocab.read(reader)
+    arch = _get(reader, "general.architecture", "llama")
+    context = _get(reader, f"{arch}.context_length")
+    return tokenizer_from_vocab(GgufVocab.read(reader),
+                               model_max_length=None if context is None else int(context))
+
+
+def tokenizer_from_vocab(v: GgufVocab, *, model_max_length: int | None = None
+                         ) -> tuple[Tokenizer, dict[str, Any]]:
+    """What llama.cpp would do with ``v``, as a ``tokenizers.Tokenizer`` and its config."""
     if v.model == "gpt2":
         tok, spec = _byte_level_bpe(v)
         add_bos_default, clean_spaces = spec.add_bos, spec.clean_spaces
@@ -242,7 +250,6 @@ def tokenizer_from_gguf(reader: gguf.GGUFReader) -> tuple[Tokenizer, dict[str, A
     tok.add_tokens(added)
     _post_processor(tok, v, add_bos=add_bos, add_eos=add_eos)
 
-    arch = _get(reader, "general.architecture", "llama")
     config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
     for name in ("bos", "eos", "unk", "pad"):
         if name in v.special_ids:
@@ -250,9 +257,8 @@ def tokenizer_from_gguf(reader: gguf.GGUFReader) -> tuple[Tokenizer, dict[str, A
     config["add_bos_token"] = add_bos
     config["add_eos_token"] = add_eos
     config["clean_up_tokenization_spaces"] = clean_spaces
-    context = _get(reader, f"{arch}.context_length")
-    if context is not None:
-        config["model_max_length"] = int(context)
+    if model_max_length is not None:
+        config["model_max_length"] = model_max_length
     if v.chat_template is not None:
         config["chat_template"] = v.chat_template
     log.info("tokenizer: %s/%s, %d tokens, %d added", v.model, v.pre, len(v.tokens), len(added))
