@@ -74,7 +74,8 @@ class Checkpoint:
     def __init__(self, model_dir: Path) -> None:
         self.dir = Path(model_dir)
         self.config: ModelConfig = load_config(self.dir)
-        self.adapter: Adapter = adapter_for(self.config.architecture)
+        self.adapter: Adapter = adapter_for(self.config.architecture,
+                                            source=str(self.dir / "config.json"))
         self.tensors = self._index()
         self._handles: dict[Path, object] = {}
         self._lock = threading.Lock()
@@ -147,6 +148,37 @@ class Checkpoint:
                 return handle.get_slice(name)[rows]
             except SafetensorError as exc:
                 raise UserError(f"{info.shard}: reading '{name}' failed ({exc}); re-create the shard") from None
+
+    def find_nonfinite(self, names: list[str], *, rows: int = 4096) -> str | None:
+        """The first of ``names`` that holds a NaN or Inf (read ``rows`` rows at a time), or None."""
+        for name in names:
+            if name not in self.tensors:
+                continue
+            for a in range(0, self.shape(name)[0], rows):
+                if not torch.isfinite(self.get(name, rows=slice(a, a + rows))).all():
+                    return name
+        return None
+
+    def nonfinite_error(self, *, found: str, layer: int | None = None) -> UserError:
+        """The error for a NaN or Inf that a pass met in block ``layer`` (None: somewhere).
+
+        It names the tensor holding one (a corrupt checkpoint) or, when the weights read are all
+        finite, says the computation overflowed. Only the suspects are read: the block, and the
+        embedding for block 0; for None the head and norm first, then everything.
+        """
+        blocks = [t for t in self.adapter.names.values() if "{}" in t]
+        embed = self.name("embed")
+        if layer is None:
+            suspects = [self.name("final_norm"), self.name("lm_head"), embed]
+            suspects += [t.format(i) for i in range(self.config.num_hidden_layers) for t in blocks]
+        else:
+            suspects = ([embed] if layer == 0 else []) + [t.format(layer) for t in blocks]
+        bad = self.find_nonfinite(suspects)
+        if bad is not None:
+            return UserError(f"{self.tensors[bad].shard}: tensor '{bad}' holds NaN or Inf ({found} "
+                             "is not finite); the checkpoint is corrupt: re-download or re-create it")
+        return UserError(f"{self.dir}: {found} is NaN or Inf although the weights are finite: the "
+                         "computation overflowed; set compute_dtype = \"float32\" in the profile")
 
     def close(self) -> None:
         with self._lock:

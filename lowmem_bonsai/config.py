@@ -154,7 +154,7 @@ def parse_config(cfg: dict[str, Any], *, source: str) -> ModelConfig:
             )
     from .adapters import adapter_for, check_rope  # adapters import this module
 
-    adapter = adapter_for(str(archs[0]))
+    adapter = adapter_for(str(archs[0]), source=source)
     check_rope(scaling, source=source)
     window = adapter.sliding_window(cfg)
     return ModelConfig(

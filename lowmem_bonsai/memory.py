@@ -70,9 +70,9 @@ def plan_memory(config: ModelConfig, profile: Profile, *, storage_bytes: int = 2
     if wave < 2 or (profile.wave_masks and fixed + wave * per_mask > profile.memory_gb * gb):
         need = (fixed + 2 * per_mask) / gb
         raise UserError(
-            f"memory budget {profile.memory_gb:g} GB is too small: two blocks, activations and 2 masks "
-            f"need {need:.1f} GB for this model; raise memory_gb, or lower prefetch, chunk_tokens, "
-            "calib_seqs or seq_len, or use compute_dtype bfloat16"
+            f"profile '{profile.name}': memory budget {profile.memory_gb:g} GB is too small: two "
+            f"blocks, activations and 2 masks need {need:.1f} GB for this model; raise memory_gb, "
+            "or lower prefetch, chunk_tokens, calib_seqs or seq_len, or use compute_dtype bfloat16"
         )
     wave = max(2, wave - wave % 2)
     total = fixed + wave * per_mask

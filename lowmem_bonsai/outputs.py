@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, WriteError
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"{path}: could not be written ({exc.strerror}); free disk space or pick "
-                        "another --out") from None
+        raise WriteError(path, exc) from None
     fsync_dir(path.parent)
 
 
@@ -68,6 +67,9 @@ def staged_dir(out: Path, *, force: bool) -> Iterator[Path]:
     stage.mkdir()
     try:
         yield stage
+    except WriteError as exc:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise exc.again(path=out) from None  # the staging name means nothing to the user
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

@@ -15,7 +15,7 @@ import torch
 
 from .checkpoint import INDEX_NAME, Checkpoint
 from .data import load_tokenizer, tokenize_file, windows
-from .errors import UserError
+from .errors import UserError, WriteError
 from .outputs import check_output_dir, fsync_dir, write_json_atomic
 from .profiles import Profile
 from .prune import DTYPES, Progress, PruneResult, check_settings, run_rounds
@@ -79,8 +79,25 @@ def _open_state(model_dir: Path, out_dir: Path, key: dict[str, Any], *, resume: 
         shutil.rmtree(work)
     work.mkdir(parents=True)
     state = RunState(state_path, key=key)
-    state._save()
+    try:
+        state._save()
+    except WriteError:
+        shutil.rmtree(work)  # else a rerun would be told to resume a run that has no progress
+        raise
     return state
+
+
+def _failed(exc: UserError, state: RunState, out_dir: Path) -> UserError:
+    """Clean up after a prune stopped by ``exc``: keep its saved progress, or leave nothing."""
+    work = work_dir(out_dir)
+    if not state.has_progress:
+        shutil.rmtree(work, ignore_errors=True)  # nothing scored yet: a plain rerun loses nothing
+        return exc
+    shutil.rmtree(work / "out", ignore_errors=True)  # the part of the output written so far
+    if isinstance(exc, WriteError):
+        return exc.again(then=f"and rerun the same command with --resume (the pruning so far is "
+                              f"saved in {work})")
+    return exc
 
 
 def prune_model(
@@ -116,23 +133,28 @@ def prune_model(
     key = {"source_hashes": hashes, "settings": settings,
            "calib_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()}
     state = _open_state(model_dir, out_dir, key, resume=resume, force=force)
-    result: PruneResult = run_rounds(ckpt, tokens, sparsity=sparsity, profile=profile, method=method,
-                                     seed=seed, progress=progress, state=state)
-    plan = result.plan
-    plan.meta.update({"method": method, "settings": settings, "source": str(model_dir),
-                      "source_hashes": hashes})
     stage = work_dir(out_dir) / "out"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
-    storage = None if profile.storage_dtype == "auto" else DTYPES[profile.storage_dtype]
-    on_write = (lambda l: progress("write", l + 1, ckpt.config.num_hidden_layers)) if progress else None
-    write_pruned(ckpt, plan, stage, dtype=storage, on_block=on_write)
-    write_json_atomic(stage / "config.json", pruned_config(ckpt, plan))
-    copy_tokenizer(model_dir, stage)
-    write_json_atomic(stage / "plan.json", plan.to_json())
-    report = build_report(ckpt.config, result, settings=settings, seconds=time.perf_counter() - start)
-    write_json_atomic(stage / "report.json", report)
-    plot(ckpt.config, plan, report, stage / "pruning.png")
+    try:
+        result: PruneResult = run_rounds(ckpt, tokens, sparsity=sparsity, profile=profile,
+                                         method=method, seed=seed, progress=progress, state=state)
+        plan = result.plan
+        plan.meta.update({"method": method, "settings": settings, "source": str(model_dir),
+                          "source_hashes": hashes})
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir()
+        storage = None if profile.storage_dtype == "auto" else DTYPES[profile.storage_dtype]
+        n_layers = ckpt.config.num_hidden_layers
+        on_write = (lambda l: progress("write", l + 1, n_layers)) if progress else None
+        write_pruned(ckpt, plan, stage, dtype=storage, on_block=on_write)
+        write_json_atomic(stage / "config.json", pruned_config(ckpt, plan))
+        copy_tokenizer(model_dir, stage)
+        write_json_atomic(stage / "plan.json", plan.to_json())
+        report = build_report(ckpt.config, result, settings=settings,
+                              seconds=time.perf_counter() - start)
+        write_json_atomic(stage / "report.json", report)
+        plot(ckpt.config, plan, report, stage / "pruning.png")
+    except UserError as exc:
+        raise _failed(exc, state, out_dir) from None
     # Only a complete output gets the final name; then the progress is no longer needed.
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -108,16 +108,14 @@ def _align_mlp(drop: list[int], order: list[int], n_units: int, align: int) -> l
     return drop
 
 
-def _priors(stats: list[ColumnStats], kind: str, gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _priors(ckpt: Checkpoint, stats: list[ColumnStats], kind: str,
+            gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
     out = []
     for layer, s in enumerate(stats):
         group, chan = unit_priors(s, kind, gen)
         for name, t in (("attention", group), ("MLP", chan)):
             if not torch.isfinite(t).all():
-                raise UserError(
-                    f"layer {layer}: the {name} prior is NaN or Inf: the weights or activations hold "
-                    "non-finite values (corrupt checkpoint, or fp16 overflow: use compute_dtype float32)"
-                )
+                raise ckpt.nonfinite_error(found=f"the {name} prior of layer {layer}", layer=layer)
         out.append((group, chan))
     return out
 
@@ -170,7 +168,8 @@ def run_rounds(
     expected_rounds = math.ceil(sparsity / profile.prune_frac - 1e-9)
     fwd = dict(dtype=dtype, prefetch=profile.prefetch, chunk_tokens=profile.chunk_tokens)
     r = len(result.rounds)
-    while True:
+    # A round that removed nothing ends the prune; so it does when resuming right after it.
+    while not (result.rounds and result.rounds[-1].params_after == result.rounds[-1].params_before):
         before = plan_params(cfg, plan)
         budget = min(profile.prune_frac * total, target - (total - before))
         # Stop when what is left is smaller than half the smallest unit we could remove.
@@ -186,7 +185,9 @@ def run_rounds(
         on_prior = (lambda l: progress("prior", l + 1, cfg.num_hidden_layers)) if progress else None
         base = streamed_nll(ckpt, calib, plan=plan, stats=stats, on_block=on_prior, **fwd)
         calib_loss = float(base.sum()) / (s_count * (t - 1))
-        priors = _priors(stats, prior_kind, gen)
+        priors = _priors(ckpt, stats, prior_kind, gen)
+        if not math.isfinite(calib_loss):  # a non-finite lm_head or final norm (or a random prior)
+            raise ckpt.nonfinite_error(found="the calibration loss")
         modules = modules_of(cfg, plan, profile.align)
         p = budget / before  # share of the current model this round removes
         report = RoundReport(r, before, before, calib_loss, 0, pass_tokens, 0.0)
@@ -211,7 +212,6 @@ def run_rounds(
                  report.params_after, calib_loss, report.seconds)
         if report.params_after == before:
             log.warning("round %d removed nothing (units too coarse for the budget); stopping", r)
-            break
     if progress:
         progress("round", r, r)
     result.plan = plan

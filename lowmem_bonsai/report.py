@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from .config import ModelConfig
+from .outputs import write_bytes_atomic
 from .plan import Plan
 from .prune import PruneResult
 
@@ -66,6 +68,8 @@ def plot(source: ModelConfig, plan: Plan, report: dict[str, Any], path: Path) ->
     ax2.legend()
     ax2.set_title(f"method {report['settings']['method']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()  # rendered in memory, so a full disk fails in write_bytes_atomic, cleanly
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    write_bytes_atomic(path, png.getvalue())
     return True

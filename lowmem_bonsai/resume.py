@@ -67,6 +67,11 @@ class RunState:
     def rounds(self) -> list[dict[str, Any]]:
         return self.data["rounds"]
 
+    @property
+    def has_progress(self) -> bool:
+        """Whether any round or wave has been scored (else a rerun loses nothing)."""
+        return bool(self.data["rounds"] or self.data["waves"])
+
     def plan(self) -> Plan | None:
         return Plan.from_json(self.data["plan"], source=str(self.path)) if self.data["plan"] else None
 

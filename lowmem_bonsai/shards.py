@@ -9,17 +9,29 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from .errors import UserError
+from .errors import WriteError
 from .outputs import fsync_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+def _os_error(exc: OSError | SafetensorError) -> OSError:
+    """The OSError behind a failed write; safetensors reports one as text ending "(os error 28)"."""
+    if isinstance(exc, OSError):
+        return exc
+    m = re.search(r"\(os error (\d+)\)", str(exc))
+    if m is None:
+        raise exc  # not an I/O failure: a bug, keep its traceback
+    return OSError(int(m[1]), os.strerror(int(m[1])))
 
 
 class ShardWriter:
@@ -56,11 +68,9 @@ class ShardWriter:
             save_file(self._pending, str(path), metadata={"format": "pt"})
             with open(path, "rb+") as f:
                 os.fsync(f.fileno())
-        except OSError as exc:
+        except (OSError, SafetensorError) as exc:
             path.unlink(missing_ok=True)
-            raise UserError(
-                f"{path.parent}: writing a shard failed ({exc.strerror}); free disk space and rerun"
-            ) from None
+            raise WriteError(path, _os_error(exc)) from None
         log.debug("wrote shard %s (%d tensors, %.1f MB)", path.name, len(self._pending),
                   self._pending_bytes / 1e6)
         self._written.append((path, list(self._pending)))

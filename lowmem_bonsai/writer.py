@@ -7,7 +7,6 @@ Block by block: read one block's tensors from the source shards, slice them to t
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 
 from .block import head_rows
 from .checkpoint import Checkpoint
+from .outputs import write_bytes_atomic
 from .plan import Plan
 from .shards import DEFAULT_SHARD_BYTES, ShardWriter
 
@@ -49,8 +49,8 @@ def pruned_config(ckpt: Checkpoint, plan: Plan) -> dict:
 def copy_tokenizer(src: Path, dst: Path) -> list[str]:
     copied = []
     for name in TOKENIZER_FILES:
-        if (Path(src) / name).is_file():
-            shutil.copyfile(Path(src) / name, Path(dst) / name)
+        if (Path(src) / name).is_file():  # a few MB at most: read whole, written atomically
+            write_bytes_atomic(Path(dst) / name, (Path(src) / name).read_bytes())
             copied.append(name)
     return copied
 

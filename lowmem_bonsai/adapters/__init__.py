@@ -33,12 +33,13 @@ ADAPTERS: dict[str, Adapter] = {
 }
 
 
-def adapter_for(architecture: str) -> Adapter:
+def adapter_for(architecture: str, *, source: str) -> Adapter:
     try:
         return ADAPTERS[architecture]
     except KeyError:
         raise UserError(
-            f"architecture '{architecture}' is not supported; supported: {', '.join(sorted(ADAPTERS))}"
+            f"{source}: architecture '{architecture}' is not supported; supported: "
+            f"{', '.join(sorted(ADAPTERS))}"
         ) from None
 
 
