@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .gguf_layout import ROPE_FREQS, TENSOR_NAMES, llama3_rope_factors, unpermute_qk
+from .gguf_layout import (ROPE_FREQS, TENSOR_NAMES, check_gguf_file, llama3_rope_factors,
+                          unpermute_qk)
 from .gguf_vocab import tokenizer_from_gguf
 from .outputs import check_output_dir, staged_dir, write_bytes_atomic, write_json_atomic
 from .shards import DEFAULT_SHARD_BYTES, ShardWriter
@@ -100,14 +101,7 @@ class TensorJob:
 
 def open_gguf(path: Path) -> gguf.GGUFReader:
     """Memory-map ``path`` as GGUF, turning every way that fails into a one-line UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file; expected a .gguf model file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise UserError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF'); "
-                        "pass a llama.cpp .gguf model")
+    path = check_gguf_file(path)
     try:
         return gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as exc:

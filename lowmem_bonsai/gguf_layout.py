@@ -11,9 +11,12 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from .errors import UserError
 
 # GGUF name -> HF name; "{}" is the layer index.
 TENSOR_NAMES: dict[str, str] = {
@@ -66,3 +69,15 @@ def llama3_rope_factors(*, theta: float, head_dim: int, factor: float, low: floa
     smooth = (original / wavelen - low) / (high - low)
     mid = 1.0 / ((1 - smooth) / factor + smooth)
     return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, mid))
+
+
+def check_gguf_file(path: Path, *, hint: str = "pass a llama.cpp .gguf model") -> Path:
+    """``path`` if it is a file that starts with the GGUF magic, else a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file; expected a .gguf model file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise UserError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF'); {hint}")
+    return path

@@ -22,6 +22,7 @@ import torch
 from .data import read_text, windows
 from .errors import UserError
 from .evaluate import EvalResult
+from .gguf_layout import check_gguf_file
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +35,7 @@ def open_llama(gguf: Path, *, n_ctx: int, logits_all: bool = False, seed: int = 
         import llama_cpp
     except ImportError:
         raise UserError("running a GGUF needs llama-cpp-python; pip install llama-cpp-python") from None
-    path = Path(gguf)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file; expected a .gguf model file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise UserError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF'); pass a "
-                        "llama.cpp .gguf model (lowmem-bonsai export-gguf makes one)")
+    path = check_gguf_file(gguf, hint="pass a llama.cpp .gguf model (lowmem-bonsai export-gguf makes one)")
     # Default: half the CPUs (llama-cpp-python's choice for generation, here for prompts too).
     # llama.cpp's threads spin while they wait: on a busy machine, all cores can be 10x slower.
     n = threads or max(1, (os.cpu_count() or 2) // 2)
