@@ -38,7 +38,7 @@ class Profile:
     prune_frac: float = 0.05  # fraction of the original non-embedding params removed per round
     align: int = 32  # kept MLP widths are multiples of this (quantization wants 32 or 256)
     prior: str = "wanda"  # wanda | magnitude | fluctuation | random
-    estimator: str = "ridge"  # ridge | lasso
+    estimator: str = "lasso"  # lasso | ridge (lasso measured 1% better on SmolLM2, README)
     head_unit: str = "group"  # group: a KV head with its query heads
     allocation: str = "uniform"  # uniform: every module loses p, the regression picks which units;
     #                              global: units ranked by beta per parameter across modules
