@@ -55,8 +55,13 @@ def word_tokenizer(path: Path, vocab: int) -> None:
     tok.save(str(path / "tokenizer.json"))
 
 
-def write(name: str, out: Path, *, dtype: torch.dtype, seed: int, shard_gb: float, force: bool) -> None:
+def write(name: str, out: Path, *, dtype: torch.dtype, seed: int, shard_gb: float, force: bool,
+          tokenizer_from: Path | None = None) -> None:
     cfg = config_for(name)
+    if tokenizer_from is not None:  # a real tokenizer (e.g. for GGUF export); the vocab follows it
+        from tokenizers import Tokenizer
+
+        cfg["vocab_size"] = Tokenizer.from_file(str(tokenizer_from / "tokenizer.json")).get_vocab_size()
     h, n_layers, ffn, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
     q, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
     gen = torch.Generator().manual_seed(seed)
@@ -84,7 +89,12 @@ def write(name: str, out: Path, *, dtype: torch.dtype, seed: int, shard_gb: floa
             w.add("lm_head.weight", rand(vocab, h))
         w.close()
         (stage / "config.json").write_text(json.dumps(cfg, indent=2))
-        word_tokenizer(stage, vocab)
+        if tokenizer_from is None:
+            word_tokenizer(stage, vocab)
+        else:
+            for f in ("tokenizer.json", "tokenizer_config.json"):
+                if (tokenizer_from / f).is_file():
+                    (stage / f).write_bytes((tokenizer_from / f).read_bytes())
     print(f"\nwrote {out}", file=sys.stderr)
 
 
@@ -96,8 +106,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-gb", type=float, default=2.0)
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--tokenizer-from", type=Path, help="copy tokenizer files from this checkpoint "
+                    "(vocab_size follows it) instead of writing a word-level one")
     a = ap.parse_args()
-    write(a.shape, a.out, dtype=getattr(torch, a.dtype), seed=a.seed, shard_gb=a.shard_gb, force=a.force)
+    write(a.shape, a.out, dtype=getattr(torch, a.dtype), seed=a.seed, shard_gb=a.shard_gb, force=a.force,
+          tokenizer_from=a.tokenizer_from)
 
 
 if __name__ == "__main__":
