@@ -199,6 +199,9 @@ def prune_cmd(
     prior: Annotated[Optional[str], typer.Option(
         help="Override the profile's prior: wanda, magnitude, fluctuation, random.")] = None,
     estimator: Annotated[Optional[str], typer.Option(help="Override the profile: ridge or lasso.")] = None,
+    head_unit: Annotated[Optional[str], typer.Option(
+        help="Override the profile: group (whole KV groups) or query (the same query heads from "
+        "every group).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out (and any saved progress).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a prune that stopped (crash, kill, Ctrl-C).")] = False,
 ) -> None:
@@ -213,7 +216,7 @@ def prune_cmd(
 
     prof = _run(load_profile, profile)
     prof = _run(prof.replace, masks_per_round=masks_per_round, calib_seqs=calib_seqs, seq_len=seq_len,
-                prune_frac=prune_frac, prior=prior, estimator=estimator)
+                prune_frac=prune_frac, prior=prior, estimator=estimator, head_unit=head_unit)
     bars = _Bars()
     try:
         report = _run(prune_model, model_dir=model, out_dir=out, sparsity=sparsity, profile=prof,

@@ -53,15 +53,22 @@ def _per_column(kind: str, w_abs: torch.Tensor, w_sq: torch.Tensor, s: torch.Ten
     raise ValueError(kind)
 
 
-def unit_priors(stats: ColumnStats, kind: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prior of every KV group and every channel of one layer.  # (n_kv,), (F,) fp64"""
+def unit_priors(stats: ColumnStats, kind: str, gen: torch.Generator, *,
+                head_unit: str = "group") -> tuple[torch.Tensor, torch.Tensor]:
+    """Prior of every attention unit and every channel of one layer.  # (units,), (F,) fp64
+
+    Attention units are KV groups (``head_unit="group"``, n_kv units) or query-head slots
+    (``"query"``: slot j is the j-th kept query head of every group, q_per_kv units).
+    """
     n_kv, n_f = stats.n_kv_heads, stats.down_abs_mean.numel()
+    q = stats.n_heads // max(n_kv, 1)
     if kind == "random":
-        return (torch.rand(n_kv, generator=gen, dtype=torch.float64),
+        return (torch.rand(n_kv if head_unit == "group" else q, generator=gen, dtype=torch.float64),
                 torch.rand(n_f, generator=gen, dtype=torch.float64))
     a, n = stats.act, max(stats.act.tokens, 1)
     head_cols = _per_column(kind, stats.o_abs_mean, stats.o_sq, a.head_sum, a.head_sq, n)
     chan = _per_column(kind, stats.down_abs_mean, stats.down_sq, a.chan_sum, a.chan_sq, n)
-    groups = head_cols.view(n_kv, -1)  # (n_kv, q_per_kv * hd): a group's columns are contiguous
-    group = groups.sum(1) if kind == "fluctuation" else groups.mean(1)
-    return group, chan
+    heads = head_cols.view(n_kv, q, -1)  # (n_kv, q_per_kv, hd): a group's heads are contiguous
+    axes = (1, 2) if head_unit == "group" else (0, 2)
+    attn = heads.sum(axes) if kind == "fluctuation" else heads.mean(axes)
+    return attn, chan

@@ -39,7 +39,8 @@ class Profile:
     align: int = 32  # kept MLP widths are multiples of this (quantization wants 32 or 256)
     prior: str = "wanda"  # wanda | magnitude | fluctuation | random
     estimator: str = "lasso"  # lasso | ridge (lasso measured 1% better on SmolLM2, README)
-    head_unit: str = "group"  # group: a KV head with its query heads
+    head_unit: str = "group"  # group: a KV head with its query heads; query: the j-th query head of
+    #                           every group (groups keep equal numbers of query heads)
     allocation: str = "uniform"  # uniform: every module loses p, the regression picks which units;
     #                              global: units ranked by beta per parameter across modules
 
@@ -57,7 +58,7 @@ class Profile:
             (self.prior in ("wanda", "magnitude", "fluctuation", "random"),
              "prior must be wanda, magnitude, fluctuation or random"),
             (self.estimator in ("ridge", "lasso"), "estimator must be ridge or lasso"),
-            (self.head_unit == "group", "head_unit must be 'group'"),
+            (self.head_unit in ("group", "query"), "head_unit must be group or query"),
             (self.allocation in ("uniform", "global"), "allocation must be uniform or global"),
             (self.memory_gb > 0 and self.prefetch >= 0 and self.threads >= 0 and self.wave_masks >= 0,
              "memory_gb > 0, prefetch >= 0, threads >= 0, wave_masks >= 0"),

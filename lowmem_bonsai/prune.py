@@ -51,6 +51,7 @@ class RoundReport:
     train_tau: float | None = None
     penalty: float | None = None
     removed_groups: int = 0
+    removed_head_slots: int = 0
     removed_channels: int = 0
 
 
@@ -61,14 +62,24 @@ class PruneResult:
     final_calib_loss: float | None = None
 
 
-def modules_of(config: ModelConfig, plan: Plan, align: int) -> list[Module]:
-    """Attention (KV groups) and MLP (channels) of every layer, with their unit sizes."""
+def modules_of(config: ModelConfig, plan: Plan, align: int, head_unit: str = "group") -> list[Module]:
+    """Attention and MLP (channels) of every layer, with their unit sizes.
+
+    Attention units are KV groups ("attn": a KV head with its query heads) or, with
+    ``head_unit="query"``, query-head slots ("heads": the j-th kept query head of every group, so
+    every group keeps the same number, as llama.cpp requires).
+    """
     h, hd = config.hidden_size, config.head_dim
-    qpk = config.queries_per_kv
-    group_params = (2 * qpk + 2) * hd * h + ((qpk + 2) * hd if config.attention_bias else 0)
+    bias = config.attention_bias
     out = []
     for layer, lp in enumerate(plan.layers):
-        out.append(Module(layer, "attn", len(lp.kv_heads), group_params, min_units=1))
+        n_kv = len(lp.kv_heads)
+        q = len(lp.heads) // max(n_kv, 1)  # query heads per group now
+        if head_unit == "query":
+            out.append(Module(layer, "heads", q, n_kv * (2 * hd * h + (hd if bias else 0)), min_units=1))
+        else:
+            group_params = (2 * q + 2) * hd * h + ((q + 2) * hd if bias else 0)
+            out.append(Module(layer, "attn", n_kv, group_params, min_units=1))
         out.append(Module(layer, "mlp", len(lp.channels), 3 * h,
                           min_units=min(align, len(lp.channels))))
     return out
@@ -85,8 +96,11 @@ def _remove(plan: Plan, config: ModelConfig, drop: dict[tuple[int, str], list[in
     for layer, lp in enumerate(plan.layers):
         gone_kv = {lp.kv_heads[i] for i in drop.get((layer, "attn"), [])}
         gone_ch = {lp.channels[i] for i in drop.get((layer, "mlp"), [])}
+        slots = set(drop.get((layer, "heads"), []))
+        gone_q = {hs[j] for kv in lp.kv_heads for hs in [[q for q in lp.heads if q // qpk == kv]]
+                  for j in slots}  # the j-th kept query head of every group
         layers.append(LayerPlan(
-            heads=tuple(q for q in lp.heads if q // qpk not in gone_kv),
+            heads=tuple(q for q in lp.heads if q // qpk not in gone_kv and q not in gone_q),
             kv_heads=tuple(k for k in lp.kv_heads if k not in gone_kv),
             channels=tuple(c for c in lp.channels if c not in gone_ch),
         ))
@@ -108,11 +122,11 @@ def _align_mlp(drop: list[int], order: list[int], n_units: int, align: int) -> l
     return drop
 
 
-def _priors(ckpt: Checkpoint, stats: list[ColumnStats], kind: str,
-            gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _priors(ckpt: Checkpoint, stats: list[ColumnStats], kind: str, gen: torch.Generator,
+            head_unit: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     out = []
     for layer, s in enumerate(stats):
-        group, chan = unit_priors(s, kind, gen)
+        group, chan = unit_priors(s, kind, gen, head_unit=head_unit)
         for name, t in (("attention", group), ("MLP", chan)):
             if not torch.isfinite(t).all():
                 raise ckpt.nonfinite_error(found=f"the {name} prior of layer {layer}", layer=layer)
@@ -185,10 +199,10 @@ def run_rounds(
         on_prior = (lambda l: progress("prior", l + 1, cfg.num_hidden_layers)) if progress else None
         base = streamed_nll(ckpt, calib, plan=plan, stats=stats, on_block=on_prior, **fwd)
         calib_loss = float(base.sum()) / (s_count * (t - 1))
-        priors = _priors(ckpt, stats, prior_kind, gen)
+        priors = _priors(ckpt, stats, prior_kind, gen, profile.head_unit)
         if not math.isfinite(calib_loss):  # a non-finite lm_head or final norm (or a random prior)
             raise ckpt.nonfinite_error(found="the calibration loss")
-        modules = modules_of(cfg, plan, profile.align)
+        modules = modules_of(cfg, plan, profile.align, profile.head_unit)
         p = budget / before  # share of the current model this round removes
         report = RoundReport(r, before, before, calib_loss, 0, pass_tokens, 0.0)
         if method == "bonsai":
@@ -203,6 +217,7 @@ def run_rounds(
         plan = _remove(plan, cfg, drop)
         report.params_after = plan_params(cfg, plan)
         report.removed_groups = sum(len(v) for (_, k), v in drop.items() if k == "attn")
+        report.removed_head_slots = sum(len(v) for (_, k), v in drop.items() if k == "heads")
         report.removed_channels = sum(len(v) for (_, k), v in drop.items() if k == "mlp")
         report.seconds = time.perf_counter() - start
         result.rounds.append(report)
@@ -238,7 +253,7 @@ def _per_module_choice(modules: list[Module], orders: list[list[int]], p: float,
 
 
 def _prior_orders(modules: list[Module], priors) -> list[list[int]]:
-    return [_order(priors[m.layer][0 if m.kind == "attn" else 1], m.n_units, m.min_units) for m in modules]
+    return [_order(priors[m.layer][0 if m.kind != "mlp" else 1], m.n_units, m.min_units) for m in modules]
 
 
 def _bonsai_choice(ckpt, calib, plan, modules, priors, p, budget, profile, gen, fwd, progress, state):
@@ -246,7 +261,7 @@ def _bonsai_choice(ckpt, calib, plan, modules, priors, p, budget, profile, gen, 
     n_masks = profile.masks_per_round
     per_module = []  # (module, prior, eligible, masks (M, N))
     for m in modules:
-        prior = priors[m.layer][0 if m.kind == "attn" else 1]
+        prior = priors[m.layer][0 if m.kind != "mlp" else 1]
         room = m.n_units - m.min_units
         e = min(max(math.ceil(2 * p * m.n_units), 2), room) if room >= 2 else 0
         elig = eligible_units(prior, n_eligible=e)
@@ -260,10 +275,12 @@ def _bonsai_choice(ckpt, calib, plan, modules, priors, p, budget, profile, gen, 
         per_module.append((m, prior, elig, masks))
 
     head, chan = [], []
-    qpk = cfg.queries_per_kv
     for m, _, _, masks in per_module:
-        if m.kind == "attn":
-            head.append(masks.repeat_interleave(qpk, dim=1))  # (M, n_heads): a group's heads together
+        lp = plan.layers[m.layer]
+        if m.kind == "attn":  # (M, n_heads): a group's heads are contiguous
+            head.append(masks.repeat_interleave(len(lp.heads) // len(lp.kv_heads), dim=1))
+        elif m.kind == "heads":  # (M, n_heads): slot j is head j of every group
+            head.append(masks.repeat(1, len(lp.kv_heads)))
         else:
             chan.append(masks)
     wave = _wave_size(cfg, calib, profile)
@@ -299,7 +316,7 @@ def _bonsai_choice(ckpt, calib, plan, modules, priors, p, budget, profile, gen, 
         cols.append(masks[:, elig])
         pe = prior[elig]
         pri.append(pe / pe.mean().clamp_min(1e-30))  # mean 1 over the module's eligible units
-        kinds.append(torch.full((elig.numel(),), 0 if m.kind == "attn" else 1))
+        kinds.append(torch.full((elig.numel(),), 0 if m.kind != "mlp" else 1))
         owners += [(idx, int(u)) for u in elig]
     x = torch.cat(cols, 1)  # (M, D)
     f = fit(x, y, prior=torch.cat(pri), kinds=torch.cat(kinds), estimator=profile.estimator, gen=gen)

@@ -81,6 +81,29 @@ def test_global_allocation_reaches_the_target(tmp_path, tiny, sample_text):
     assert all(l["channels"] % 8 == 0 for l in report["layers"])
 
 
+@pytest.mark.parametrize("method", ["bonsai", "prior"])
+def test_query_head_units_keep_equal_groups_and_equal_transformers(tmp_path, sample_text, method):
+    model_dir = tmp_path / "m"
+    # 4 query heads per KV group, so query-head slots are worth pruning
+    model = make_tiny(model_dir, "llama-gqa-tied", layers=3, intermediate_size=256,
+                      num_attention_heads=8, num_key_value_heads=2)
+    write_word_tokenizer(model_dir, sample_text.read_text())
+    out = tmp_path / "o"
+    report = prune_model(model_dir=model_dir, out_dir=out, sparsity=0.4, method=method,
+                         profile=profile(head_unit="query", prune_frac=0.2), calib=sample_text)
+    assert abs(report["achieved_sparsity"] - 0.4) <= 0.02
+    plan = Plan.load(out / "plan.json")
+    assert any(len(lp.heads) < 8 for lp in plan.layers)  # some query heads went
+    for lp in plan.layers:
+        assert lp.kv_heads == (0, 1)  # no KV group is removed in this mode
+        per_group = [sum(1 for h in lp.heads if h // 4 == g) for g in lp.kv_heads]
+        assert len(set(per_group)) == 1 and per_group[0] >= 1
+    tokens = torch.randint(0, 211, (2, 20), generator=torch.Generator().manual_seed(0))
+    pruned = streamed_nll(Checkpoint(out), tokens)[0]
+    zero_removed(model, plan, head_dim=16)
+    torch.testing.assert_close(pruned, hf_nll(model, tokens), rtol=1e-4, atol=0)
+
+
 @pytest.mark.parametrize("method", ["prior", "magnitude", "random"])
 def test_baselines_reach_the_target(tmp_path, tiny, sample_text, method):
     _, model_dir = tiny
