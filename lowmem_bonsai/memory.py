@@ -84,15 +84,6 @@ def plan_memory(config: ModelConfig, profile: Profile, *, storage_bytes: int = 2
     )
 
 
-def round_flops(config: ModelConfig, profile: Profile, *, with_masks: bool) -> float:
-    """Forward FLOPs of one round of the dense model (later rounds are smaller)."""
-    t = profile.seq_len
-    tokens = profile.calib_seqs * t * (1 + (profile.masks_per_round if with_masks else 0))
-    per_token = 2 * (config.non_embedding_params() + config.vocab_size * config.hidden_size)
-    attn = sum(4 * s.num_attention_heads * config.head_dim * t / 2 for s in config.layers)
-    return tokens * (per_token + attn)
-
-
 _PICKED: dict[str, str] = {}
 
 

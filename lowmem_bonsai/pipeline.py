@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -163,7 +162,3 @@ def prune_model(
     shutil.rmtree(work_dir(out_dir))
     log.info("pruned %s -> %s: sparsity %.4f", model_dir, out_dir, report["achieved_sparsity"])
     return report
-
-
-def load_report(out_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(out_dir) / "report.json").read_text())

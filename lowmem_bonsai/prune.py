@@ -59,7 +59,6 @@ class RoundReport:
 class PruneResult:
     plan: Plan
     rounds: list[RoundReport] = field(default_factory=list)
-    final_calib_loss: float | None = None
 
 
 def modules_of(config: ModelConfig, plan: Plan, align: int, head_unit: str = "group") -> list[Module]:

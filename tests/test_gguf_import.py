@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lowmem_bonsai import gguf_import
 from lowmem_bonsai.errors import UserError
-from lowmem_bonsai.gguf_import import default_gguf_path, import_gguf
+from lowmem_bonsai.gguf_import import import_gguf
 from lowmem_bonsai.gguf_vocab import tokenizer_from_gguf
 
 from .conftest import WIKITEXT
