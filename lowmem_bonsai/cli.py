@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import torch
 import typer
 
+from .config import DTYPES
 from .errors import UserError
 
 app = typer.Typer(
@@ -22,7 +23,6 @@ app = typer.Typer(
 
 _state = {"debug": False}
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _dtype(name: str) -> torch.dtype:

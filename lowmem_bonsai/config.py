@@ -17,7 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .errors import UserError
+
+# Compute and storage dtypes by the names config.json, profiles and flags use.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 PER_LAYER_KEYS = (
     "num_attention_heads_per_layer",

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import Checkpoint
+from .config import DTYPES
 from .memory import DTYPE_BYTES, STORAGE_BYTES, measure_matmul_gflops, pick_compute_dtype, plan_memory
 from .profiles import Profile
-from .prune import DTYPES
 
 
 def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str = "bonsai",

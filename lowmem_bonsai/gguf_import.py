@@ -21,6 +21,7 @@ import gguf
 import numpy as np
 import torch
 
+from .config import DTYPES
 from .errors import UserError
 from .gguf_layout import (ROPE_FREQS, TENSOR_NAMES, check_gguf_file, llama3_rope_factors,
                           unpermute_qk)
@@ -31,7 +32,6 @@ from .shards import DEFAULT_SHARD_BYTES, ShardWriter
 log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHS = ("llama",)
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _LAYER = re.compile(r"blk\.(\d+)\.(.+)")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +20,7 @@ import torch
 
 from .data import read_text, windows
 from .errors import UserError
-from .evaluate import EvalResult
+from .evaluate import EvalResult, perplexity_of
 from .gguf_layout import check_gguf_file
 
 log = logging.getLogger(__name__)
@@ -102,8 +101,8 @@ def gguf_perplexity(*, gguf: Path, data: Path, seq_len: int = 512, max_seqs: int
                 on_batch(i + 1, seqs.shape[0])
         file_type = llm.metadata.get("general.file_type", "?")
     tokens = seqs.shape[0] * (seq_len - 1)
-    mean = total / tokens
-    result = EvalResult(perplexity=math.exp(mean), nll=mean, tokens=tokens, seq_len=seq_len,
+    ppl, mean = perplexity_of(torch.tensor(total, dtype=torch.float64), tokens)
+    result = EvalResult(perplexity=ppl, nll=mean, tokens=tokens, seq_len=seq_len,
                         sequences=seqs.shape[0], skip=skip, seconds=time.perf_counter() - start,
                         model=str(gguf), data=str(data), dtype=f"gguf(file_type={file_type})")
     log.info("llama.cpp perplexity %.4f over %d tokens", result.perplexity, tokens)

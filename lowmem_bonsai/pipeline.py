@@ -17,7 +17,8 @@ from .data import load_tokenizer, tokenize_file, windows
 from .errors import UserError, WriteError
 from .outputs import check_output_dir, fsync_dir, write_json_atomic
 from .profiles import Profile
-from .prune import DTYPES, Progress, PruneResult, check_settings, run_rounds
+from .config import DTYPES
+from .prune import Progress, PruneResult, check_settings, run_rounds
 from .report import build_report, plot
 from .resume import RunState
 from .writer import copy_tokenizer, pruned_config, write_pruned

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .checkpoint import Checkpoint
-from .config import ModelConfig
+from .config import DTYPES, ModelConfig
 from .errors import UserError
 from .forward import MaskSet, streamed_nll
 from .masks import Module, eligible_units, sample_masks
@@ -30,7 +30,6 @@ from .resume import RunState
 log = logging.getLogger(__name__)
 
 METHODS = ("bonsai", "prior", "magnitude", "random")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # progress(stage, done, total): stage is "prior", "masks" (blocks of all waves) or "round"
 Progress = Callable[[str, int, int], None]
@@ -206,7 +205,7 @@ def run_rounds(
         report = RoundReport(r, before, before, calib_loss, 0, pass_tokens, 0.0)
         if method == "bonsai":
             drop, fit_info = _bonsai_choice(ckpt, calib, plan, modules, priors, p, budget, profile,
-                                            gen, fwd, progress, state)
+                                            gen, fwd, progress, state, wave)
             report.masks = profile.masks_per_round
             report.forward_tokens += profile.masks_per_round * pass_tokens
             (report.mask_loss_mean, report.mask_loss_std, report.cv_tau, report.train_tau,
@@ -255,7 +254,8 @@ def _prior_orders(modules: list[Module], priors) -> list[list[int]]:
     return [_order(priors[m.layer][0 if m.kind != "mlp" else 1], m.n_units, m.min_units) for m in modules]
 
 
-def _bonsai_choice(ckpt, calib, plan, modules, priors, p, budget, profile, gen, fwd, progress, state):
+def _bonsai_choice(ckpt, calib, plan, modules, priors, p, budget, profile, gen, fwd, progress, state,
+                   wave):
     cfg = ckpt.config
     n_masks = profile.masks_per_round
     per_module = []  # (module, prior, eligible, masks (M, N))
@@ -282,7 +282,6 @@ def _bonsai_choice(ckpt, calib, plan, modules, priors, p, budget, profile, gen, 
             head.append(masks.repeat(1, len(lp.kv_heads)))
         else:
             chan.append(masks)
-    wave = _wave_size(cfg, calib, profile)
     losses = []
     blocks_total = math.ceil(n_masks / wave) * cfg.num_hidden_layers
     done = 0
