@@ -40,6 +40,20 @@ class MaskSet:
 LOGIT_BUDGET = 1 << 25  # logits held at once (elements): 128 MB in fp32
 
 
+@dataclass(slots=True)
+class SoftTargets:
+    """A reference model's next-token distribution, truncated to its top k and renormalised.
+
+    Scoring a sub-model by cross-entropy to these instead of to the one token the text has
+    (= KL to the reference + a constant) removes the noise of which token happened to follow:
+    on SmolLM2 with 512 calibration tokens, sub-models' NLL ranks did not predict their held-out
+    ranks (tools/bench_regression.py).
+    """
+
+    ids: torch.Tensor  # (S, T-1, K) int64
+    probs: torch.Tensor  # (S, T-1, K) fp32, rows sum to 1
+
+
 def lm_head_name(ckpt: Checkpoint) -> str:
     """The output projection's tensor (the embedding when tied)."""
     name = ckpt.name("lm_head")
@@ -73,10 +87,14 @@ def embed_tokens(ckpt: Checkpoint, tokens: torch.Tensor, *, dtype: torch.dtype,
 
 
 def token_nll(ckpt: Checkpoint, hidden: torch.Tensor, targets: torch.Tensor, *, dtype: torch.dtype,
-              rows_per_chunk: int) -> torch.Tensor:
+              rows_per_chunk: int, weights: torch.Tensor | None = None, top_k: int = 0,
+              ) -> torch.Tensor | tuple[torch.Tensor, SoftTargets]:
     """Next-token NLL from final hidden states, lm_head read in vocab ranges (online logsumexp).
 
-    hidden: (N, T, H), normalised in place; targets: (N, T-1). Returns (N,) sums, fp64.
+    hidden: (N, T, H), normalised in place; targets: (S, T-1), or (S, T-1, K) with ``weights``
+    (S, T-1, K) for a cross-entropy to a soft distribution, where row r of ``hidden`` predicts
+    targets[r % S] (rows are mask-major). Returns (N,) sums, fp64; with ``top_k``, also each
+    position's top-k distribution as :class:`SoftTargets`.
     """
     cfg = ckpt.config
     n, t, _ = hidden.shape
@@ -86,6 +104,11 @@ def token_nll(ckpt: Checkpoint, hidden: torch.Tensor, targets: torch.Tensor, *, 
     run_max = torch.full((n, t - 1), -torch.inf)  # (N, T-1) fp32
     run_sum = torch.zeros(n, t - 1)
     target_logit = torch.zeros(n, t - 1)
+    if targets.dim() == 2:
+        targets, weights = targets[..., None], torch.ones(*targets.shape, 1)
+    if top_k:
+        best_val = torch.full((n, t - 1, top_k), -torch.inf)
+        best_id = torch.zeros(n, t - 1, top_k, dtype=torch.long)
     vocab_chunk = max(256, LOGIT_BUDGET // max(rows_per_chunk * t, 1))
     for v0, w in vocab_slices(ckpt, lm_head_name(ckpt), vocab_chunk):
         w = w.to(dtype)  # (Vc, H)
@@ -97,14 +120,25 @@ def token_nll(ckpt: Checkpoint, hidden: torch.Tensor, targets: torch.Tensor, *, 
             run_sum[a:b] = run_sum[a:b] * torch.exp(run_max[a:b] - m) + torch.exp(
                 logits - m[..., None]).sum(-1)
             run_max[a:b] = m
-            tg = targets[a:b]
+            seq = torch.arange(a, b) % targets.shape[0]
+            tg = targets[seq]  # (rows, T-1, K)
             inside = (tg >= v0) & (tg < v1)
             local = (tg - v0).clamp(0, v1 - v0 - 1)
-            picked = logits.gather(-1, local[..., None]).squeeze(-1)
-            target_logit[a:b] = torch.where(inside, picked, target_logit[a:b])
+            picked = logits.gather(-1, local)
+            target_logit[a:b] += (torch.where(inside, picked, 0.0) * weights[seq]).sum(-1)
+            if top_k:
+                val, idx = logits.topk(min(top_k, v1 - v0), dim=-1)
+                val = torch.cat([best_val[a:b], val], -1)
+                idx = torch.cat([best_id[a:b], idx + v0], -1)
+                keep = val.topk(top_k, dim=-1).indices
+                best_val[a:b], best_id[a:b] = val.gather(-1, keep), idx.gather(-1, keep)
         del w
-    nll = run_max + torch.log(run_sum) - target_logit  # (N, T-1)
-    return nll.double().sum(1)
+    lse = run_max + torch.log(run_sum)  # (N, T-1)
+    nll = (lse - target_logit).double().sum(1)
+    if not top_k:
+        return nll
+    probs = torch.exp(best_val - lse[..., None])
+    return nll, SoftTargets(best_id, probs / probs.sum(-1, keepdim=True))
 
 
 def sliding_mask(seq_len: int, window: int | None) -> torch.Tensor | None:
@@ -126,12 +160,17 @@ def streamed_nll(
     chunk_tokens: int = 4096,
     stats: list[ColumnStats] | None = None,
     on_block: Callable[[int], None] | None = None,
+    soft: SoftTargets | None = None,
+    teacher: list[SoftTargets] | None = None,
+    top_k: int = 64,
 ) -> torch.Tensor:
     """Sum of next-token NLL of every sequence under every mask.
 
     tokens: (S, T) token ids. Returns (G, S) fp64, G = number of masks (1 without masks); each
     sequence contributes T-1 predicted positions. ``stats``, if given, is filled with one
-    :class:`ColumnStats` per layer for the priors (only meaningful without masks).
+    :class:`ColumnStats` per layer for the priors (only meaningful without masks). With ``soft``,
+    the loss is the cross-entropy to that distribution instead of to the next token; ``teacher``,
+    if given, receives this pass's own top-``top_k`` distribution (for a pass without masks).
     """
     cfg = ckpt.config
     s_count, t = tokens.shape
@@ -162,6 +201,13 @@ def streamed_nll(
             on_block(w.layer)
         del w
 
-    targets = tokens[:, 1:].repeat(g_count, 1)  # (G S, T-1)
-    nll = token_nll(ckpt, hidden, targets, dtype=dtype, rows_per_chunk=rows_per_chunk)
-    return nll.view(g_count, s_count)
+    if soft is not None:
+        targets, weights = soft.ids, soft.probs  # (S, T-1, K)
+    else:
+        targets, weights = tokens[:, 1:], None  # (S, T-1)
+    out = token_nll(ckpt, hidden, targets, dtype=dtype, rows_per_chunk=rows_per_chunk, weights=weights,
+                    top_k=top_k if teacher is not None else 0)
+    if teacher is not None:
+        out, dist = out
+        teacher.append(dist)
+    return out.view(g_count, s_count)
