@@ -5,6 +5,11 @@ dropped. Masks come in antithetic pairs: the first drops ``n_drop`` eligible uni
 replacement with probability proportional to (max prior - prior), its partner drops the rest of the
 eligible set. Every unit thus appears dropped in exactly half of the masks, which decorrelates the
 regression's features.
+
+With ``varied`` counts, ``n_drop`` is drawn afresh for every pair and module (uniform on 0..eligible),
+so how much of each module a sub-model loses varies from mask to mask. With fixed counts every mask
+loses the same share of every module, and the regression cannot tell a sensitive layer from a robust
+one: the module totals are constant, so only within-module differences are identifiable.
 """
 
 from __future__ import annotations
@@ -33,10 +38,11 @@ def eligible_units(prior: torch.Tensor, *, n_eligible: int) -> torch.Tensor:
 
 
 def sample_masks(prior: torch.Tensor, eligible: torch.Tensor, *, n_units: int, n_masks: int,
-                 gen: torch.Generator) -> torch.Tensor:
+                 gen: torch.Generator, varied: bool = False) -> torch.Tensor:
     """Keep-masks of one module for ``n_masks`` sub-models (pairs).  # (n_masks, n_units) float32
 
-    Row 2i drops about half of the eligible units, row 2i+1 drops the other half.
+    Row 2i drops some of the eligible units (half, or a random count when ``varied``), row 2i+1
+    drops the rest.
     """
     masks = torch.ones(n_masks, n_units)
     e = eligible.numel()
@@ -46,9 +52,11 @@ def sample_masks(prior: torch.Tensor, eligible: torch.Tensor, *, n_units: int, n
     p = prior[eligible].double()
     weight = (p.max() - p) + 1e-6 * (p.max() - p.min() + 1e-12) + 1e-12  # (e,) never all zero
     for i in range(0, n_masks, 2):
-        pick = torch.multinomial(weight, n_drop, replacement=False, generator=gen)  # (n_drop,)
+        if varied:
+            n_drop = int(torch.randint(0, e + 1, (1,), generator=gen))
         first = torch.zeros(e, dtype=torch.bool)
-        first[pick] = True
+        if n_drop:
+            first[torch.multinomial(weight, n_drop, replacement=False, generator=gen)] = True
         masks[i, eligible[first]] = 0
         if i + 1 < n_masks:
             masks[i + 1, eligible[~first]] = 0

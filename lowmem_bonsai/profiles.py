@@ -38,11 +38,16 @@ class Profile:
     prune_frac: float = 0.05  # fraction of the original non-embedding params removed per round
     align: int = 32  # kept MLP widths are multiples of this (quantization wants 32 or 256)
     prior: str = "wanda"  # wanda | magnitude | fluctuation | random
-    estimator: str = "lasso"  # lasso | ridge (lasso measured 1% better on SmolLM2, README)
+    estimator: str = "lasso"  # lasso | ridge | prior (no per-unit correction: an ablation)
     head_unit: str = "group"  # group: a KV head with its query heads; query: the j-th query head of
     #                           every group (groups keep equal numbers of query heads)
     allocation: str = "uniform"  # uniform: every module loses p, the regression picks which units;
     #                              global: units ranked by beta per parameter across modules
+    score: str = "nll"  # what a sub-model is scored by: nll (of the calibration text's next tokens)
+    #                     or kl (cross-entropy to the round's unpruned model's top-k distribution)
+    mask_counts: str = "fixed"  # fixed: every mask drops half of each module's eligible units;
+    #                             varied: a random count per module and pair, plus per-module scales
+    #                             in the regression, so that layers' sensitivities are identifiable
 
     def __post_init__(self) -> None:
         checks = [
@@ -57,9 +62,11 @@ class Profile:
              "storage_dtype must be auto, float32, bfloat16 or float16"),
             (self.prior in ("wanda", "magnitude", "fluctuation", "random"),
              "prior must be wanda, magnitude, fluctuation or random"),
-            (self.estimator in ("ridge", "lasso"), "estimator must be ridge or lasso"),
+            (self.estimator in ("ridge", "lasso", "prior"), "estimator must be ridge, lasso or prior"),
             (self.head_unit in ("group", "query"), "head_unit must be group or query"),
             (self.allocation in ("uniform", "global"), "allocation must be uniform or global"),
+            (self.mask_counts in ("fixed", "varied"), "mask_counts must be fixed or varied"),
+            (self.score in ("nll", "kl"), "score must be nll or kl"),
             (self.memory_gb > 0 and self.prefetch >= 0 and self.threads >= 0 and self.wave_masks >= 0,
              "memory_gb > 0, prefetch >= 0, threads >= 0, wave_masks >= 0"),
         ]

@@ -49,6 +49,7 @@ class RoundReport:
     cv_tau: float | None = None
     train_tau: float | None = None
     penalty: float | None = None
+    module_penalty: float | None = None  # None: no per-module scales
     removed_groups: int = 0
     removed_head_slots: int = 0
     removed_channels: int = 0
@@ -195,7 +196,8 @@ def run_rounds(
             progress("round", r - 1, max(expected_rounds, r))
         stats: list[ColumnStats] = []
         on_prior = (lambda l: progress("prior", l + 1, cfg.num_hidden_layers)) if progress else None
-        base = streamed_nll(ckpt, calib, plan=plan, stats=stats, on_block=on_prior, **fwd)
+        teacher = [] if method == "bonsai" and profile.score == "kl" else None
+        base = streamed_nll(ckpt, calib, plan=plan, stats=stats, on_block=on_prior, teacher=teacher, **fwd)
         calib_loss = float(base.sum()) / (s_count * (t - 1))
         priors = _priors(ckpt, stats, prior_kind, gen, profile.head_unit)
         if not math.isfinite(calib_loss):  # a non-finite lm_head or final norm (or a random prior)
@@ -205,11 +207,12 @@ def run_rounds(
         report = RoundReport(r, before, before, calib_loss, 0, pass_tokens, 0.0)
         if method == "bonsai":
             drop, fit_info = _bonsai_choice(ckpt, calib, plan, modules, priors, p, budget, profile,
-                                            gen, fwd, progress, state, wave)
+                                            gen, dict(fwd, soft=teacher[0] if teacher else None),
+                                            progress, state, wave)
             report.masks = profile.masks_per_round
             report.forward_tokens += profile.masks_per_round * pass_tokens
             (report.mask_loss_mean, report.mask_loss_std, report.cv_tau, report.train_tau,
-             report.penalty) = fit_info
+             report.penalty, report.module_penalty) = fit_info
         else:
             drop = _per_module_choice(modules, _prior_orders(modules, priors), p, profile.align)
         plan = _remove(plan, cfg, drop)
@@ -254,27 +257,50 @@ def _prior_orders(modules: list[Module], priors) -> list[list[int]]:
     return [_order(priors[m.layer][0 if m.kind != "mlp" else 1], m.n_units, m.min_units) for m in modules]
 
 
-def _bonsai_choice(ckpt, calib, plan, modules, priors, p, budget, profile, gen, fwd, progress, state,
-                   wave):
-    cfg = ckpt.config
-    n_masks = profile.masks_per_round
-    per_module = []  # (module, prior, eligible, masks (M, N))
+@dataclass(slots=True)
+class ModuleMasks:
+    """One module's part of a round's sub-models."""
+
+    module: Module
+    prior: torch.Tensor  # (n_units,) fp64
+    eligible: torch.Tensor  # (e,) local indices that masks may drop
+    masks: torch.Tensor  # (M, n_units) 1 = kept
+
+
+def sample_round(modules: list[Module], priors, p: float, n_masks: int, gen: torch.Generator,
+                 varied: bool = False, skip_coarse: bool = True) -> list[ModuleMasks]:
+    """Eligible units and the keep-masks of every module for one round (``p``: share removed).
+
+    With ``skip_coarse``, a module too coarse to lose a unit at this round's rate (round(p * width)
+    = 0, e.g. 3 KV groups at p = 0.1) is neither perturbed nor pruned: on SmolLM2, dropping one of
+    the first layers' three KV groups multiplies the loss, and those few masks then dominate the
+    scores' variance that the regression should spend on the units it can remove
+    (tools/bench_regression.py).
+    """
+    out = []
     for m in modules:
         prior = priors[m.layer][0 if m.kind != "mlp" else 1]
         room = m.n_units - m.min_units
         e = min(max(math.ceil(2 * p * m.n_units), 2), room) if room >= 2 else 0
+        if skip_coarse and round(p * m.n_units) == 0:
+            e = 0
         elig = eligible_units(prior, n_eligible=e)
-        masks = sample_masks(prior, elig, n_units=m.n_units, n_masks=n_masks, gen=gen)
+        masks = sample_masks(prior, elig, n_units=m.n_units, n_masks=n_masks, gen=gen, varied=varied)
         if e:
             # Coarse modules (few large units) are perturbed only in some pairs, so each mask drops
             # about p of every module on average, as for fine modules.
             active = min(1.0, 2 * p * m.n_units / e)
             idle = torch.rand(n_masks // 2, generator=gen) >= active
             masks.view(n_masks // 2, 2, -1)[idle] = 1.0
-        per_module.append((m, prior, elig, masks))
+        out.append(ModuleMasks(m, prior, elig, masks))
+    return out
 
+
+def mask_set(per_module: list[ModuleMasks], plan: Plan, a: int, b: int) -> MaskSet:
+    """Masks a..b of a round as the forward pass takes them (per-layer head and channel masks)."""
     head, chan = [], []
-    for m, _, _, masks in per_module:
+    for mm in per_module:
+        m, masks = mm.module, mm.masks[a:b]
         lp = plan.layers[m.layer]
         if m.kind == "attn":  # (M, n_heads): a group's heads are contiguous
             head.append(masks.repeat_interleave(len(lp.heads) // len(lp.kv_heads), dim=1))
@@ -282,6 +308,41 @@ def _bonsai_choice(ckpt, calib, plan, modules, priors, p, budget, profile, gen, 
             head.append(masks.repeat(1, len(lp.kv_heads)))
         else:
             chan.append(masks)
+    return MaskSet(head, chan)
+
+
+@dataclass(slots=True)
+class Design:
+    """The regression's view of a round: one column per eligible unit."""
+
+    x: torch.Tensor  # (M, D) 1 = kept
+    prior: torch.Tensor  # (D,) normalised to mean 1 within each module
+    kinds: torch.Tensor  # (D,) 0 = attention unit, 1 = MLP channel
+    groups: torch.Tensor  # (D,) index into per_module
+    owners: list[tuple[int, int]]  # (index into per_module, local unit index) per column
+
+
+def design_of(per_module: list[ModuleMasks]) -> Design:
+    cols, pri, kinds, groups, owners = [], [], [], [], []
+    for idx, mm in enumerate(per_module):
+        elig = mm.eligible
+        if not elig.numel():
+            continue
+        cols.append(mm.masks[:, elig])
+        pe = mm.prior[elig]
+        pri.append(pe / pe.mean().clamp_min(1e-30))  # mean 1 over the module's eligible units
+        kinds.append(torch.full((elig.numel(),), 0 if mm.module.kind != "mlp" else 1))
+        groups.append(torch.full((elig.numel(),), idx))
+        owners += [(idx, int(u)) for u in elig]
+    return Design(torch.cat(cols, 1), torch.cat(pri), torch.cat(kinds), torch.cat(groups), owners)
+
+
+def _bonsai_choice(ckpt, calib, plan, modules, priors, p, budget, profile, gen, fwd, progress, state,
+                   wave):
+    cfg = ckpt.config
+    n_masks = profile.masks_per_round
+    varied = profile.mask_counts == "varied"
+    per_module = sample_round(modules, priors, p, n_masks, gen, varied)
     losses = []
     blocks_total = math.ceil(n_masks / wave) * cfg.num_hidden_layers
     done = 0
@@ -292,7 +353,6 @@ def _bonsai_choice(ckpt, calib, plan, modules, priors, p, budget, profile, gen, 
             losses.append(saved)
             done += cfg.num_hidden_layers
             continue
-        sub = MaskSet([h[a:b] for h in head], [c[a:b] for c in chan])
 
         def on_block(_l: int) -> None:
             nonlocal done
@@ -300,24 +360,19 @@ def _bonsai_choice(ckpt, calib, plan, modules, priors, p, budget, profile, gen, 
             if progress:
                 progress("masks", done, blocks_total)
 
-        nll = streamed_nll(ckpt, calib, plan=plan, masks=sub, on_block=on_block, **fwd)
+        nll = streamed_nll(ckpt, calib, plan=plan, masks=mask_set(per_module, plan, a, b),
+                           on_block=on_block, **fwd)
         losses.append(nll.sum(1) / (calib.shape[0] * (calib.shape[1] - 1)))
         if state is not None:
             state.save_wave(index, losses[-1])
     loss = torch.cat(losses)  # (M,) mean NLL per mask
     y = -loss
 
-    cols, pri, kinds, owners = [], [], [], []
-    for idx, (m, prior, elig, masks) in enumerate(per_module):
-        if not elig.numel():
-            continue
-        cols.append(masks[:, elig])
-        pe = prior[elig]
-        pri.append(pe / pe.mean().clamp_min(1e-30))  # mean 1 over the module's eligible units
-        kinds.append(torch.full((elig.numel(),), 0 if m.kind != "mlp" else 1))
-        owners += [(idx, int(u)) for u in elig]
-    x = torch.cat(cols, 1)  # (M, D)
-    f = fit(x, y, prior=torch.cat(pri), kinds=torch.cat(kinds), estimator=profile.estimator, gen=gen)
+    d = design_of(per_module)
+    owners = d.owners
+    f = fit(d.x, y, prior=d.prior, kinds=d.kinds, estimator=profile.estimator, gen=gen,
+            groups=d.groups if varied else None)
+    per_module = [(mm.module, mm.prior, mm.eligible, mm.masks) for mm in per_module]
 
     beta_of = {owners[i]: float(f.beta[i]) for i in range(len(owners)) if f.informed[i]}
     if profile.allocation == "uniform":
@@ -330,22 +385,25 @@ def _bonsai_choice(ckpt, calib, plan, modules, priors, p, budget, profile, gen, 
             orders.append(scored + [u for u in by_prior if (idx, u) not in beta_of])
         drop = _per_module_choice([m for m, *_ in per_module], orders, p, profile.align)
     else:
-        drop = _global_choice(per_module, owners, f, beta_of, budget, profile.align)
-    log.info("regression: cv tau %.3f, penalty %g, per-unit scale (attention group, MLP channel) %s",
-             f.cv_tau, f.penalty, f.kind_scale)
-    info = (float(loss.mean()), float(loss.std()), f.cv_tau, f.train_tau, f.penalty)
+        drop = _global_choice(per_module, owners, f, beta_of, budget, profile.align, whole=varied)
+    log.info("regression: cv tau %.3f, penalty %g, module penalty %g, per-unit scale (attention group, "
+             "MLP channel) %s", f.cv_tau, f.penalty, f.module_penalty, f.kind_scale)
+    info = (float(loss.mean()), float(loss.std()), f.cv_tau, f.train_tau, f.penalty,
+            f.module_penalty if math.isfinite(f.module_penalty) else None)
     return drop, info
 
 
-def _global_choice(per_module, owners, f, beta_of, budget, align) -> dict[tuple[int, str], list[int]]:
+def _global_choice(per_module, owners, f, beta_of, budget, align,
+                   whole: bool = False) -> dict[tuple[int, str], list[int]]:
     """Remove by increasing estimated loss per parameter across all modules until the budget is spent.
 
     Units the masks never varied carry no evidence and stay. A module loses at most what one
-    sub-model dropped from it: beyond that the linear model extrapolates.
+    sub-model dropped from it (half its eligible units, or all of them with ``whole``: masks of
+    varied counts drop that many): beyond that the linear model extrapolates.
     """
     cost = torch.tensor([float(f.beta[i]) / per_module[o][0].unit_params for i, (o, _) in enumerate(owners)])
     drop: dict[tuple[int, str], list[int]] = {(m.layer, m.kind): [] for m, *_ in per_module}
-    cap = {(m.layer, m.kind): max(1, e.numel() // 2) for m, _, e, _ in per_module}
+    cap = {(m.layer, m.kind): e.numel() if whole else max(1, e.numel() // 2) for m, _, e, _ in per_module}
     removed = 0.0
     for i in torch.argsort(cost, stable=True).tolist():
         m = per_module[owners[i][0]][0]

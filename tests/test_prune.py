@@ -129,3 +129,20 @@ def test_cli_prune_and_its_refusals(tmp_path, tiny, sample_text):
         assert res.exit_code == 2, res.output
         assert words in res.output
     assert not (tmp_path / "p").exists()
+
+
+def test_coarse_modules_are_neither_perturbed_nor_pruned():
+    """3 KV groups at p = 0.1: round(0.3) = 0 groups would go, so the masks leave them alone too."""
+    from lowmem_bonsai.masks import Module
+    from lowmem_bonsai.prune import sample_round
+
+    g = torch.Generator().manual_seed(0)
+    mods = [Module(0, "attn", 3, 1000, 1), Module(0, "mlp", 96, 10, 8), Module(1, "attn", 12, 1000, 1)]
+    priors = [(torch.rand(3, generator=g).double(), torch.rand(96, generator=g).double()),
+              (torch.rand(12, generator=g).double(), None)]
+    rounds = sample_round(mods, priors, 0.1, 16, g)
+    assert rounds[0].eligible.numel() == 0 and (rounds[0].masks == 1).all()
+    assert rounds[1].eligible.numel() == 20 and (rounds[1].masks == 0).any()
+    assert rounds[2].eligible.numel() == 3  # round(1.2) = 1 group may go: perturbed
+    every = sample_round(mods, priors, 0.1, 16, g, skip_coarse=False)
+    assert every[0].eligible.numel() == 2

@@ -49,3 +49,37 @@ def test_masks_are_antithetic_within_the_eligible_set():
     for i in range(0, 8, 2):
         assert (masks[i, elig] + masks[i + 1, elig] == 1).all()  # each pair splits the eligible set
         assert masks[i, elig].sum() == 5
+
+
+def test_varied_masks_stay_antithetic_and_vary_the_count():
+    g = torch.Generator().manual_seed(3)
+    prior = torch.rand(50, generator=g)
+    elig = eligible_units(prior, n_eligible=10)
+    masks = sample_masks(prior, elig, n_units=50, n_masks=40, gen=g, varied=True)
+    counts = (1 - masks[0::2, elig]).sum(1)
+    assert len(set(counts.tolist())) >= 5  # not always half
+    assert ((masks[0::2, elig] + masks[1::2, elig]) == 1).all()
+
+
+def test_module_scales_recover_a_sensitive_module():
+    """Two modules with the same prior, one 5x as important; 400 units, 32 masks.
+
+    Per-unit corrections cannot be estimated from so few masks; one scale per module can.
+    """
+    g = torch.Generator().manual_seed(4)
+    d, m, h = 400, 32, 200
+    prior = 0.5 + torch.rand(d, generator=g, dtype=torch.float64)
+    groups = torch.arange(d) // h
+    true = prior * torch.where(groups == 0, 5.0, 1.0)
+    x = torch.cat([sample_masks(prior[:h].float(), torch.arange(h), n_units=h, n_masks=m, gen=g,
+                                varied=True),
+                   sample_masks(prior[h:].float(), torch.arange(h), n_units=h, n_masks=m, gen=g,
+                                varied=True)], 1)
+    y = x.double() @ true + 0.01 * torch.randn(m, generator=g, dtype=torch.float64)
+    kinds = torch.zeros(d, dtype=torch.long)
+    with_groups = fit(x, y, prior=prior, kinds=kinds, gen=g, groups=groups)
+    without = fit(x, y, prior=prior, kinds=kinds, gen=g)
+    assert with_groups.module_penalty != float("inf")
+    assert with_groups.cv_tau > without.cv_tau
+    ratio = with_groups.beta[:h].sum() / with_groups.beta[h:].sum()
+    assert 3.5 < float(ratio) < 6.5
