@@ -198,7 +198,16 @@ def prune_cmd(
     prune_frac: Annotated[Optional[float], typer.Option(help="Override the profile.")] = None,
     prior: Annotated[Optional[str], typer.Option(
         help="Override the profile's prior: wanda, magnitude, fluctuation, random.")] = None,
-    estimator: Annotated[Optional[str], typer.Option(help="Override the profile: ridge or lasso.")] = None,
+    estimator: Annotated[Optional[str], typer.Option(
+        help="Override the profile: lasso, ridge, or prior (fit only per-kind/per-module scales).")] = None,
+    allocation: Annotated[Optional[str], typer.Option(
+        help="Override the profile: uniform (every module loses the round's share) or global (units "
+        "ranked by estimated loss per parameter across modules).")] = None,
+    mask_counts: Annotated[Optional[str], typer.Option(
+        help="Override the profile: fixed (every mask drops half of each module's eligible units) or "
+        "varied (random counts, so layer sensitivities are identifiable).")] = None,
+    score: Annotated[Optional[str], typer.Option(
+        help="Override the profile: nll (calibration text) or kl (to the unpruned model's top-64).")] = None,
     head_unit: Annotated[Optional[str], typer.Option(
         help="Override the profile: group (whole KV groups) or query (the same query heads from "
         "every group).")] = None,
@@ -216,7 +225,8 @@ def prune_cmd(
 
     prof = _run(load_profile, profile)
     prof = _run(prof.replace, masks_per_round=masks_per_round, calib_seqs=calib_seqs, seq_len=seq_len,
-                prune_frac=prune_frac, prior=prior, estimator=estimator, head_unit=head_unit)
+                prune_frac=prune_frac, prior=prior, estimator=estimator, head_unit=head_unit,
+                allocation=allocation, mask_counts=mask_counts, score=score)
     bars = _Bars()
     try:
         report = _run(prune_model, model_dir=model, out_dir=out, sparsity=sparsity, profile=prof,

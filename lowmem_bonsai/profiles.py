@@ -41,11 +41,11 @@ class Profile:
     estimator: str = "lasso"  # lasso | ridge | prior (no per-unit correction: an ablation)
     head_unit: str = "group"  # group: a KV head with its query heads; query: the j-th query head of
     #                           every group (groups keep equal numbers of query heads)
-    allocation: str = "uniform"  # uniform: every module loses p, the regression picks which units;
-    #                              global: units ranked by beta per parameter across modules
+    allocation: str = "global"  # global: units ranked by beta per parameter across modules (the
+    #                             masks decide how much each layer loses); uniform: every module loses p
     score: str = "nll"  # what a sub-model is scored by: nll (of the calibration text's next tokens)
     #                     or kl (cross-entropy to the round's unpruned model's top-k distribution)
-    mask_counts: str = "fixed"  # fixed: every mask drops half of each module's eligible units;
+    mask_counts: str = "varied"  # fixed: every mask drops half of each module's eligible units;
     #                             varied: a random count per module and pair, plus per-module scales
     #                             in the regression, so that layers' sensitivities are identifiable
 

@@ -397,29 +397,41 @@ def _global_choice(per_module, owners, f, beta_of, budget, align,
                    whole: bool = False) -> dict[tuple[int, str], list[int]]:
     """Remove by increasing estimated loss per parameter across all modules until the budget is spent.
 
+    The candidates are pieces: one attention unit, or the next ``align`` MLP channels of a module
+    in increasing beta (the first piece is shorter when the width is not yet a multiple of
+    ``align``), so every kept width stays aligned and the budget is met to within half a piece.
     Units the masks never varied carry no evidence and stay. A module loses at most what one
     sub-model dropped from it (half its eligible units, or all of them with ``whole``: masks of
-    varied counts drop that many): beyond that the linear model extrapolates.
+    varied counts drop that many; at least one piece): beyond that the linear model extrapolates.
     """
-    cost = torch.tensor([float(f.beta[i]) / per_module[o][0].unit_params for i, (o, _) in enumerate(owners)])
-    drop: dict[tuple[int, str], list[int]] = {(m.layer, m.kind): [] for m, *_ in per_module}
-    cap = {(m.layer, m.kind): e.numel() if whole else max(1, e.numel() // 2) for m, _, e, _ in per_module}
-    removed = 0.0
-    for i in torch.argsort(cost, stable=True).tolist():
-        m = per_module[owners[i][0]][0]
-        if not f.informed[i] or len(drop[(m.layer, m.kind)]) >= cap[(m.layer, m.kind)]:
-            continue
-        if removed + m.unit_params > budget + 0.5 * m.unit_params:
-            continue
-        drop[(m.layer, m.kind)].append(owners[i][1])
-        removed += m.unit_params
-    for idx, (m, _, elig, _) in enumerate(per_module):  # aligned MLP widths, in the same beta order
-        if m.kind != "mlp":
-            continue
+    pieces = []  # (cost per parameter, module index, piece index, units, params)
+    for idx, (m, _, elig, _) in enumerate(per_module):
         order = sorted((int(u) for u in elig if (idx, int(u)) in beta_of), key=lambda u: beta_of[(idx, u)])
-        chosen = set(drop[(m.layer, m.kind)])
-        ranked = [u for u in order if u in chosen] + [u for u in order if u not in chosen]
-        drop[(m.layer, m.kind)] = _align_mlp(ranked[: len(chosen)], ranked, m.n_units, align)
+        cap = elig.numel() if whole else max(1, elig.numel() // 2)
+        first = m.n_units % align or align
+        order = order[: max(cap, first if m.kind == "mlp" else 1)]  # at least one piece
+        if m.kind == "mlp":
+            sizes = [first] + [align] * ((len(order) - first) // align) if len(order) >= first else []
+        else:
+            sizes = [1] * len(order)
+        a = 0
+        for k, size in enumerate(sizes):
+            units = order[a : a + size]
+            a += size
+            params = size * m.unit_params
+            pieces.append((sum(beta_of[(idx, u)] for u in units) / params, idx, k, units, params))
+    drop: dict[tuple[int, str], list[int]] = {(m.layer, m.kind): [] for m, *_ in per_module}
+    blocked: set[int] = set()
+    removed = 0.0
+    for _, idx, _, units, params in sorted(pieces, key=lambda t: t[:3]):
+        if idx in blocked:
+            continue
+        if removed + params > budget + 0.5 * params:
+            blocked.add(idx)  # a module's pieces go in order: a skipped piece ends that module
+            continue
+        m = per_module[idx][0]
+        drop[(m.layer, m.kind)] += units
+        removed += params
     return drop
 
 

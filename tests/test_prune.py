@@ -72,10 +72,11 @@ def test_same_seed_same_plan_other_seed_other_plan(tmp_path, tiny, sample_text):
     assert plans[0] != plans[2]
 
 
-def test_global_allocation_reaches_the_target(tmp_path, tiny, sample_text):
+@pytest.mark.parametrize("counts", ["fixed", "varied"])
+def test_global_allocation_reaches_the_target(tmp_path, tiny, sample_text, counts):
     _, model_dir = tiny
     report = prune_model(model_dir=model_dir, out_dir=tmp_path / "o", sparsity=0.5,
-                         profile=profile(allocation="global"), calib=sample_text)
+                         profile=profile(allocation="global", mask_counts=counts), calib=sample_text)
     assert abs(report["achieved_sparsity"] - 0.5) <= 0.02
     assert report["settings"]["profile"]["allocation"] == "global"
     assert all(l["channels"] % 8 == 0 for l in report["layers"])

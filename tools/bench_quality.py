@@ -38,6 +38,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-seq-len", type=int, default=256)
     ap.add_argument("--eval-seqs", type=int, default=32)
+    ap.add_argument("--eval-skip", type=int, default=None,
+                    help="windows of --eval-seq-len skipped before evaluating (default: just past the "
+                    "calibration); fix it to compare runs with different calibration sizes")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     profile = load_profile(a.profile)
@@ -50,6 +53,10 @@ def main() -> None:
     results = json.loads(results_path.read_text()) if results_path.is_file() else []
     # Evaluation starts after every window the calibration could have read.
     skip = math.ceil(profile.calib_seqs * profile.seq_len / a.eval_seq_len)
+    if a.eval_skip is not None:
+        if a.eval_skip < skip:
+            ap.error(f"--eval-skip {a.eval_skip} would evaluate on calibration text (need >= {skip})")
+        skip = a.eval_skip
     settings = {k: getattr(profile, k) for k in profile.__dataclass_fields__}
 
     def record(row: dict) -> None:
@@ -80,11 +87,13 @@ def main() -> None:
 
 
 def write_table(results: list[dict], out: Path) -> None:
-    lines = ["| method | target | achieved | perplexity | forward tokens | prune time (s) |",
-             "|---|---|---|---|---|---|"]
-    for r in sorted(results, key=lambda r: (r["sparsity"], r["method"])):
+    lines = ["| method | target | achieved | perplexity | forward tokens | prune time (s) | calibration "
+             "| eval skip |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r["eval_skip"], r["sparsity"], r["method"])):
+        st = r.get("settings") or {}
+        calib = f"{st['calib_seqs']} x {st['seq_len']}" if st else "-"
         lines.append(f"| {r['method']} | {r['sparsity']:.2f} | {r['achieved']:.3f} | {r['perplexity']:.2f} | "
-                     f"{r['forward_tokens']:,} | {r['prune_seconds']:.0f} |")
+                     f"{r['forward_tokens']:,} | {r['prune_seconds']:.0f} | {calib} | {r['eval_skip']} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
