@@ -185,8 +185,12 @@ def run_rounds(
     while not (result.rounds and result.rounds[-1].params_after == result.rounds[-1].params_before):
         before = plan_params(cfg, plan)
         budget = min(profile.prune_frac * total, target - (total - before))
-        # Stop when what is left is smaller than half the smallest unit we could remove.
-        if budget < 1.5 * cfg.hidden_size:
+        modules = modules_of(cfg, plan, profile.align, profile.head_unit)
+        # Stop when what is left is smaller than half the smallest removable piece (one attention
+        # unit, or `align` channels: MLP widths stay aligned), instead of spending a round on nothing.
+        smallest = min((m.unit_params * (min(profile.align, m.n_units) if m.kind == "mlp" else 1)
+                        for m in modules if m.n_units > m.min_units), default=0)
+        if not smallest or budget < 0.5 * smallest:
             break
         r += 1
         start = time.perf_counter()
@@ -202,7 +206,6 @@ def run_rounds(
         priors = _priors(ckpt, stats, prior_kind, gen, profile.head_unit)
         if not math.isfinite(calib_loss):  # a non-finite lm_head or final norm (or a random prior)
             raise ckpt.nonfinite_error(found="the calibration loss")
-        modules = modules_of(cfg, plan, profile.align, profile.head_unit)
         p = budget / before  # share of the current model this round removes
         report = RoundReport(r, before, before, calib_loss, 0, pass_tokens, 0.0)
         if method == "bonsai":
