@@ -284,7 +284,10 @@ def sample_round(modules: list[Module], priors, p: float, n_masks: int, gen: tor
     for m in modules:
         prior = priors[m.layer][0 if m.kind != "mlp" else 1]
         room = m.n_units - m.min_units
-        e = min(max(math.ceil(2 * p * m.n_units), 2), room) if room >= 2 else 0
+        # MLP modules offer at least two pieces of `align` (= min_units) channels: a small last
+        # round must still have a whole piece to remove.
+        least = 2 * m.min_units if m.kind == "mlp" else 2
+        e = min(max(math.ceil(2 * p * m.n_units), least), room) if room >= 2 else 0
         if skip_coarse and round(p * m.n_units) == 0:
             e = 0
         elig = eligible_units(prior, n_eligible=e)
