@@ -188,7 +188,7 @@ def run_rounds(
         modules = modules_of(cfg, plan, profile.align, profile.head_unit)
         # Stop when what is left is smaller than half the smallest removable piece (one attention
         # unit, or `align` channels: MLP widths stay aligned), instead of spending a round on nothing.
-        smallest = min((m.unit_params * (min(profile.align, m.n_units) if m.kind == "mlp" else 1)
+        smallest = min((m.unit_params * (m.min_units if m.kind == "mlp" else 1)  # min_units: align
                         for m in modules if m.n_units > m.min_units), default=0)
         if not smallest or budget < 0.5 * smallest:
             break
@@ -256,8 +256,13 @@ def _per_module_choice(modules: list[Module], orders: list[list[int]], p: float,
     return drop
 
 
+def _prior_of(priors, m: Module) -> torch.Tensor:
+    """Module m's unit priors from the per-layer (attention, MLP) pairs."""
+    return priors[m.layer][0 if m.kind != "mlp" else 1]
+
+
 def _prior_orders(modules: list[Module], priors) -> list[list[int]]:
-    return [_order(priors[m.layer][0 if m.kind != "mlp" else 1], m.n_units, m.min_units) for m in modules]
+    return [_order(_prior_of(priors, m), m.n_units, m.min_units) for m in modules]
 
 
 @dataclass(slots=True)
@@ -282,7 +287,7 @@ def sample_round(modules: list[Module], priors, p: float, n_masks: int, gen: tor
     """
     out = []
     for m in modules:
-        prior = priors[m.layer][0 if m.kind != "mlp" else 1]
+        prior = _prior_of(priors, m)
         room = m.n_units - m.min_units
         # MLP modules offer at least two pieces of `align` (= min_units) channels: a small last
         # round must still have a whole piece to remove.
@@ -375,23 +380,21 @@ def _bonsai_choice(ckpt, calib, plan, modules, priors, p, budget, profile, gen, 
     y = -loss
 
     d = design_of(per_module)
-    owners = d.owners
     f = fit(d.x, y, prior=d.prior, kinds=d.kinds, estimator=profile.estimator, gen=gen,
             groups=d.groups if varied else None)
-    per_module = [(mm.module, mm.prior, mm.eligible, mm.masks) for mm in per_module]
 
-    beta_of = {owners[i]: float(f.beta[i]) for i in range(len(owners)) if f.informed[i]}
+    beta_of = {d.owners[i]: float(f.beta[i]) for i in range(len(d.owners)) if f.informed[i]}
     if profile.allocation == "uniform":
         # Same widths as the baselines; the regression decides which units go: informed eligible
         # units by increasing beta, then the rest of the module by increasing prior.
         orders = []
-        for idx, (m, prior, _, _) in enumerate(per_module):
-            by_prior = _order(prior, m.n_units, m.min_units)
+        for idx, mm in enumerate(per_module):
+            by_prior = _order(mm.prior, mm.module.n_units, mm.module.min_units)
             scored = sorted((u for u in by_prior if (idx, u) in beta_of), key=lambda u: beta_of[(idx, u)])
             orders.append(scored + [u for u in by_prior if (idx, u) not in beta_of])
-        drop = _per_module_choice([m for m, *_ in per_module], orders, p, profile.align)
+        drop = _per_module_choice(modules, orders, p, profile.align)
     else:
-        drop = _global_choice(per_module, owners, f, beta_of, budget, profile.align, whole=varied)
+        drop = _global_choice(per_module, beta_of, budget, profile.align, whole=varied)
     log.info("regression: cv tau %.3f, penalty %g, module penalty %g, per-unit scale (attention group, "
              "MLP channel) %s", f.cv_tau, f.penalty, f.module_penalty, f.kind_scale)
     info = (float(loss.mean()), float(loss.std()), f.cv_tau, f.train_tau, f.penalty,
@@ -399,8 +402,8 @@ def _bonsai_choice(ckpt, calib, plan, modules, priors, p, budget, profile, gen, 
     return drop, info
 
 
-def _global_choice(per_module, owners, f, beta_of, budget, align,
-                   whole: bool = False) -> dict[tuple[int, str], list[int]]:
+def _global_choice(per_module: list[ModuleMasks], beta_of: dict[tuple[int, int], float], budget: float,
+                   align: int, whole: bool = False) -> dict[tuple[int, str], list[int]]:
     """Remove by increasing estimated loss per parameter across all modules until the budget is spent.
 
     The candidates are pieces: one attention unit, or the next ``align`` MLP channels of a module
@@ -411,7 +414,8 @@ def _global_choice(per_module, owners, f, beta_of, budget, align,
     varied counts drop that many; at least one piece): beyond that the linear model extrapolates.
     """
     pieces = []  # (cost per parameter, module index, piece index, units, params)
-    for idx, (m, _, elig, _) in enumerate(per_module):
+    for idx, mm in enumerate(per_module):
+        m, elig = mm.module, mm.eligible
         order = sorted((int(u) for u in elig if (idx, int(u)) in beta_of), key=lambda u: beta_of[(idx, u)])
         cap = elig.numel() if whole else max(1, elig.numel() // 2)
         first = m.n_units % align or align
@@ -426,7 +430,7 @@ def _global_choice(per_module, owners, f, beta_of, budget, align,
             a += size
             params = size * m.unit_params
             pieces.append((sum(beta_of[(idx, u)] for u in units) / params, idx, k, units, params))
-    drop: dict[tuple[int, str], list[int]] = {(m.layer, m.kind): [] for m, *_ in per_module}
+    drop: dict[tuple[int, str], list[int]] = {(mm.module.layer, mm.module.kind): [] for mm in per_module}
     blocked: set[int] = set()
     removed = 0.0
     for _, idx, _, units, params in sorted(pieces, key=lambda t: t[:3]):
@@ -435,7 +439,7 @@ def _global_choice(per_module, owners, f, beta_of, budget, align,
         if removed + params > budget + 0.5 * params:
             blocked.add(idx)  # a module's pieces go in order: a skipped piece ends that module
             continue
-        m = per_module[idx][0]
+        m = per_module[idx].module
         drop[(m.layer, m.kind)] += units
         removed += params
     return drop
