@@ -14,7 +14,10 @@ from typing import Any
 
 from .errors import UserError
 
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
+# An installed wheel carries the profiles in the package (pyproject maps profiles/ to
+# lowmem_bonsai/_profiles); a checkout reads the repository's top-level profiles/.
+_PACKAGED = Path(__file__).resolve().parent / "_profiles"
+PROFILE_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "profiles"
 DEFAULT_PROFILE = "laptop-16gb"
 
 
