@@ -47,6 +47,15 @@ class BlockWeights:
             ts.append(self.qkv_bias)
         return sum(t.numel() * t.element_size() for t in ts)
 
+    def to(self, device: torch.device) -> BlockWeights:
+        """The same block on ``device`` (itself when it is already there)."""
+        if self.qkv.device == device:
+            return self
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return BlockWeights(self.layer, self.n_heads, self.n_kv_heads, self.head_dim,
+                            move(self.attn_norm), move(self.qkv), move(self.qkv_bias), move(self.o),
+                            move(self.mlp_norm), move(self.gate_up), move(self.down))
+
 
 def head_rows(heads: tuple[int, ...], head_dim: int) -> torch.Tensor:
     """Row indices of the given heads in a (heads*head_dim, ...) projection."""
@@ -132,7 +141,7 @@ class UnitStats:
 
     @classmethod
     def zeros(cls, w: BlockWeights) -> UnitStats:
-        z = lambda n: torch.zeros(n, dtype=torch.float64)  # noqa: E731
+        z = lambda n: torch.zeros(n, dtype=torch.float64, device=w.qkv.device)  # noqa: E731
         return cls(z(w.n_heads * w.head_dim), z(w.n_heads * w.head_dim), z(w.n_channels),
                    z(w.n_channels))
 
@@ -187,5 +196,5 @@ def block_forward(
     if channel_mask is not None:
         act = act * channel_mask[:, None, :].to(act.dtype)
     if stats is not None:
-        stats.add(a if nq else torch.zeros(n * t, 0), act)
+        stats.add(a if nq else act.new_zeros(n * t, 0), act)
     return x + F.linear(act, w.down)

@@ -140,15 +140,25 @@ def estimate_cmd(
         return
     m = e["memory"]
     typer.echo(f"model      {e['params_total'] / 1e9:.2f} B params ({e['params_blocks'] / 1e9:.2f} B in blocks)")
-    typer.echo(f"profile    {e['profile']}: budget {m['budget_gb']:.1f} GiB, compute {e['compute_dtype']}")
-    typer.echo("memory     " + ", ".join(f"{k.removesuffix('_gb').replace('_', ' ')} {v:.2f}"
-                                         for k, v in m.items() if k.endswith("_gb") and k != "budget_gb")
-               + " GiB")
+    typer.echo(f"profile    {e['profile']}: budget {m['budget_gb']:.1f} GiB, compute {e['compute_dtype']} "
+               f"on {e['device']}")
+    parts = ["resident_blocks", "hidden_store", "activations", "head", "runtime", "total"]
+    if m["device"] == "cpu":
+        typer.echo("memory     " + ", ".join(f"{k.replace('_', ' ')} {m[k + '_gb']:.2f}" for k in parts) + " GiB")
+    else:
+        typer.echo(f"host       blocks being loaded {m['resident_blocks_gb']:.2f}, runtime {m['runtime_gb']:.2f}, "
+                   f"total {m['total_gb']:.2f} GiB")
+        typer.echo(f"device     block {m['device_block_gb']:.2f}, hidden store {m['hidden_store_gb']:.2f}, "
+                   f"activations {m['activations_gb']:.2f}, head {m['head_gb']:.2f}, total "
+                   f"{m['device_total_gb']:.2f} of {m['device_budget_gb']:.1f} GiB")
     typer.echo(f"waves      {m['waves']} x {m['wave_masks']} masks per round")
     typer.echo(f"disk       {e['disk_output_gb']:.2f} GiB for the pruned model")
     typer.echo(f"compute    {e['rounds']} rounds, {e['forward_tokens_per_round']:,} forward tokens and "
                f"{e['forward_tflops_per_round'][0]:.1f} TFLOP in the first; {e['forward_tflops_total']:.1f} TFLOP in all")
-    typer.echo(f"speed      {e['matmul_gflops_measured']:.0f} GFLOP/s measured matmul rate here")
+    if e["eta_hours"] is None:
+        typer.echo(f"speed      no {e['device']} device visible here to measure: no ETA")
+        return
+    typer.echo(f"speed      {e['matmul_gflops_measured']:.0f} GFLOP/s measured matmul rate on {e['device']}")
     typer.echo(f"ETA        {e['eta_hours']:.2f} h")
 
 

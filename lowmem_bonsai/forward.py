@@ -98,20 +98,22 @@ def token_nll(ckpt: Checkpoint, hidden: torch.Tensor, targets: torch.Tensor, *, 
     """
     cfg = ckpt.config
     n, t, _ = hidden.shape
-    norm = ckpt.get(ckpt.name("final_norm"), expect=(cfg.hidden_size,)).float()
+    dev = hidden.device
+    norm = ckpt.get(ckpt.name("final_norm"), expect=(cfg.hidden_size,)).float().to(dev)
     for a in range(0, n, rows_per_chunk):
         hidden[a : a + rows_per_chunk] = rms_norm(hidden[a : a + rows_per_chunk], norm, cfg.rms_norm_eps)
-    run_max = torch.full((n, t - 1), -torch.inf)  # (N, T-1) fp32
-    run_sum = torch.zeros(n, t - 1)
-    target_logit = torch.zeros(n, t - 1)
+    run_max = torch.full((n, t - 1), -torch.inf, device=dev)  # (N, T-1) fp32
+    run_sum = torch.zeros(n, t - 1, device=dev)
+    target_logit = torch.zeros(n, t - 1, device=dev)
     if targets.dim() == 2:
         targets, weights = targets[..., None], torch.ones(*targets.shape, 1)
+    targets, weights = targets.to(dev), weights.to(dev)
     if top_k:
-        best_val = torch.full((n, t - 1, top_k), -torch.inf)
-        best_id = torch.zeros(n, t - 1, top_k, dtype=torch.long)
+        best_val = torch.full((n, t - 1, top_k), -torch.inf, device=dev)
+        best_id = torch.zeros(n, t - 1, top_k, dtype=torch.long, device=dev)
     vocab_chunk = max(256, LOGIT_BUDGET // max(rows_per_chunk * t, 1))
     for v0, w in vocab_slices(ckpt, lm_head_name(ckpt), vocab_chunk):
-        w = w.to(dtype)  # (Vc, H)
+        w = w.to(device=dev, dtype=dtype)  # (Vc, H)
         v1 = v0 + w.shape[0]
         for a in range(0, n, rows_per_chunk):
             b = min(a + rows_per_chunk, n)
@@ -120,7 +122,7 @@ def token_nll(ckpt: Checkpoint, hidden: torch.Tensor, targets: torch.Tensor, *, 
             run_sum[a:b] = run_sum[a:b] * torch.exp(run_max[a:b] - m) + torch.exp(
                 logits - m[..., None]).sum(-1)
             run_max[a:b] = m
-            seq = torch.arange(a, b) % targets.shape[0]
+            seq = torch.arange(a, b, device=dev) % targets.shape[0]
             tg = targets[seq]  # (rows, T-1, K)
             inside = (tg >= v0) & (tg < v1)
             local = (tg - v0).clamp(0, v1 - v0 - 1)
@@ -134,11 +136,11 @@ def token_nll(ckpt: Checkpoint, hidden: torch.Tensor, targets: torch.Tensor, *, 
                 best_val[a:b], best_id[a:b] = val.gather(-1, keep), idx.gather(-1, keep)
         del w
     lse = run_max + torch.log(run_sum)  # (N, T-1)
-    nll = (lse - target_logit).double().sum(1)
+    nll = (lse - target_logit).double().sum(1).cpu()
     if not top_k:
         return nll
     probs = torch.exp(best_val - lse[..., None])
-    return nll, SoftTargets(best_id, probs / probs.sum(-1, keepdim=True))
+    return nll, SoftTargets(best_id.cpu(), (probs / probs.sum(-1, keepdim=True)).cpu())
 
 
 def sliding_mask(seq_len: int, window: int | None) -> torch.Tensor | None:
@@ -163,6 +165,7 @@ def streamed_nll(
     soft: SoftTargets | None = None,
     teacher: list[SoftTargets] | None = None,
     top_k: int = 64,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """Sum of next-token NLL of every sequence under every mask.
 
@@ -171,27 +174,33 @@ def streamed_nll(
     :class:`ColumnStats` per layer for the priors (only meaningful without masks). With ``soft``,
     the loss is the cross-entropy to that distribution instead of to the next token; ``teacher``,
     if given, receives this pass's own top-``top_k`` distribution (for a pass without masks).
+    ``device``: where the blocks compute (default the CPU); inputs and results stay on the host.
     """
     cfg = ckpt.config
     s_count, t = tokens.shape
     g_count = masks.n_masks if masks is not None else 1
     rows_per_chunk = max(1, chunk_tokens // t)
-    cos, sin = rope_tables(cfg, t)
+    dev = device if device is not None else torch.device("cpu")
+    cos, sin = (x.to(dev) for x in rope_tables(cfg, t))
     attn_mask = sliding_mask(t, cfg.sliding_window)
+    if attn_mask is not None:
+        attn_mask = attn_mask.to(dev)
 
-    x0 = embed_tokens(ckpt, tokens, dtype=dtype)  # (S, T, H)
+    x0 = embed_tokens(ckpt, tokens, dtype=dtype).to(dev)  # (S, T, H)
     hidden = x0.repeat(g_count, 1, 1)  # (G S, T, H); row r belongs to mask r // S
     del x0
-    row_mask = torch.arange(g_count * s_count) // s_count  # (G S,)
+    row_mask = torch.arange(g_count * s_count, device=dev) // s_count  # (G S,)
 
-    for w in BlockStreamer(ckpt, plan=plan, dtype=dtype, prefetch=prefetch):
+    for w in BlockStreamer(ckpt, plan=plan, dtype=dtype, prefetch=prefetch, device=dev):
         layer_stats = UnitStats.zeros(w) if stats is not None else None
+        if masks is not None:
+            head_m, chan_m = masks.head[w.layer].to(dev), masks.channel[w.layer].to(dev)
         for a in range(0, hidden.shape[0], rows_per_chunk):
             b = min(a + rows_per_chunk, hidden.shape[0])
             hm = cm = None
             if masks is not None:
-                hm = masks.head[w.layer][row_mask[a:b]]  # (rows, n_heads)
-                cm = masks.channel[w.layer][row_mask[a:b]]  # (rows, F)
+                hm = head_m[row_mask[a:b]]  # (rows, n_heads)
+                cm = chan_m[row_mask[a:b]]  # (rows, F)
             hidden[a:b] = block_forward(hidden[a:b], w, cos, sin, eps=cfg.rms_norm_eps,
                                         head_mask=hm, channel_mask=cm, attn_mask=attn_mask,
                                         stats=layer_stats)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .config import ModelConfig
+from .device import synchronize
 from .errors import UserError
 from .forward import LOGIT_BUDGET
 from .profiles import Profile
@@ -25,15 +26,23 @@ RUNTIME_GB = 0.35  # python, torch and tokenizers loaded (measured peak_anon of 
 
 @dataclass(frozen=True, slots=True)
 class MemoryPlan:
+    """Peak memory by component, GiB. On a GPU (``device`` cuda) the hidden-state store, one block,
+    the activations and the lm_head state live in device memory and are summed in ``device_total_gb``;
+    the host holds the blocks being loaded and the runtime, summed in ``total_gb``."""
+
     wave_masks: int  # masks per streamed pass
     waves: int  # passes per round
-    resident_blocks_gb: float  # (prefetch + 1) blocks in the compute dtype + one source tensor
+    resident_blocks_gb: float  # (prefetch + 1) blocks in the compute dtype + one source tensor (host)
     hidden_store_gb: float  # wave x calib tokens x hidden
     activations_gb: float  # one row chunk inside a block (+ attention scores)
     head_gb: float  # lm_head / embedding row range + logits of one chunk + loss state
     runtime_gb: float
-    total_gb: float
-    budget_gb: float
+    total_gb: float  # host peak
+    budget_gb: float  # host budget (memory_gb)
+    device: str = "cpu"
+    device_block_gb: float = 0.0  # the computing block's copy on the GPU
+    device_total_gb: float = 0.0
+    device_budget_gb: float = 0.0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -44,8 +53,16 @@ def block_bytes(config: ModelConfig, dtype_bytes: int) -> int:
     return max(config.layer_params(i) for i in range(config.num_hidden_layers)) * dtype_bytes
 
 
-def plan_memory(config: ModelConfig, profile: Profile, *, storage_bytes: int = 2) -> MemoryPlan:
-    """Size every component of a prune's peak; pick the wave size; refuse if nothing fits."""
+DEVICE_RUNTIME_GB = 0.6  # CUDA context, cuBLAS workspace, allocator slack (not measured here: no GPU)
+
+
+def plan_memory(config: ModelConfig, profile: Profile, *, storage_bytes: int = 2,
+                device_free_bytes: int | None = None) -> MemoryPlan:
+    """Size every component of a prune's peak; pick the wave size; refuse if nothing fits.
+
+    For a GPU profile the wave is sized from the device budget: ``device_memory_gb``, or 90% of
+    ``device_free_bytes`` (what the GPU reports free) when that is 0.
+    """
     gb = 1024**3
     b = DTYPE_BYTES[profile.compute_dtype]
     h = config.hidden_size
@@ -63,19 +80,48 @@ def plan_memory(config: ModelConfig, profile: Profile, *, storage_bytes: int = 2
     vocab_rows = max(256, LOGIT_BUDGET // max(chunk, 1))
     head = LOGIT_BUDGET * 4 * 3 + vocab_rows * h * (b + storage_bytes)
     per_mask = tokens_per_mask * (h * b + 3 * 4)  # hidden row + loss state (max, sum, target)
-    fixed = resident + activations + head + RUNTIME_GB * gb
-    room = profile.memory_gb * gb - fixed
+    on_gpu = profile.device != "cpu"
+    if on_gpu:
+        host_fixed = resident + RUNTIME_GB * gb
+        if host_fixed > profile.memory_gb * gb:
+            raise UserError(f"profile '{profile.name}': host memory budget {profile.memory_gb:g} GB is too "
+                            f"small for {profile.prefetch + 1} blocks being loaded "
+                            f"({host_fixed / gb:.1f} GB); raise memory_gb or lower prefetch")
+        if profile.device_memory_gb:
+            budget = profile.device_memory_gb * gb
+        elif device_free_bytes is not None:
+            budget = 0.9 * device_free_bytes
+        else:
+            raise UserError(f"profile '{profile.name}': device_memory_gb = 0 means 'what the GPU has "
+                            "free', and no GPU is visible here to ask; set device_memory_gb to plan")
+        fixed = block_bytes(config, b) + activations + head + DEVICE_RUNTIME_GB * gb
+        where = f"device memory budget {budget / gb:.1f} GB"
+    else:
+        budget = profile.memory_gb * gb
+        fixed = resident + activations + head + RUNTIME_GB * gb
+        where = f"memory budget {profile.memory_gb:g} GB"
+    room = budget - fixed
     fit = int(room // per_mask) if room > 0 else 0
     wave = profile.wave_masks or min(profile.masks_per_round, fit - fit % 2)
-    if wave < 2 or (profile.wave_masks and fixed + wave * per_mask > profile.memory_gb * gb):
+    if wave < 2 or (profile.wave_masks and fixed + wave * per_mask > budget):
         need = (fixed + 2 * per_mask) / gb
         raise UserError(
-            f"profile '{profile.name}': memory budget {profile.memory_gb:g} GB is too small: two "
-            f"blocks, activations and 2 masks need {need:.1f} GB for this model; raise memory_gb, "
-            "or lower prefetch, chunk_tokens, calib_seqs or seq_len, or use compute_dtype bfloat16"
+            f"profile '{profile.name}': {where} is too small: "
+            f"{'a block' if on_gpu else 'two blocks'}, activations and 2 masks need {need:.1f} GB for "
+            f"this model; raise {'device_memory_gb' if on_gpu else 'memory_gb'}, or lower prefetch, "
+            "chunk_tokens, calib_seqs or seq_len, or use compute_dtype bfloat16"
         )
     wave = max(2, wave - wave % 2)
     total = fixed + wave * per_mask
+    if on_gpu:
+        return MemoryPlan(
+            wave_masks=wave, waves=math.ceil(profile.masks_per_round / wave),
+            resident_blocks_gb=resident / gb, hidden_store_gb=wave * per_mask / gb,
+            activations_gb=activations / gb, head_gb=head / gb, runtime_gb=RUNTIME_GB,
+            total_gb=host_fixed / gb, budget_gb=profile.memory_gb, device=profile.device,
+            device_block_gb=block_bytes(config, b) / gb, device_total_gb=total / gb,
+            device_budget_gb=budget / gb,
+        )
     return MemoryPlan(
         wave_masks=wave, waves=math.ceil(profile.masks_per_round / wave),
         resident_blocks_gb=resident / gb, hidden_store_gb=wave * per_mask / gb,
@@ -84,33 +130,42 @@ def plan_memory(config: ModelConfig, profile: Profile, *, storage_bytes: int = 2
     )
 
 
-_PICKED: dict[str, str] = {}
+_PICKED: dict[str, tuple[str, dict[str, float]]] = {}
 
 
-def pick_compute_dtype(requested: str) -> tuple[str, dict[str, float]]:
+def pick_compute_dtype(requested: str, device: torch.device | None = None) -> tuple[str, dict[str, float]]:
     """The profile's dtype, or for "auto" the one with the fastest measured matmul here.
 
     Measured, not assumed: on one 2-core AVX-512 machine fp32 ran 65 GFLOP/s and fp16/bf16 under
     12 (no native half-precision GEMM), while another machine of the same kind had fp16 twice as
-    fast as fp32. Returns (name, {dtype: GFLOP/s}); the choice is cached per process.
+    fast as fp32. Returns (name, {dtype: GFLOP/s}); the choice is cached per process and device.
     """
     if requested != "auto":
         return requested, {}
-    if "auto" not in _PICKED:
-        rates = {name: measure_matmul_gflops(getattr(torch, name), n=512, k=1024, seconds=0.3)
+    dev = device if device is not None else torch.device("cpu")
+    key = str(dev)
+    if key not in _PICKED:
+        n, k = (512, 1024) if dev.type == "cpu" else (4096, 4096)  # a GPU needs a larger GEMM to fill
+        rates = {name: measure_matmul_gflops(getattr(torch, name), n=n, k=k, seconds=0.3, device=dev)
                  for name in ("float32", "bfloat16", "float16")}
-        _PICKED["auto"] = max(rates, key=rates.get)
-        _PICKED["rates"] = rates  # type: ignore[assignment]
-    return _PICKED["auto"], dict(_PICKED["rates"])  # type: ignore[arg-type]
+        _PICKED[key] = (max(rates, key=rates.get), rates)  # type: ignore[assignment]
+    name, rates = _PICKED[key]  # type: ignore[misc]
+    return name, dict(rates)
 
 
-def measure_matmul_gflops(dtype: torch.dtype, *, n: int = 1024, k: int = 2048, seconds: float = 1.0) -> float:
-    """A matmul rate of this machine in ``dtype`` (GFLOP/s), measured for about ``seconds``."""
-    a = torch.randn(n, k).to(dtype)
-    w = torch.randn(k, k).to(dtype)
+def measure_matmul_gflops(dtype: torch.dtype, *, n: int = 1024, k: int = 2048, seconds: float = 1.0,
+                          device: torch.device | None = None) -> float:
+    """A matmul rate of this machine (or GPU) in ``dtype`` (GFLOP/s), measured for about ``seconds``."""
+    dev = device if device is not None else torch.device("cpu")
+    a = torch.randn(n, k).to(device=dev, dtype=dtype)
+    w = torch.randn(k, k).to(device=dev, dtype=dtype)
     torch.nn.functional.linear(a, w)  # warm-up
+    synchronize(dev)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         torch.nn.functional.linear(a, w)
         count += 1
+        if dev.type != "cpu" and count % 16 == 0:
+            synchronize(dev)  # the clock measures queued kernels only once they ran
+    synchronize(dev)
     return 2 * n * k * k * count / (time.perf_counter() - start) / 1e9

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .checkpoint import INDEX_NAME, Checkpoint
+from .device import resolve_device
 from .data import load_tokenizer, tokenize_file, windows
 from .errors import UserError, WriteError
 from .outputs import check_output_dir, fsync_dir, write_json_atomic
@@ -122,6 +123,7 @@ def prune_model(
         torch.set_num_threads(profile.threads)
     out_dir = Path(out_dir)
     check_settings(sparsity=sparsity, method=method)
+    resolve_device(profile.device)  # a GPU profile where there is no GPU: refused before any reading
     ckpt = Checkpoint(model_dir)
     tokens = calibration_tokens(model_dir, calib, profile)
     settings = {

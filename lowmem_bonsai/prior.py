@@ -37,8 +37,10 @@ class ColumnStats:
     @classmethod
     def of(cls, w: BlockWeights, act: UnitStats) -> ColumnStats:
         o, down = w.o.double(), w.down.double()
-        return cls(act, o.abs().mean(0), o.pow(2).sum(0), down.abs().mean(0), down.pow(2).sum(0),
-                   w.n_heads, w.n_kv_heads, w.head_dim)
+        act = UnitStats(act.head_sum.cpu(), act.head_sq.cpu(), act.chan_sum.cpu(), act.chan_sq.cpu(),
+                        act.tokens)  # kept on the host: the block (maybe on a GPU) is about to go
+        return cls(act, o.abs().mean(0).cpu(), o.pow(2).sum(0).cpu(), down.abs().mean(0).cpu(),
+                   down.pow(2).sum(0).cpu(), w.n_heads, w.n_kv_heads, w.head_dim)
 
 
 def _per_column(kind: str, w_abs: torch.Tensor, w_sq: torch.Tensor, s: torch.Tensor,

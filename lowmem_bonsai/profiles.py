@@ -28,6 +28,8 @@ class Profile:
     # machine
     memory_gb: float = 16.0  # peak resident memory the run may use
     threads: int = 0  # 0: torch's default
+    device: str = "cpu"  # cpu | cuda | cuda:N: where the masked forward computes
+    device_memory_gb: float = 0.0  # GPU memory the run may use; 0 = 90% of what is free at start
     compute_dtype: str = "auto"  # auto (fastest matmul, measured) | float32 | bfloat16 | float16;
     #                              norms, softmax and losses stay fp32 whatever is chosen
     storage_dtype: str = "auto"  # dtype of the written shards; auto = the source's
@@ -70,6 +72,9 @@ class Profile:
             (self.allocation in ("uniform", "global"), "allocation must be uniform or global"),
             (self.mask_counts in ("fixed", "varied"), "mask_counts must be fixed or varied"),
             (self.score in ("nll", "kl"), "score must be nll or kl"),
+            (self.device == "cpu" or self.device.split(":")[0] == "cuda",
+             "device must be cpu, cuda or cuda:N"),
+            (self.device_memory_gb >= 0, "device_memory_gb must be >= 0"),
             (self.memory_gb > 0 and self.prefetch >= 0 and self.threads >= 0 and self.wave_masks >= 0,
              "memory_gb > 0, prefetch >= 0, threads >= 0, wave_masks >= 0"),
         ]

@@ -20,6 +20,7 @@ from .config import DTYPES, ModelConfig
 from .errors import UserError
 from .forward import MaskSet, streamed_nll
 from .masks import Module, eligible_units, sample_masks
+from .device import free_bytes, resolve_device
 from .memory import pick_compute_dtype, plan_memory
 from .plan import LayerPlan, Plan
 from .prior import ColumnStats, unit_priors
@@ -158,12 +159,13 @@ def run_rounds(
     """
     check_settings(sparsity=sparsity, method=method)
     cfg = ckpt.config
-    dtype_name, rates = pick_compute_dtype(profile.compute_dtype)
+    device = resolve_device(profile.device)  # refuses a GPU profile where there is no GPU
+    dtype_name, rates = pick_compute_dtype(profile.compute_dtype, device)
     dtype = DTYPES[dtype_name]
     if rates:
-        log.info("compute dtype %s (measured matmul GFLOP/s: %s)", dtype_name,
+        log.info("compute dtype %s on %s (measured matmul GFLOP/s: %s)", dtype_name, device,
                  ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
-    wave = _wave_size(cfg, calib, profile)  # refuses now, not hours in, if the budget cannot work
+    wave = _wave_size(cfg, calib, profile, device)  # refuses now, not hours in, if the budget cannot work
     log.info("waves of %d masks (%d per round)", wave, profile.masks_per_round)
     gen = torch.Generator().manual_seed(seed)
     prior_kind = {"magnitude": "magnitude", "random": "random"}.get(method, profile.prior)
@@ -179,7 +181,7 @@ def run_rounds(
     s_count, t = calib.shape
     pass_tokens = s_count * t
     expected_rounds = math.ceil(sparsity / profile.prune_frac - 1e-9)
-    fwd = dict(dtype=dtype, prefetch=profile.prefetch, chunk_tokens=profile.chunk_tokens)
+    fwd = dict(dtype=dtype, prefetch=profile.prefetch, chunk_tokens=profile.chunk_tokens, device=device)
     r = len(result.rounds)
     # A round that removed nothing ends the prune; so it does when resuming right after it.
     while not (result.rounds and result.rounds[-1].params_after == result.rounds[-1].params_before):
@@ -445,7 +447,7 @@ def _global_choice(per_module: list[ModuleMasks], beta_of: dict[tuple[int, int],
     return drop
 
 
-def _wave_size(cfg: ModelConfig, calib: torch.Tensor, profile: Profile) -> int:
+def _wave_size(cfg: ModelConfig, calib: torch.Tensor, profile: Profile, device: torch.device) -> int:
     """Masks per streamed pass: the profile's, or the largest wave the memory planner fits."""
     fitted = profile.replace(calib_seqs=calib.shape[0], seq_len=calib.shape[1])
-    return plan_memory(cfg, fitted).wave_masks
+    return plan_memory(cfg, fitted, device_free_bytes=free_bytes(device)).wave_masks

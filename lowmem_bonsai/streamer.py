@@ -24,10 +24,13 @@ class BlockStreamer:
     """Iterate over a checkpoint's blocks, sliced to ``plan``, with background prefetch."""
 
     def __init__(self, ckpt: Checkpoint, *, plan: Plan | None, dtype: torch.dtype,
-                 prefetch: int = 1) -> None:
+                 prefetch: int = 1, device: torch.device | None = None) -> None:
         if prefetch < 0:
             raise ValueError("prefetch must be >= 0")
         self.ckpt, self.plan, self.dtype, self.prefetch = ckpt, plan, dtype, prefetch
+        # Blocks are read and sliced on the host; on a GPU each is copied over just before it
+        # computes, on the consumer's stream (so the copy is ordered with the kernels using it).
+        self.device = device if device is not None else torch.device("cpu")
         self.resident = 0  # blocks loaded (or loading) and not yet released
         self.max_resident = 0
 
@@ -50,7 +53,7 @@ class BlockStreamer:
                     while next_layer < n and len(queue) <= self.prefetch:
                         queue.append(self._submit(pool, next_layer))
                         next_layer += 1
-                    block = queue.popleft().result()
+                    block = queue.popleft().result().to(self.device)
                     yield block
                     del block  # release: the consumer holds no reference past its loop body
                     self.resident -= 1

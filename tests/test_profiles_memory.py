@@ -11,7 +11,7 @@ from lowmem_bonsai.errors import UserError
 from lowmem_bonsai.memory import plan_memory
 from lowmem_bonsai.profiles import PROFILE_DIR, load_profile
 
-from .conftest import make_tiny
+from .conftest import make_tiny, write_word_tokenizer
 
 LLAMA2_13B = {"architectures": ["LlamaForCausalLM"], "hidden_size": 5120, "num_hidden_layers": 40,
               "num_attention_heads": 40, "num_key_value_heads": 40, "intermediate_size": 13824,
@@ -64,3 +64,43 @@ def test_estimate_cli(tmp_path):
     e = json.loads(res.output)
     assert e["rounds"] == 10 and e["matmul_gflops_measured"] > 0 and e["eta_hours"] > 0
     assert e["forward_tflops_per_round"][0] > e["forward_tflops_per_round"][-1]
+
+
+def test_gpu_profile_plans_the_device_and_the_host_apart():
+    cfg = parse_config(LLAMA2_13B, source="13b")
+    prof = load_profile("gpu-24gb")
+    plan = plan_memory(cfg, prof)
+    assert plan.device == "cuda" and plan.device_budget_gb == 22.0
+    assert plan.device_total_gb <= 22.0 and plan.wave_masks == prof.masks_per_round
+    # one bf16 13B block on the GPU (0.59 GiB); the host holds the prefetched ones, not the store
+    assert 0.55 < plan.device_block_gb < 0.65
+    assert plan.total_gb < 8 and plan.hidden_store_gb > 5
+    with pytest.raises(UserError, match="raise device_memory_gb"):
+        plan_memory(cfg, prof.replace(device_memory_gb=1.0))
+    with pytest.raises(UserError, match="no GPU is visible"):
+        plan_memory(cfg, prof.replace(device_memory_gb=0.0))
+    free = plan_memory(cfg, prof.replace(device_memory_gb=0.0), device_free_bytes=10 * 1024**3)
+    assert free.device_budget_gb == pytest.approx(9.0) and free.wave_masks < plan.wave_masks
+    with pytest.raises(UserError, match="device must be"):
+        prof.replace(device="tpu")
+
+
+def test_gpu_profile_without_a_gpu_is_refused_before_any_work(tmp_path, monkeypatch, sample_text):
+    import torch
+
+    from lowmem_bonsai.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="sees no CUDA GPU here"):
+        resolve_device("cuda")
+    assert resolve_device("cpu").type == "cpu"
+    make_tiny(tmp_path / "m", "llama-gqa-tied")
+    res = CliRunner().invoke(app, ["estimate", str(tmp_path / "m"), "--profile", "gpu-24gb"])
+    assert res.exit_code == 0, res.output
+    assert "device     block" in res.output and "no ETA" in res.output
+    write_word_tokenizer(tmp_path / "m", sample_text.read_text())
+    out = tmp_path / "p"
+    res = CliRunner().invoke(app, ["prune", str(tmp_path / "m"), "--out", str(out), "--sparsity", "0.2",
+                                   "--calib", str(sample_text), "--profile", "gpu-24gb"])
+    assert res.exit_code != 0 and "sees no CUDA GPU here" in res.output
+    assert not (out / "model.safetensors").exists()

@@ -11,12 +11,15 @@ The same masks on the same tokens of the same checkpoint, each way in its own pr
 
     python tools/make_checkpoint.py tinyllama-1.1b /work/scratch/tinyllama-random
     python tools/bench_throughput.py /work/scratch/tinyllama-random --masks 8 --out runs/bench_throughput.json
+
+On a GPU (tools/check_cuda.sh): ``--device cuda --dtype bfloat16``; every way then computes there.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -29,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from lowmem_bonsai.checkpoint import Checkpoint  # noqa: E402
 from lowmem_bonsai.forward import MaskSet, streamed_nll  # noqa: E402
+from lowmem_bonsai.device import resolve_device, synchronize  # noqa: E402
 from lowmem_bonsai.memory import measure_matmul_gflops  # noqa: E402
 
 MEMCAP = ROOT.parent / "shared" / "bin" / "memcap"
@@ -54,8 +58,11 @@ class RamCheckpoint(Checkpoint):
         return t if rows is None else t[rows]
 
 
-def run_way(way: str, model: Path, masks: int, seqs: int, seq_len: int) -> dict:
+def run_way(way: str, model: Path, masks: int, seqs: int, seq_len: int, device: str = "cpu",
+            dtype: str = "float32") -> dict:
     torch.manual_seed(0)
+    dev = resolve_device(device)
+    dt = getattr(torch, dtype)
     ckpt = Checkpoint(model)
     cfg = ckpt.config
     tokens, maskset = inputs(cfg, masks, seqs, seq_len)
@@ -64,26 +71,28 @@ def run_way(way: str, model: Path, masks: int, seqs: int, seq_len: int) -> dict:
         if way == "ram":
             ckpt = RamCheckpoint(model)
             start = time.perf_counter()  # loading into RAM is not part of mask evaluation
-        nll = streamed_nll(ckpt, tokens, masks=maskset, chunk_tokens=4096).sum(1)
+        nll = streamed_nll(ckpt, tokens, masks=maskset, chunk_tokens=4096, device=dev, dtype=dt).sum(1)
     else:
         from transformers import AutoModelForCausalLM
 
         if way == "inmemory":
-            hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+            hf = AutoModelForCausalLM.from_pretrained(model, dtype=dt).eval().to(dev)
         else:
             from accelerate import disk_offload
 
-            hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+            hf = AutoModelForCausalLM.from_pretrained(model, dtype=dt).eval()
             offload = tempfile.mkdtemp(prefix="offload-")
-            disk_offload(hf, offload_dir=offload, execution_device="cpu")
+            disk_offload(hf, offload_dir=offload, execution_device=dev)
+        tokens = tokens.to(dev)
+        synchronize(dev)
         start = time.perf_counter()
         nll = torch.zeros(masks, dtype=torch.float64)
         hd = cfg.head_dim
         for m in range(masks):
             hooks = []
             for l, layer in enumerate(hf.model.layers):
-                hm = maskset.head[l][m].repeat_interleave(hd)
-                cm = maskset.channel[l][m]
+                hm = maskset.head[l][m].repeat_interleave(hd).to(device=dev, dtype=dt)
+                cm = maskset.channel[l][m].to(device=dev, dtype=dt)
                 hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(
                     lambda mod, args, hm=hm: (args[0] * hm,)))
                 hooks.append(layer.mlp.down_proj.register_forward_pre_hook(
@@ -91,14 +100,19 @@ def run_way(way: str, model: Path, masks: int, seqs: int, seq_len: int) -> dict:
             with torch.no_grad():
                 logits = hf(tokens).logits.float()
             nll[m] = torch.nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum").double()
+                logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum").double().cpu()
             for h in hooks:
                 h.remove()
+    synchronize(dev)
     seconds = time.perf_counter() - start
     flops_per_token = 2 * (cfg.non_embedding_params() + cfg.vocab_size * cfg.hidden_size) + sum(
         2 * s.num_attention_heads * cfg.head_dim * seq_len for s in cfg.layers)
     flops = masks * seqs * seq_len * flops_per_token
-    return {"way": way, "masks": masks, "seconds": seconds, "masks_per_s": masks / seconds,
+    peaks = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
+    if dev.type == "cuda":
+        peaks["device_peak_gb"] = torch.cuda.max_memory_allocated(dev) / 1024**3
+    return {"way": way, "device": str(dev), "dtype": dtype, "masks": masks, "seconds": seconds, **peaks,
+            "masks_per_s": masks / seconds,
             "gflops_achieved": flops / seconds / 1e9, "nll": nll.tolist()}
 
 
@@ -110,17 +124,22 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--ways", nargs="+", default=["stream", "ram", "inmemory", "accelerate"])
     ap.add_argument("--cap", default="20G", help="memcap limit for every way")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (every way computes there)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--out", type=Path, default=Path("runs/bench_throughput.json"))
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one way, print JSON
     a = ap.parse_args()
     if a.one:
-        print(json.dumps(run_way(a.one, a.model, a.masks, a.seqs, a.seq_len)))
+        print(json.dumps(run_way(a.one, a.model, a.masks, a.seqs, a.seq_len, a.device, a.dtype)))
         return
     rows = []
     for way in a.ways:
         with tempfile.NamedTemporaryFile(suffix=".json") as mc:
-            cmd = [str(MEMCAP), "--json", mc.name, a.cap, "--", sys.executable, __file__, str(a.model),
-                   "--masks", str(a.masks), "--seqs", str(a.seqs), "--seq-len", str(a.seq_len), "--one", way]
+            cmd = [sys.executable, __file__, str(a.model),
+                   "--masks", str(a.masks), "--seqs", str(a.seqs), "--seq-len", str(a.seq_len),
+                   "--device", a.device, "--dtype", a.dtype, "--one", way]
+            if MEMCAP.exists():  # not on a lent GPU machine: there the rows' own peaks must do
+                cmd = [str(MEMCAP), "--json", mc.name, a.cap, "--"] + cmd
             proc = subprocess.run(cmd, capture_output=True, text=True)
             mem = json.loads(Path(mc.name).read_text() or "{}") if Path(mc.name).stat().st_size else {}
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -129,7 +148,9 @@ def main() -> None:
         row["memcap"] = mem
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "nll"}), flush=True)
-    rate = measure_matmul_gflops(torch.float32, n=2048, k=2048, seconds=2.0)
+    dev = resolve_device(a.device)
+    big = dict(n=8192, k=8192) if dev.type == "cuda" else dict(n=2048, k=2048)
+    rate = measure_matmul_gflops(getattr(torch, a.dtype), seconds=2.0, device=dev, **big)
     ok = [r for r in rows if "error" not in r]
     ref = next((r for r in ok if r["way"] == "inmemory"), None)
     for r in ok:
@@ -139,8 +160,9 @@ def main() -> None:
             r["max_nll_rel_diff_vs_inmemory"] = max(
                 abs(x - y) / abs(y) for x, y in zip(r["nll"], ref["nll"]))
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"model": str(a.model), "matmul_gflops_fp32": rate, "rows": rows}, indent=2))
-    print(f"matmul rate fp32: {rate:.0f} GFLOP/s; wrote {a.out}")
+    a.out.write_text(json.dumps({"model": str(a.model), "device": str(dev), "dtype": a.dtype,
+                                 "matmul_gflops": rate, "rows": rows}, indent=2))
+    print(f"matmul rate {a.dtype} on {dev}: {rate:.0f} GFLOP/s; wrote {a.out}")
 
 
 if __name__ == "__main__":
