@@ -88,6 +88,7 @@ def eval_cmd(
     batch_seqs: Annotated[int, typer.Option(help="Windows per streamed pass over the blocks.")] = 8,
     dtype: Annotated[str, typer.Option(help="Compute dtype: float32, bfloat16 or float16.")] = "float32",
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's).")] = None,
+    device: Annotated[str, typer.Option(help="Where a checkpoint's blocks compute: cpu, cuda or cuda:N.")] = "cpu",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON.")] = None,
 ) -> None:
     """Perplexity: the whole file tokenized once (no BOS), cut into non-overlapping windows of
@@ -112,7 +113,8 @@ def eval_cmd(
                       skip=skip, threads=threads, on_batch=on_batch)
     else:
         result = _run(evaluate, model_dir=model, data=data, seq_len=seq_len, max_seqs=max_seqs,
-                      skip=skip, batch_seqs=batch_seqs, dtype=_run(_dtype, dtype), on_batch=on_batch)
+                      skip=skip, batch_seqs=batch_seqs, dtype=_run(_dtype, dtype), device=device,
+                      on_batch=on_batch)
     bar.close()
     typer.echo(f"perplexity {result.perplexity:.4f}  ({result.tokens} tokens, {result.sequences} x "
                f"{result.seq_len}, {result.seconds:.1f} s)")

@@ -13,6 +13,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .data import load_tokenizer, tokenize_file, windows
+from .device import resolve_device
 from .forward import streamed_nll
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class EvalResult:
     model: str
     data: str
     dtype: str
+    device: str = "cpu"
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -50,6 +52,7 @@ def evaluate(
     batch_seqs: int = 8,
     dtype: torch.dtype = torch.float32,
     prefetch: int = 1,
+    device: str = "cpu",
     on_batch: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
     """Perplexity of ``model_dir`` on ``data`` (protocol in :mod:`lowmem_bonsai.data`).
@@ -58,13 +61,14 @@ def evaluate(
     once, so larger batches mean less I/O per token and a larger hidden-state store.
     """
     start = time.perf_counter()
+    dev = resolve_device(device)
     ckpt = Checkpoint(model_dir)
     ids = tokenize_file(load_tokenizer(model_dir), data)
     seqs = windows(ids, seq_len=seq_len, max_seqs=max_seqs, skip=skip, source=str(data))
     total = torch.zeros((), dtype=torch.float64)
     for a in range(0, seqs.shape[0], batch_seqs):
         batch = seqs[a : a + batch_seqs]
-        total += streamed_nll(ckpt, batch, dtype=dtype, prefetch=prefetch).sum()
+        total += streamed_nll(ckpt, batch, dtype=dtype, prefetch=prefetch, device=dev).sum()
         if on_batch is not None:
             on_batch(min(a + batch_seqs, seqs.shape[0]), seqs.shape[0])
     tokens = seqs.shape[0] * (seq_len - 1)
@@ -72,7 +76,7 @@ def evaluate(
     result = EvalResult(
         perplexity=ppl, nll=mean, tokens=tokens, seq_len=seq_len, sequences=seqs.shape[0], skip=skip,
         seconds=time.perf_counter() - start, model=str(model_dir), data=str(data),
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=str(dtype).removeprefix("torch."), device=str(dev),
     )
     log.info("perplexity %.4f over %d tokens", ppl, tokens)
     return result

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from .checkpoint import INDEX_NAME, Checkpoint
-from .device import resolve_device
 from .data import load_tokenizer, tokenize_file, windows
+from .device import resolve_device
 from .errors import UserError, WriteError
 from .outputs import check_output_dir, fsync_dir, write_json_atomic
 from .profiles import Profile

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lowmem_bonsai.checkpoint import Checkpoint
+from lowmem_bonsai.evaluate import evaluate
 from lowmem_bonsai.forward import MaskSet, streamed_nll
 from lowmem_bonsai.pipeline import prune_model
 from lowmem_bonsai.plan import Plan
@@ -67,3 +68,13 @@ def test_cuda_prune_reaches_the_target(tmp_path, sample_text):
     rep = prune_model(model_dir=tmp_path / "m", out_dir=tmp_path / "p", sparsity=0.2, profile=prof,
                       calib=sample_text, method="bonsai", seed=0)
     assert abs(rep["achieved_sparsity"] - 0.2) < 0.03
+
+
+def test_cuda_eval_equals_the_cpu(tmp_path, sample_text):
+    make_tiny(tmp_path, "llama-gqa-tied")
+    write_word_tokenizer(tmp_path, sample_text.read_text())
+    ref = evaluate(model_dir=tmp_path, data=sample_text, seq_len=32, max_seqs=6, batch_seqs=4)
+    dev = evaluate(model_dir=tmp_path, data=sample_text, seq_len=32, max_seqs=6, batch_seqs=4,
+                   device=str(CUDA))
+    assert dev.device.startswith(CUDA.type) and dev.tokens == ref.tokens
+    assert abs(dev.perplexity - ref.perplexity) < 1e-4 * ref.perplexity

@@ -104,3 +104,5 @@ def test_gpu_profile_without_a_gpu_is_refused_before_any_work(tmp_path, monkeypa
                                    "--calib", str(sample_text), "--profile", "gpu-24gb"])
     assert res.exit_code != 0 and "sees no CUDA GPU here" in res.output
     assert not (out / "model.safetensors").exists()
+    res = CliRunner().invoke(app, ["eval", str(tmp_path / "m"), "--data", str(sample_text), "--device", "cuda"])
+    assert res.exit_code != 0 and "sees no CUDA GPU here" in res.output
