@@ -113,20 +113,13 @@ def plan_memory(config: ModelConfig, profile: Profile, *, storage_bytes: int = 2
         )
     wave = max(2, wave - wave % 2)
     total = fixed + wave * per_mask
-    if on_gpu:
-        return MemoryPlan(
-            wave_masks=wave, waves=math.ceil(profile.masks_per_round / wave),
-            resident_blocks_gb=resident / gb, hidden_store_gb=wave * per_mask / gb,
-            activations_gb=activations / gb, head_gb=head / gb, runtime_gb=RUNTIME_GB,
-            total_gb=host_fixed / gb, budget_gb=profile.memory_gb, device=profile.device,
-            device_block_gb=block_bytes(config, b) / gb, device_total_gb=total / gb,
-            device_budget_gb=budget / gb,
-        )
+    gpu = dict(device=profile.device, device_block_gb=block_bytes(config, b) / gb,
+               device_total_gb=total / gb, device_budget_gb=budget / gb) if on_gpu else {}
     return MemoryPlan(
         wave_masks=wave, waves=math.ceil(profile.masks_per_round / wave),
         resident_blocks_gb=resident / gb, hidden_store_gb=wave * per_mask / gb,
         activations_gb=activations / gb, head_gb=head / gb, runtime_gb=RUNTIME_GB,
-        total_gb=total / gb, budget_gb=profile.memory_gb,
+        total_gb=(host_fixed if on_gpu else total) / gb, budget_gb=profile.memory_gb, **gpu,
     )
 
 
@@ -148,8 +141,8 @@ def pick_compute_dtype(requested: str, device: torch.device | None = None) -> tu
         n, k = (512, 1024) if dev.type == "cpu" else (4096, 4096)  # a GPU needs a larger GEMM to fill
         rates = {name: measure_matmul_gflops(getattr(torch, name), n=n, k=k, seconds=0.3, device=dev)
                  for name in ("float32", "bfloat16", "float16")}
-        _PICKED[key] = (max(rates, key=rates.get), rates)  # type: ignore[assignment]
-    name, rates = _PICKED[key]  # type: ignore[misc]
+        _PICKED[key] = (max(rates, key=rates.get), rates)
+    name, rates = _PICKED[key]
     return name, dict(rates)
 
 
