@@ -117,7 +117,9 @@ def token_nll(ckpt: Checkpoint, hidden: torch.Tensor, targets: torch.Tensor, *, 
         v1 = v0 + w.shape[0]
         for a in range(0, n, rows_per_chunk):
             b = min(a + rows_per_chunk, n)
-            logits = F.linear(hidden[a:b, :-1], w).float()  # (rows, T-1, Vc)
+            # One 2-D GEMM: the strided (rows, T-1, H) view would go through a slower batched GEMM.
+            x = hidden[a:b, :-1].reshape(-1, hidden.shape[-1])  # (rows (T-1), H), a copy
+            logits = F.linear(x, w).float().view(b - a, t - 1, -1)  # (rows, T-1, Vc)
             m = torch.maximum(run_max[a:b], logits.amax(-1))
             run_sum[a:b] = run_sum[a:b] * torch.exp(run_max[a:b] - m) + torch.exp(
                 logits - m[..., None]).sum(-1)
