@@ -41,9 +41,7 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         flops.append(tokens_per_round * (per_token + attn))
     if device is not None:
         dtype_name, rates = pick_compute_dtype(profile.compute_dtype, device)
-        big = device.type != "cpu"  # a GPU needs a larger GEMM to reach its rate
-        gflops = measure_matmul_gflops(DTYPES[dtype_name], seconds=measure_seconds, device=device,
-                                       **(dict(n=4096, k=4096) if big else {}))
+        gflops = measure_matmul_gflops(DTYPES[dtype_name], seconds=measure_seconds, device=device)
     else:
         dtype_name, rates, gflops = profile.compute_dtype, {}, float("nan")
     out_bytes = (total * (1 - sparsity) + embed) * storage

@@ -138,18 +138,25 @@ def pick_compute_dtype(requested: str, device: torch.device | None = None) -> tu
     dev = device if device is not None else torch.device("cpu")
     key = str(dev)
     if key not in _PICKED:
-        n, k = (512, 1024) if dev.type == "cpu" else (4096, 4096)  # a GPU needs a larger GEMM to fill
-        rates = {name: measure_matmul_gflops(getattr(torch, name), n=n, k=k, seconds=0.3, device=dev)
+        small = dict(n=512, k=1024) if dev.type == "cpu" else {}  # a quick pick on a CPU
+        rates = {name: measure_matmul_gflops(getattr(torch, name), seconds=0.3, device=dev, **small)
                  for name in ("float32", "bfloat16", "float16")}
         _PICKED[key] = (max(rates, key=rates.get), rates)
     name, rates = _PICKED[key]
     return name, dict(rates)
 
 
-def measure_matmul_gflops(dtype: torch.dtype, *, n: int = 1024, k: int = 2048, seconds: float = 1.0,
-                          device: torch.device | None = None) -> float:
-    """A matmul rate of this machine (or GPU) in ``dtype`` (GFLOP/s), measured for about ``seconds``."""
+def measure_matmul_gflops(dtype: torch.dtype, *, n: int | None = None, k: int | None = None,
+                          seconds: float = 1.0, device: torch.device | None = None) -> float:
+    """A matmul rate of this machine (or GPU) in ``dtype`` (GFLOP/s), measured for about ``seconds``.
+
+    (n x k) @ (k x k); by default 1024 x 2048 on a CPU and 8192 x 8192 on a GPU, which needs a large
+    GEMM to reach its rate.
+    """
     dev = device if device is not None else torch.device("cpu")
+    big = dev.type != "cpu"
+    n = n or (8192 if big else 1024)
+    k = k or (8192 if big else 2048)
     a = torch.randn(n, k).to(device=dev, dtype=dtype)
     w = torch.randn(k, k).to(device=dev, dtype=dtype)
     torch.nn.functional.linear(a, w)  # warm-up
@@ -158,7 +165,7 @@ def measure_matmul_gflops(dtype: torch.dtype, *, n: int = 1024, k: int = 2048, s
     while time.perf_counter() - start < seconds:
         torch.nn.functional.linear(a, w)
         count += 1
-        if dev.type != "cpu" and count % 16 == 0:
+        if big and count % 16 == 0:
             synchronize(dev)  # the clock measures queued kernels only once they ran
     synchronize(dev)
     return 2 * n * k * k * count / (time.perf_counter() - start) / 1e9
