@@ -13,6 +13,10 @@ import typer
 
 from .config import DTYPES
 from .errors import UserError
+from .profiles import DEFAULT_PROFILE, load_profile, profile_names
+
+PROFILE_HELP = (f"Profile: one of {', '.join(profile_names())} (default {DEFAULT_PROFILE}), "
+                "or the path of a .toml file.")
 
 app = typer.Typer(
     add_completion=False,
@@ -125,7 +129,7 @@ def eval_cmd(
 @app.command("estimate")
 def estimate_cmd(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder to prune.")],
-    profile: Annotated[Optional[str], typer.Option(help="Profile name or .toml path.")] = None,
+    profile: Annotated[Optional[str], typer.Option(help=PROFILE_HELP)] = None,
     sparsity: Annotated[float, typer.Option(help="Target sparsity.")] = 0.5,
     method: Annotated[str, typer.Option(help="bonsai, or a baseline (no masks).")] = "bonsai",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
@@ -133,7 +137,6 @@ def estimate_cmd(
     """Before any work: peak memory by component, disk needed, forward FLOPs per round and an ETA
     from a matmul rate measured on this machine in about a second."""
     from .estimate import estimate
-    from .profiles import load_profile
 
     prof = _run(load_profile, profile)
     e = _run(estimate, model_dir=model, profile=prof, sparsity=sparsity, method=method)
@@ -200,7 +203,7 @@ def prune_cmd(
         help="Calibration text (UTF-8); the first calib_seqs windows of seq_len tokens are used.")],
     sparsity: Annotated[float, typer.Option(help="Fraction of non-embedding parameters to remove.")] = 0.5,
     profile: Annotated[Optional[str], typer.Option(
-        help="Profile name (see profiles/) or path to a .toml file.")] = None,
+        help=PROFILE_HELP)] = None,
     method: Annotated[str, typer.Option(
         help="bonsai (regression on sub-model losses), prior (structured Wanda), magnitude, random.")] = "bonsai",
     seed: Annotated[int, typer.Option(help="Seed for mask sampling and the random baseline.")] = 0,
@@ -233,7 +236,6 @@ def prune_cmd(
     the hidden states of one wave of masks.
     """
     from .pipeline import prune_model
-    from .profiles import load_profile
 
     prof = _run(load_profile, profile)
     prof = _run(prof.replace, masks_per_round=masks_per_round, calib_seqs=calib_seqs, seq_len=seq_len,

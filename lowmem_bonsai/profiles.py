@@ -101,6 +101,11 @@ def parse_profile(data: dict[str, Any], *, source: str, name: str) -> Profile:
     return Profile(**kwargs)
 
 
+def profile_names() -> list[str]:
+    """The shipped profiles, by name."""
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
+
+
 def load_profile(spec: str | Path | None) -> Profile:
     """A profile by name (from profiles/) or by path; None gives the default profile."""
     spec = str(spec) if spec is not None else DEFAULT_PROFILE
@@ -108,8 +113,7 @@ def load_profile(spec: str | Path | None) -> Profile:
     if path.suffix != ".toml":
         path = PROFILE_DIR / f"{spec}.toml"
         if not path.is_file():
-            known = sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
-            raise UserError(f"profile '{spec}' not found; known profiles: {', '.join(known)} "
+            raise UserError(f"profile '{spec}' not found; known profiles: {', '.join(profile_names())} "
                             "(or pass a path to a .toml file)")
     if not path.is_file():
         raise UserError(f"{path}: profile file not found")
