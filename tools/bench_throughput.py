@@ -13,6 +13,7 @@ The same masks on the same tokens of the same checkpoint, each way in its own pr
     python tools/bench_throughput.py /work/scratch/tinyllama-random --masks 8 --out runs/bench_throughput.json
 
 On a GPU (tools/check_cuda.sh): ``--device cuda --dtype bfloat16``; every way then computes there.
+``--op-profile``: where this executor's time goes instead (torch.profiler, GEMM share and rate).
 """
 
 from __future__ import annotations
@@ -116,6 +117,27 @@ def run_way(way: str, model: Path, masks: int, seqs: int, seq_len: int, device: 
             "gflops_achieved": flops / seconds / 1e9, "nll": nll.tolist()}
 
 
+def op_profile(a) -> None:
+    """Share of the executor's time in GEMMs, and their rate (GEMM FLOPs / GEMM time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ckpt = RamCheckpoint(a.model)
+    cfg = ckpt.config
+    tokens, maskset = inputs(cfg, a.masks, a.seqs, a.seq_len)
+    streamed_nll(ckpt, tokens[:, :16], masks=None)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        streamed_nll(ckpt, tokens, masks=maskset, chunk_tokens=4096)
+    ops = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in ops)
+    gemm = sum(e.self_cpu_time_total for e in ops if e.key in ("aten::mm", "aten::bmm", "aten::addmm"))
+    flops = a.masks * a.seqs * a.seq_len * 2 * cfg.non_embedding_params() + \
+        a.masks * a.seqs * (a.seq_len - 1) * 2 * cfg.vocab_size * cfg.hidden_size  # projections + lm_head
+    rate = measure_matmul_gflops(torch.float32, seconds=2.0, n=2048, k=2048)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
+    print(f"GEMMs: {gemm / total:.0%} of the time, {flops / (gemm / 1e6) / 1e9:.0f} GFLOP/s "
+          f"(matmul rate measured now: {rate:.0f} GFLOP/s)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path)
@@ -127,8 +149,13 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (every way computes there)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--out", type=Path, default=Path("runs/bench_throughput.json"))
+    ap.add_argument("--op-profile", action="store_true",
+                    help="instead: where this executor's time goes (torch.profiler over one pass from RAM)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one way, print JSON
     a = ap.parse_args()
+    if a.op_profile:
+        op_profile(a)
+        return
     if a.one:
         print(json.dumps(run_way(a.one, a.model, a.masks, a.seqs, a.seq_len, a.device, a.dtype)))
         return
