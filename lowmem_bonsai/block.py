@@ -154,6 +154,10 @@ class UnitStats:
         self.chan_sq += c.pow(2).sum(0)
         self.tokens += a.shape[0]
 
+    def cpu(self) -> UnitStats:
+        return UnitStats(self.head_sum.cpu(), self.head_sq.cpu(), self.chan_sum.cpu(), self.chan_sq.cpu(),
+                         self.tokens)
+
 
 def block_forward(
     x: torch.Tensor,

@@ -37,9 +37,8 @@ class ColumnStats:
     @classmethod
     def of(cls, w: BlockWeights, act: UnitStats) -> ColumnStats:
         o, down = w.o.double(), w.down.double()
-        act = UnitStats(act.head_sum.cpu(), act.head_sq.cpu(), act.chan_sum.cpu(), act.chan_sq.cpu(),
-                        act.tokens)  # kept on the host: the block (maybe on a GPU) is about to go
-        return cls(act, o.abs().mean(0).cpu(), o.pow(2).sum(0).cpu(), down.abs().mean(0).cpu(),
+        # Kept on the host: the block (maybe on a GPU) is about to go.
+        return cls(act.cpu(), o.abs().mean(0).cpu(), o.pow(2).sum(0).cpu(), down.abs().mean(0).cpu(),
                    down.pow(2).sum(0).cpu(), w.n_heads, w.n_kv_heads, w.head_dim)
 
 

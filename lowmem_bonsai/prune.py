@@ -17,10 +17,10 @@ import torch
 
 from .checkpoint import Checkpoint
 from .config import DTYPES, ModelConfig
+from .device import free_bytes, resolve_device
 from .errors import UserError
 from .forward import MaskSet, streamed_nll
 from .masks import Module, eligible_units, sample_masks
-from .device import free_bytes, resolve_device
 from .memory import pick_compute_dtype, plan_memory
 from .plan import LayerPlan, Plan
 from .prior import ColumnStats, unit_priors
