@@ -36,16 +36,18 @@ class BlockWeights:
     mlp_norm: torch.Tensor  # (H,) fp32
     gate_up: torch.Tensor  # (2 F, H)
     down: torch.Tensor  # (H, F)
+    # Output biases: none in the source families; a reconstruction adds them (reconstruct.py).
+    o_bias: torch.Tensor | None = None  # (H,)
+    down_bias: torch.Tensor | None = None  # (H,)
 
     @property
     def n_channels(self) -> int:
         return self.down.shape[1]
 
     def nbytes(self) -> int:
-        ts = [self.attn_norm, self.qkv, self.o, self.mlp_norm, self.gate_up, self.down]
-        if self.qkv_bias is not None:
-            ts.append(self.qkv_bias)
-        return sum(t.numel() * t.element_size() for t in ts)
+        ts = [self.attn_norm, self.qkv, self.qkv_bias, self.o, self.o_bias, self.mlp_norm,
+              self.gate_up, self.down, self.down_bias]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
     def to(self, device: torch.device) -> BlockWeights:
         """The same block on ``device`` (itself when it is already there)."""
@@ -54,7 +56,8 @@ class BlockWeights:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return BlockWeights(self.layer, self.n_heads, self.n_kv_heads, self.head_dim,
                             move(self.attn_norm), move(self.qkv), move(self.qkv_bias), move(self.o),
-                            move(self.mlp_norm), move(self.gate_up), move(self.down))
+                            move(self.mlp_norm), move(self.gate_up), move(self.down),
+                            move(self.o_bias), move(self.down_bias))
 
 
 def head_rows(heads: tuple[int, ...], head_dim: int) -> torch.Tensor:
@@ -107,6 +110,11 @@ def load_block(ckpt: Checkpoint, layer: int, keep: LayerPlan | None, *,
     read("up", (ffn, h), ch, 0, gate_up[kf:])
     down = torch.empty(h, kf, dtype=dtype)
     read("down", (h, ffn), ch, 1, down)
+
+    def optional_bias(key: str) -> torch.Tensor | None:
+        name = ckpt.name(key, layer)
+        return ckpt.get(name, expect=(h,)).to(dtype) if ckpt.has(name) else None
+
     return BlockWeights(
         layer=layer,
         n_heads=kq,
@@ -119,6 +127,8 @@ def load_block(ckpt: Checkpoint, layer: int, keep: LayerPlan | None, *,
         mlp_norm=ckpt.get(ckpt.name("mlp_norm", layer), expect=(h,)).float(),
         gate_up=gate_up,
         down=down,
+        o_bias=optional_bias("o_bias"),
+        down_bias=optional_bias("down_bias"),
     )
 
 
@@ -159,6 +169,32 @@ class UnitStats:
                          self.tokens)
 
 
+def attention_heads(x: torch.Tensor, w: BlockWeights, cos: torch.Tensor, sin: torch.Tensor, *,
+                    eps: float, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Every head's attention output, the input of o_proj.  x: (N, T, H) -> (N, T, n_heads hd)"""
+    n, t, _ = x.shape
+    nq, nkv, hd = w.n_heads, w.n_kv_heads, w.head_dim
+    h = rms_norm(x, w.attn_norm, eps)
+    qkv = F.linear(h, w.qkv, w.qkv_bias)  # (N, T, (nq + 2 nkv) hd)
+    q, k, v = qkv.split([nq * hd, nkv * hd, nkv * hd], dim=-1)
+    q = q.view(n, t, nq, hd).transpose(1, 2)  # (N, nq, T, hd)
+    k = k.view(n, t, nkv, hd).transpose(1, 2)  # (N, nkv, T, hd)
+    v = v.view(n, t, nkv, hd).transpose(1, 2)  # (N, nkv, T, hd)
+    q = apply_rope(q.float(), cos, sin).to(x.dtype)
+    k = apply_rope(k.float(), cos, sin).to(x.dtype)
+    if attn_mask is None:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nq != nkv)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=nq != nkv)
+    return y.transpose(1, 2).reshape(n, t, nq * hd)  # (N, T, nq hd)
+
+
+def mlp_channels(x: torch.Tensor, w: BlockWeights, *, eps: float) -> torch.Tensor:
+    """Every MLP channel's activation, the input of down_proj.  x: (N, T, H) -> (N, T, F)"""
+    gate, up = F.linear(rms_norm(x, w.mlp_norm, eps), w.gate_up).chunk(2, dim=-1)  # (N, T, F) each
+    return F.silu(gate) * up
+
+
 def block_forward(
     x: torch.Tensor,
     w: BlockWeights,
@@ -173,32 +209,19 @@ def block_forward(
 ) -> torch.Tensor:
     """x: (N, T, H) -> (N, T, H). Masks are per row: head_mask (N, n_heads), channel_mask (N, F)."""
     n, t, _ = x.shape
-    nq, nkv, hd = w.n_heads, w.n_kv_heads, w.head_dim
-    h = rms_norm(x, w.attn_norm, eps)
+    nq, hd = w.n_heads, w.head_dim
     if nq:
-        qkv = F.linear(h, w.qkv, w.qkv_bias)  # (N, T, (nq + 2 nkv) hd)
-        q, k, v = qkv.split([nq * hd, nkv * hd, nkv * hd], dim=-1)
-        q = q.view(n, t, nq, hd).transpose(1, 2)  # (N, nq, T, hd)
-        k = k.view(n, t, nkv, hd).transpose(1, 2)  # (N, nkv, T, hd)
-        v = v.view(n, t, nkv, hd).transpose(1, 2)  # (N, nkv, T, hd)
-        q = apply_rope(q.float(), cos, sin).to(x.dtype)
-        k = apply_rope(k.float(), cos, sin).to(x.dtype)
-        if attn_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nq != nkv)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=nq != nkv)
-        # y: (N, nq, T, hd)
+        y = attention_heads(x, w, cos, sin, eps=eps, attn_mask=attn_mask)  # (N, T, nq hd)
         if head_mask is not None:
-            y = y * head_mask[:, :, None, None].to(y.dtype)
-        y = y.transpose(1, 2).reshape(n, t, nq * hd)  # (N, T, nq hd)
+            y = (y.view(n, t, nq, hd) * head_mask[:, None, :, None].to(y.dtype)).view(n, t, nq * hd)
         if stats is not None:
             a = y
-        x = x + F.linear(y, w.o)
-    h = rms_norm(x, w.mlp_norm, eps)
-    gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)  # (N, T, F) each
-    act = F.silu(gate) * up  # (N, T, F)
+        x = x + F.linear(y, w.o, w.o_bias)
+    elif w.o_bias is not None:
+        x = x + w.o_bias
+    act = mlp_channels(x, w, eps=eps)  # (N, T, F)
     if channel_mask is not None:
         act = act * channel_mask[:, None, :].to(act.dtype)
     if stats is not None:
         stats.add(a if nq else act.new_zeros(n * t, 0), act)
-    return x + F.linear(act, w.down)
+    return x + F.linear(act, w.down, w.down_bias)

@@ -6,6 +6,7 @@ time. Every problem with the files is a :class:`UserError` naming the file and t
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import threading
@@ -110,6 +111,18 @@ class Checkpoint:
                         "the index and shards disagree (re-download them together)"
                     )
         return tensors
+
+    def with_overlay(self, files: list[Path]) -> Checkpoint:
+        """This checkpoint with the tensors of more safetensors files laid over its own (a repair).
+
+        A name in ``files`` replaces the source's tensor of that name; new names are added.
+        """
+        other = copy.copy(self)
+        other.tensors = dict(self.tensors)
+        for path in files:
+            other.tensors.update(_read_header(Path(path)))
+        other._handles, other._lock = {}, threading.Lock()
+        return other
 
     def name(self, key: str, layer: int | None = None) -> str:
         template = self.adapter.names[key]

@@ -171,7 +171,7 @@ class _Bars:
     """tqdm bars, one per stage, fed by the library's progress callback."""
 
     LABELS = {"round": "rounds", "prior": "prior pass (blocks)", "masks": "masked passes (blocks)",
-              "write": "writing shards (blocks)"}
+              "repair": "reconstruction (blocks)", "write": "writing shards (blocks)"}
 
     def __init__(self) -> None:
         from tqdm import tqdm
@@ -205,8 +205,15 @@ def prune_cmd(
     profile: Annotated[Optional[str], typer.Option(
         help=PROFILE_HELP)] = None,
     method: Annotated[str, typer.Option(
-        help="bonsai (regression on sub-model losses), prior (structured Wanda), magnitude, random.")] = "bonsai",
+        help="bonsai (regression on sub-model losses), flap (FLAP's fluctuation scores ranked across "
+        "all layers, one pass), prior (structured Wanda), magnitude, random.")] = "bonsai",
     seed: Annotated[int, typer.Option(help="Seed for mask sampling and the random baseline.")] = 0,
+    reconstruct: Annotated[Optional[str], typer.Option(
+        help="Override the profile: repair what is left after the units are chosen: none, bias (the "
+        "removed inputs' mean, as FLAP) or lsq (least-squares refit of o_proj/down_proj and a bias "
+        "from calibration activations).")] = None,
+    reconstruct_seqs: Annotated[Optional[int], typer.Option(
+        help="Override the profile: calibration windows (of reconstruct_seq_len tokens) for the repair.")] = None,
     masks_per_round: Annotated[Optional[int], typer.Option(help="Override the profile.")] = None,
     calib_seqs: Annotated[Optional[int], typer.Option(help="Override the profile.")] = None,
     seq_len: Annotated[Optional[int], typer.Option(help="Override the profile.")] = None,
@@ -240,7 +247,8 @@ def prune_cmd(
     prof = _run(load_profile, profile)
     prof = _run(prof.replace, masks_per_round=masks_per_round, calib_seqs=calib_seqs, seq_len=seq_len,
                 prune_frac=prune_frac, prior=prior, estimator=estimator, head_unit=head_unit,
-                allocation=allocation, mask_counts=mask_counts, score=score)
+                allocation=allocation, mask_counts=mask_counts, score=score, reconstruct=reconstruct,
+                reconstruct_seqs=reconstruct_seqs)
     bars = _Bars()
     try:
         report = _run(prune_model, model_dir=model, out_dir=out, sparsity=sparsity, profile=prof,

@@ -204,11 +204,14 @@ def plan_jobs(ckpt: Checkpoint, arch: str, layers: list[LayerShape], etype: Expo
             if cfg.attention_bias:
                 jobs.append(job(f"{key}_bias", i, (rows,), present=real_attn, heads=heads))
         jobs.append(job("o", i, (h, q), present=real_attn))
+        jobs += [job(key, i, (h,)) for key in ("o_bias",) if ckpt.has(ckpt.name(key, i))]
         jobs.append(job("mlp_norm", i, (h,)))
         real_ffn = s.intermediate_size > 0
         f = w.intermediate_size
         jobs += [job("gate", i, (f, h), present=real_ffn), job("up", i, (f, h), present=real_ffn),
                  job("down", i, (h, f), present=real_ffn)]
+        # Output biases of a reconstruction: llama.cpp's llama and deci graphs add them if present.
+        jobs += [job(key, i, (h,)) for key in ("down_bias",) if ckpt.has(ckpt.name(key, i))]
     jobs.append(job("final_norm", None, (h,)))
     if ckpt.has(ckpt.name("lm_head")) or not cfg.tie_word_embeddings:
         jobs.append(job("lm_head", None, (v, h)))  # the executor uses lm_head whenever present

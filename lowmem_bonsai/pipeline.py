@@ -19,6 +19,7 @@ from .errors import UserError, WriteError
 from .outputs import check_output_dir, fsync_dir, write_json_atomic
 from .profiles import Profile
 from .config import DTYPES
+from .reconstruct import reconstruct
 from .prune import Progress, PruneResult, check_settings, run_rounds
 from .report import build_report, plot
 from .resume import RunState
@@ -44,14 +45,13 @@ def source_hashes(model_dir: Path) -> dict[str, str]:
     return out
 
 
-def calibration_tokens(model_dir: Path, calib: Path, profile: Profile) -> torch.Tensor:
-    """The first calib_seqs windows of seq_len tokens of the calibration text.  # (S, T)"""
-    ids = tokenize_file(load_tokenizer(model_dir), calib)
-    seqs = windows(ids, seq_len=profile.seq_len, max_seqs=profile.calib_seqs, source=str(calib))
-    if seqs.shape[0] < profile.calib_seqs:
+def calibration_tokens(ids: torch.Tensor, calib: Path, *, seq_len: int, seqs: int) -> torch.Tensor:
+    """The first ``seqs`` windows of ``seq_len`` tokens of the tokenized calibration text.  # (S, T)"""
+    out = windows(ids, seq_len=seq_len, max_seqs=seqs, source=str(calib))
+    if out.shape[0] < seqs:
         log.warning("%s gives only %d calibration windows of %d tokens (asked for %d)", calib,
-                    seqs.shape[0], profile.seq_len, profile.calib_seqs)
-    return seqs
+                    out.shape[0], seq_len, seqs)
+    return out
 
 
 def work_dir(out_dir: Path) -> Path:
@@ -125,7 +125,12 @@ def prune_model(
     check_settings(sparsity=sparsity, method=method)
     resolve_device(profile.device)  # a GPU profile where there is no GPU: refused before any reading
     ckpt = Checkpoint(model_dir)
-    tokens = calibration_tokens(model_dir, calib, profile)
+    ids = tokenize_file(load_tokenizer(model_dir), calib)
+    tokens = calibration_tokens(ids, calib, seq_len=profile.seq_len, seqs=profile.calib_seqs)
+    repair_tokens = None
+    if profile.reconstruct != "none":
+        repair_tokens = calibration_tokens(ids, calib, seq_len=profile.reconstruct_seq_len,
+                                           seqs=profile.reconstruct_seqs)
     settings = {
         "method": method, "sparsity": sparsity, "seed": seed, "calib": str(calib),
         "calib_seqs": int(tokens.shape[0]), "profile": {
@@ -142,17 +147,32 @@ def prune_model(
         plan = result.plan
         plan.meta.update({"method": method, "settings": settings, "source": str(model_dir),
                           "source_hashes": hashes})
+        n_layers = ckpt.config.num_hidden_layers
+        source, repair = ckpt, None
+        if repair_tokens is not None:
+            t0 = time.perf_counter()
+            on_repair = (lambda l: progress("repair", l + 1, n_layers)) if progress else None
+            repair = reconstruct(
+                ckpt, plan, repair_tokens, work_dir(out_dir) / "repair", mode=profile.reconstruct,
+                ridge=profile.reconstruct_ridge, sequential=profile.reconstruct_sequential,
+                dtype=torch.float32, chunk_tokens=profile.chunk_tokens, prefetch=profile.prefetch,
+                on_block=on_repair)
+            source = ckpt.with_overlay(repair.files)
+            repair_seconds = time.perf_counter() - t0
         shutil.rmtree(stage, ignore_errors=True)
         stage.mkdir()
         storage = None if profile.storage_dtype == "auto" else DTYPES[profile.storage_dtype]
-        n_layers = ckpt.config.num_hidden_layers
         on_write = (lambda l: progress("write", l + 1, n_layers)) if progress else None
-        write_pruned(ckpt, plan, stage, dtype=storage, on_block=on_write)
+        write_pruned(source, plan, stage, dtype=storage, on_block=on_write)
         write_json_atomic(stage / "config.json", pruned_config(ckpt, plan))
         copy_tokenizer(model_dir, stage)
         write_json_atomic(stage / "plan.json", plan.to_json())
         report = build_report(ckpt.config, result, settings=settings,
                               seconds=time.perf_counter() - start)
+        if repair is not None:
+            report["reconstruction"] = {
+                "mode": repair.mode, "sequential": repair.sequential, "tokens": repair.tokens,
+                "forward_tokens": 2 * repair.tokens, "seconds": repair_seconds, "layers": repair.layers}
         write_json_atomic(stage / "report.json", report)
         plot(ckpt.config, plan, report, stage / "pruning.png")
     except UserError as exc:

@@ -73,3 +73,27 @@ def unit_priors(stats: ColumnStats, kind: str, gen: torch.Generator, *,
     axes = (1, 2) if head_unit == "group" else (0, 2)
     attn = heads.sum(axes) if kind == "fluctuation" else heads.mean(axes)
     return attn, chan
+
+
+def _standardized(x: torch.Tensor) -> torch.Tensor:
+    spread = x.std().clamp_min(1e-30) if x.numel() > 1 else x.new_tensor(1.0)
+    return (x - x.mean()) / spread
+
+
+def flap_scores(stats: ColumnStats, *, head_unit: str = "group") -> tuple[torch.Tensor, torch.Tensor]:
+    """FLAP's adaptive-structure scores of one layer's attention units and channels.  fp64
+
+    Per input column of o_proj / down_proj the fluctuation Var(x_c) * ||W[:, c]||^2 (o_proj's
+    squared, as FLAP does), standardized over the module's columns; an attention unit scores the
+    mean of its columns. Scores of different layers and modules are comparable: FLAP ranks them
+    all together.
+    """
+    a, n = stats.act, max(stats.act.tokens, 1)
+    chan = _standardized(_per_column("fluctuation", stats.down_abs_mean, stats.down_sq, a.chan_sum,
+                                     a.chan_sq, n))
+    n_kv = stats.n_kv_heads
+    if not n_kv:
+        return torch.zeros(0, dtype=torch.float64), chan
+    cols = _per_column("fluctuation", stats.o_abs_mean, stats.o_sq, a.head_sum, a.head_sq, n).pow(2)
+    heads = _standardized(cols).view(n_kv, stats.n_heads // n_kv, -1)  # (n_kv, q_per_kv, hd)
+    return heads.mean((1, 2) if head_unit == "group" else (0, 2)), chan

@@ -19,6 +19,7 @@ from .errors import UserError
 _PACKAGED = Path(__file__).resolve().parent / "_profiles"
 PROFILE_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "profiles"
 DEFAULT_PROFILE = "laptop-16gb"
+RECONSTRUCT_MODES = ("none", "bias", "lsq")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +54,14 @@ class Profile:
     mask_counts: str = "varied"  # fixed: every mask drops half of each module's eligible units;
     #                             varied: a random count per module and pair, plus per-module scales
     #                             in the regression, so that layers' sensitivities are identifiable
+    # reconstruction, after the units are chosen (reconstruct.py)
+    reconstruct: str = "none"  # none | bias (FLAP's compensation) | lsq (ridge refit of the kept
+    #                            columns of o_proj / down_proj and a bias)
+    reconstruct_seqs: int = 64  # calibration windows for it (one pass, from the start of the text)
+    reconstruct_seq_len: int = 256
+    reconstruct_ridge: float = 1e-3  # lsq's ridge, relative to the mean diagonal of the Gram matrix
+    reconstruct_sequential: bool = True  # inputs from the repaired earlier layers (else one-shot:
+    #                                      statistics of the dense model, as FLAP takes them)
 
     def __post_init__(self) -> None:
         checks = [
@@ -75,6 +84,10 @@ class Profile:
             (self.device == "cpu" or self.device.split(":")[0] == "cuda",
              "device must be cpu, cuda or cuda:N"),
             (self.device_memory_gb >= 0, "device_memory_gb must be >= 0"),
+            (self.reconstruct in RECONSTRUCT_MODES, "reconstruct must be none, bias or lsq"),
+            (self.reconstruct_seqs >= 1 and self.reconstruct_seq_len >= 2,
+             "reconstruct_seqs >= 1 and reconstruct_seq_len >= 2"),
+            (self.reconstruct_ridge >= 0, "reconstruct_ridge must be >= 0"),
             (self.memory_gb > 0 and self.prefetch >= 0 and self.threads >= 0 and self.wave_masks >= 0,
              "memory_gb > 0, prefetch >= 0, threads >= 0, wave_masks >= 0"),
         ]

@@ -23,14 +23,15 @@ from .forward import MaskSet, streamed_nll
 from .masks import Module, eligible_units, sample_masks
 from .memory import pick_compute_dtype, plan_memory
 from .plan import LayerPlan, Plan
-from .prior import ColumnStats, unit_priors
+from .prior import ColumnStats, flap_scores, unit_priors
 from .profiles import Profile
 from .regression import fit
 from .resume import RunState
 
 log = logging.getLogger(__name__)
 
-METHODS = ("bonsai", "prior", "magnitude", "random")
+METHODS = ("bonsai", "prior", "magnitude", "random", "flap")
+ONE_SHOT = ("flap",)  # methods that remove the whole target in one round
 
 # progress(stage, done, total): stage is "prior", "masks" (blocks of all waves) or "round"
 Progress = Callable[[str, int, int], None]
@@ -186,7 +187,9 @@ def run_rounds(
     # A round that removed nothing ends the prune; so it does when resuming right after it.
     while not (result.rounds and result.rounds[-1].params_after == result.rounds[-1].params_before):
         before = plan_params(cfg, plan)
-        budget = min(profile.prune_frac * total, target - (total - before))
+        budget = target - (total - before)
+        if method not in ONE_SHOT:
+            budget = min(profile.prune_frac * total, budget)
         modules = modules_of(cfg, plan, profile.align, profile.head_unit)
         # Stop when what is left is smaller than half the smallest removable piece (one attention
         # unit, or `align` channels: MLP widths stay aligned), instead of spending a round on nothing.
@@ -218,6 +221,9 @@ def run_rounds(
             report.forward_tokens += profile.masks_per_round * pass_tokens
             (report.mask_loss_mean, report.mask_loss_std, report.cv_tau, report.train_tau,
              report.penalty, report.module_penalty) = fit_info
+        elif method == "flap":
+            drop = _flap_choice(modules, [flap_scores(st, head_unit=profile.head_unit) for st in stats],
+                                budget, profile.align)
         else:
             drop = _per_module_choice(modules, _prior_orders(modules, priors), p, profile.align)
         plan = _remove(plan, cfg, drop)
@@ -444,6 +450,39 @@ def _global_choice(per_module: list[ModuleMasks], beta_of: dict[tuple[int, int],
         m = per_module[idx].module
         drop[(m.layer, m.kind)] += units
         removed += params
+    return drop
+
+
+def _flap_choice(modules: list[Module], scores: list[tuple[torch.Tensor, torch.Tensor]], budget: float,
+                 align: int) -> dict[tuple[int, str], list[int]]:
+    """FLAP's adaptive structure: every unit of every layer ranked by its standardized score.
+
+    Units go in increasing score until the removed parameters come closest to ``budget`` (FLAP's
+    threshold on the cumulative parameter count), keeping each module's minimum; then each MLP's
+    kept width is moved to a multiple of ``align`` along the same order.
+    """
+    units = []  # (score, module index, local unit)
+    for idx, m in enumerate(modules):
+        sc = scores[m.layer][0 if m.kind != "mlp" else 1]
+        units += [(float(v), idx, u) for u, v in enumerate(sc.tolist())]
+    units.sort()
+    left = [m.n_units - m.min_units for m in modules]
+    chosen: list[list[int]] = [[] for _ in modules]
+    removed = 0.0
+    for _, idx, u in units:
+        params = modules[idx].unit_params
+        if removed + 0.5 * params > budget:
+            break
+        if left[idx] > 0:
+            chosen[idx].append(u)
+            left[idx] -= 1
+            removed += params
+    drop = {}
+    for idx, m in enumerate(modules):
+        if m.kind == "mlp":
+            sc = scores[m.layer][1]
+            chosen[idx] = _align_mlp(chosen[idx], _order(sc, m.n_units, m.min_units), m.n_units, align)
+        drop[(m.layer, m.kind)] = chosen[idx]
     return drop
 
 

@@ -30,8 +30,9 @@ SLICES: dict[str, tuple[str, int]] = {
     "q": ("heads", 0), "q_bias": ("heads", 0), "o": ("heads", 1),
     "k": ("kv_heads", 0), "k_bias": ("kv_heads", 0), "v": ("kv_heads", 0), "v_bias": ("kv_heads", 0),
     "gate": ("channels", 0), "up": ("channels", 0), "down": ("channels", 1),
-    "attn_norm": ("", 0), "mlp_norm": ("", 0),
+    "attn_norm": ("", 0), "mlp_norm": ("", 0), "o_bias": ("", 0), "down_bias": ("", 0),
 }
+OPTIONAL = ("o_bias", "down_bias")  # written when the source (or its reconstruction) has them
 
 
 def pruned_config(ckpt: Checkpoint, plan: Plan) -> dict:
@@ -76,7 +77,7 @@ def write_pruned(ckpt: Checkpoint, plan: Plan, stage: Path, *, dtype: torch.dtyp
         for key, (unit, axis) in SLICES.items():
             name = ckpt.name(key, layer)
             if not ckpt.has(name):
-                if key.endswith("_bias") and not cfg.attention_bias:
+                if key in OPTIONAL or (key.endswith("_bias") and not cfg.attention_bias):
                     continue
                 ckpt.get(name)  # raises a UserError naming the missing tensor
             t = ckpt.get(name)

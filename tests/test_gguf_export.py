@@ -429,3 +429,32 @@ def test_cli_export_generate_and_eval(tmp_path, sample_text):
     (tmp_path / "bad.gguf").write_bytes(b"nope")
     res = runner.invoke(app, ["generate", str(tmp_path / "bad.gguf"), "--prompt", "x"])
     assert res.exit_code == 2 and "not a GGUF file" in res.output
+
+
+@pytest.mark.parametrize("plan_kind", ["uniform", "uneven"])
+def test_reconstruction_biases_travel_to_llama_cpp(tmp_path, plan_kind):
+    """A repaired model (o_proj / down_proj biases) gives llama.cpp our streamed eval's NLL."""
+    from lowmem_bonsai.reconstruct import reconstruct
+
+    tiny(tmp_path / "m", "llama-gqa-tied")
+    ckpt = Checkpoint(tmp_path / "m")
+    keep = UNEVEN if plan_kind == "uneven" else [((1,), tuple(range(0, 96, 2)))] * 3
+    plan = plan_of(keep, n_heads=4, n_kv=2)
+    calib = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(5))
+    rep = reconstruct(ckpt, plan, calib, tmp_path / "repair", mode="lsq")
+    fixed = ckpt.with_overlay(rep.files)
+    pruned = tmp_path / "p"
+    pruned.mkdir()
+    write_pruned(fixed, plan, pruned)
+    write_json_atomic(pruned / "config.json", pruned_config(fixed, plan))
+    copy_tokenizer(tmp_path / "m", pruned)
+    out = export_gguf(model_dir=pruned, out=tmp_path / "p.gguf", type="f32")
+    f = fields(out)
+    assert f["general.architecture"] == ("llama" if plan_kind == "uniform" else "deci")
+    assert f["tensors"]["blk.0.attn_output.bias"] == ((64,), "F32")
+    assert f["tensors"]["blk.2.ffn_down.bias"] == ((64,), "F32")
+    got = nll_sum(llama_logits(out, IDS), IDS)
+    ours = float(streamed_nll(Checkpoint(pruned), torch.tensor([IDS]))[0, 0])
+    plain = float(streamed_nll(ckpt, torch.tensor([IDS]), plan=plan)[0, 0])
+    assert abs(got - ours) < 1e-4 * abs(ours), (got, ours)
+    assert abs(ours - plain) > 1e-3 * abs(plain)  # the biases and refit weights were used

@@ -5,6 +5,11 @@ them (never seen by the pruner). Writes JSON, a PNG plot and a Markdown table.
 
     python tools/bench_quality.py --model runs/smollm2 --out runs/bench_quality \
         --sparsity 0.2 0.5 --methods bonsai prior random --profile quick
+
+With ``--split tune`` or ``--split test`` the evaluation windows are fixed at the end of the file:
+``test`` is the last --eval-seqs windows, ``tune`` the --eval-seqs windows before them. Settings
+are chosen on ``tune``; ``test`` reports what no choice has seen. Calibration (the masks' and the
+reconstruction's) must end before ``tune`` begins; the tool refuses otherwise.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lowmem_bonsai.data import load_tokenizer, tokenize_file  # noqa: E402
 from lowmem_bonsai.evaluate import evaluate  # noqa: E402
 from lowmem_bonsai.pipeline import prune_model  # noqa: E402
 from lowmem_bonsai.profiles import load_profile  # noqa: E402
@@ -35,7 +41,10 @@ def main() -> None:
     ap.add_argument("--profile", default="quick")
     ap.add_argument("--set", nargs="*", default=[], help="profile overrides, key=value")
     ap.add_argument("--label", default="", help="suffix for method names in the table")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, nargs="+", default=[0], help="one run per seed")
+    ap.add_argument("--split", choices=["after-calib", "tune", "test"], default="after-calib",
+                    help="evaluation windows: just after the calibration (the earlier protocol), or "
+                    "the held-out tune / test windows at the end of the file")
     ap.add_argument("--eval-seq-len", type=int, default=256)
     ap.add_argument("--eval-seqs", type=int, default=32)
     ap.add_argument("--eval-skip", type=int, default=None,
@@ -47,13 +56,28 @@ def main() -> None:
     for kv in a.set:
         k, v = kv.split("=", 1)
         cur = getattr(profile, k)
-        profile = profile.replace(**{k: type(cur)(v)})
+        if isinstance(cur, bool):
+            if v.lower() not in ("true", "false"):
+                ap.error(f"--set {kv}: expected true or false")
+            profile = profile.replace(**{k: v.lower() == "true"})
+        else:
+            profile = profile.replace(**{k: type(cur)(v)})
     a.out.mkdir(parents=True, exist_ok=True)
     results_path = a.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else []
     # Evaluation starts after every window the calibration could have read.
-    skip = math.ceil(profile.calib_seqs * profile.seq_len / a.eval_seq_len)
-    if a.eval_skip is not None:
+    calib_tokens = max(profile.calib_seqs * profile.seq_len,
+                       profile.reconstruct_seqs * profile.reconstruct_seq_len
+                       if profile.reconstruct != "none" else 0)
+    skip = math.ceil(calib_tokens / a.eval_seq_len)
+    if a.split != "after-calib":
+        n_windows = len(tokenize_file(load_tokenizer(a.model), a.data)) // a.eval_seq_len
+        tune = n_windows - 2 * a.eval_seqs
+        if tune < skip:
+            ap.error(f"calibration ({calib_tokens} tokens) reaches into the tune windows (from window "
+                     f"{tune} of {a.eval_seq_len} tokens)")
+        skip = tune if a.split == "tune" else tune + a.eval_seqs
+    elif a.eval_skip is not None:
         if a.eval_skip < skip:
             ap.error(f"--eval-skip {a.eval_skip} would evaluate on calibration text (need >= {skip})")
         skip = a.eval_skip
@@ -64,25 +88,32 @@ def main() -> None:
         results_path.write_text(json.dumps(results, indent=2))
         logging.info("%s", row)
 
-    if not any(r["method"] == "dense" and r["eval_skip"] == skip for r in results):
+    if not any(r["method"] == "dense" and r["eval_skip"] == skip and r.get("eval_seqs", a.eval_seqs) == a.eval_seqs
+               for r in results):
         ev = evaluate(model_dir=a.model, data=a.data, seq_len=a.eval_seq_len, max_seqs=a.eval_seqs, skip=skip)
         record({"method": "dense", "sparsity": 0.0, "achieved": 0.0, "perplexity": ev.perplexity,
-                "forward_tokens": 0, "prune_seconds": 0.0, "eval_tokens": ev.tokens, "eval_skip": skip})
+                "forward_tokens": 0, "prune_seconds": 0.0, "eval_tokens": ev.tokens, "eval_skip": skip,
+                "eval_seqs": a.eval_seqs, "split": a.split})
     for sparsity in a.sparsity:
         for method in a.methods:
-            name = method + a.label
-            out = a.out / f"{name}-{sparsity}"
-            t = time.perf_counter()
-            rep = prune_model(model_dir=a.model, out_dir=out, sparsity=sparsity, profile=profile,
-                              calib=a.data, method=method, seed=a.seed, force=True)
-            seconds = time.perf_counter() - t
-            ev = evaluate(model_dir=out, data=a.data, seq_len=a.eval_seq_len, max_seqs=a.eval_seqs, skip=skip)
-            record({"method": name, "sparsity": sparsity, "achieved": rep["achieved_sparsity"],
-                    "perplexity": ev.perplexity, "forward_tokens": rep["forward_tokens"],
-                    "prune_seconds": seconds, "eval_tokens": ev.tokens, "eval_skip": skip,
-                    "rounds": len(rep["rounds"]),
-                    "cv_tau": [r["cv_tau"] for r in rep["rounds"]], "settings": settings,
-                    "layers": rep["layers"]})
+            for seed in a.seed:
+                name = method + a.label
+                out = a.out / f"{name}-{sparsity}-s{seed}"
+                t = time.perf_counter()
+                rep = prune_model(model_dir=a.model, out_dir=out, sparsity=sparsity, profile=profile,
+                                  calib=a.data, method=method, seed=seed, force=True)
+                seconds = time.perf_counter() - t
+                ev = evaluate(model_dir=out, data=a.data, seq_len=a.eval_seq_len, max_seqs=a.eval_seqs,
+                              skip=skip)
+                repair = rep.get("reconstruction") or {}
+                record({"method": name, "sparsity": sparsity, "seed": seed,
+                        "achieved": rep["achieved_sparsity"], "perplexity": ev.perplexity,
+                        "forward_tokens": rep["forward_tokens"] + repair.get("forward_tokens", 0),
+                        "prune_seconds": seconds, "eval_tokens": ev.tokens, "eval_skip": skip,
+                        "eval_seqs": a.eval_seqs, "split": a.split, "rounds": len(rep["rounds"]),
+                        "reconstruction": {k: v for k, v in repair.items() if k != "layers"},
+                        "cv_tau": [r["cv_tau"] for r in rep["rounds"]], "settings": settings,
+                        "layers": rep["layers"]})
     write_table(results, a.out)
 
 

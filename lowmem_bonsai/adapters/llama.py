@@ -17,10 +17,12 @@ LLAMA_NAMES: dict[str, str] = {
     "k_bias": "model.layers.{}.self_attn.k_proj.bias",
     "v_bias": "model.layers.{}.self_attn.v_proj.bias",
     "o": "model.layers.{}.self_attn.o_proj.weight",
+    "o_bias": "model.layers.{}.self_attn.o_proj.bias",  # optional: added by a reconstruction
     "mlp_norm": "model.layers.{}.post_attention_layernorm.weight",
     "gate": "model.layers.{}.mlp.gate_proj.weight",
     "up": "model.layers.{}.mlp.up_proj.weight",
     "down": "model.layers.{}.mlp.down_proj.weight",
+    "down_bias": "model.layers.{}.mlp.down_proj.bias",  # optional: added by a reconstruction
 }
 
 
