@@ -157,6 +157,10 @@ def estimate_cmd(
                    f"activations {m['activations_gb']:.2f}, head {m['head_gb']:.2f}, total "
                    f"{m['device_total_gb']:.2f} of {m['device_budget_gb']:.1f} GiB")
     typer.echo(f"waves      {m['waves']} x {m['wave_masks']} masks per round")
+    r = e["reconstruction"]
+    if r["mode"] != "none":
+        typer.echo(f"repair     {r['mode']}: {r['forward_tokens']:,} forward tokens, {r['tflops']:.1f} TFLOP, "
+                   f"peak {m['reconstruction_gb']:.2f} GiB (after the rounds; counted in the total)")
     typer.echo(f"disk       {e['disk_output_gb']:.2f} GiB for the pruned model")
     typer.echo(f"compute    {e['rounds']} rounds, {e['forward_tokens_per_round']:,} forward tokens and "
                f"{e['forward_tflops_per_round'][0]:.1f} TFLOP in the first; {e['forward_tflops_total']:.1f} TFLOP in all")

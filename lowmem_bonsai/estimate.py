@@ -39,6 +39,17 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         per_token = 2 * (kept + cfg.vocab_size * cfg.hidden_size)
         attn = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * t  # QK^T + PV, causal
         flops.append(tokens_per_round * (per_token + attn))
+    repair_tokens = repair_flops = 0
+    if profile.reconstruct != "none":
+        # two passes of the dense blocks, the Gram matrices of both projections' inputs, one solve each
+        repair_tokens = 2 * profile.reconstruct_seqs * profile.reconstruct_seq_len
+        grams = sum((s.num_attention_heads * cfg.head_dim + 1) ** 2 + (s.intermediate_size + 1) ** 2
+                    for s in cfg.layers)
+        solves = sum((s.num_attention_heads * cfg.head_dim) ** 3 + s.intermediate_size ** 3 for s in cfg.layers)
+        repair_flops = repair_tokens * 2 * total + repair_tokens * grams + solves
+        flops_repair = [repair_flops]
+    else:
+        flops_repair = []
     if device is not None:
         dtype_name, rates = pick_compute_dtype(profile.compute_dtype, device)
         gflops = measure_matmul_gflops(DTYPES[dtype_name], seconds=measure_seconds, device=device)
@@ -58,11 +69,14 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         "disk_output_gb": out_bytes / 1024**3,
         "forward_tokens_per_round": tokens_per_round,
         "forward_tflops_per_round": [f / 1e12 for f in flops],
-        "forward_tflops_total": sum(flops) / 1e12,
+        "forward_tflops_total": (sum(flops) + repair_flops) / 1e12,
+        "reconstruction": {"mode": profile.reconstruct, "forward_tokens": repair_tokens,
+                           "tflops": repair_flops / 1e12},
         "compute_dtype": dtype_name,
         "matmul_gflops_by_dtype": rates,
         # The executor reached 85-95% of the matmul rate on SmolLM2 in fp32 (README); ETA assumes 80%.
         # No ETA (null) for a GPU profile where no GPU is visible to measure.
-        "eta_hours": sum(flops) / (0.8 * gflops * 1e9) / 3600 if math.isfinite(gflops) else None,
+        "eta_hours": (sum(flops) + sum(flops_repair)) / (0.8 * gflops * 1e9) / 3600
+        if math.isfinite(gflops) else None,
         "matmul_gflops_measured": gflops if math.isfinite(gflops) else None,
     }

@@ -43,6 +43,9 @@ class MemoryPlan:
     device_block_gb: float = 0.0  # the computing block's copy on the GPU
     device_total_gb: float = 0.0
     device_budget_gb: float = 0.0
+    # reconstruction (after the rounds, never at the same time): dense fp32 blocks, the calibration
+    # stream, one row chunk, the Gram matrix of the widest projection input and its solve (fp64)
+    reconstruction_gb: float = 0.0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -113,14 +116,36 @@ def plan_memory(config: ModelConfig, profile: Profile, *, storage_bytes: int = 2
         )
     wave = max(2, wave - wave % 2)
     total = fixed + wave * per_mask
+    repair = repair_bytes(config, profile, storage_bytes=storage_bytes) if profile.reconstruct != "none" else 0
+    if repair > profile.memory_gb * gb:
+        raise UserError(
+            f"profile '{profile.name}': memory budget {profile.memory_gb:g} GB is too small for the "
+            f"reconstruction ({repair / gb:.1f} GB); lower reconstruct_seqs or reconstruct_seq_len, or "
+            "set reconstruct = \"none\"")
     gpu = dict(device=profile.device, device_block_gb=block_bytes(config, b) / gb,
                device_total_gb=total / gb, device_budget_gb=budget / gb) if on_gpu else {}
     return MemoryPlan(
         wave_masks=wave, waves=math.ceil(profile.masks_per_round / wave),
         resident_blocks_gb=resident / gb, hidden_store_gb=wave * per_mask / gb,
         activations_gb=activations / gb, head_gb=head / gb, runtime_gb=RUNTIME_GB,
-        total_gb=(host_fixed if on_gpu else total) / gb, budget_gb=profile.memory_gb, **gpu,
+        total_gb=max(host_fixed if on_gpu else total, repair) / gb, budget_gb=profile.memory_gb,
+        reconstruction_gb=repair / gb, **gpu,
     )
+
+
+def repair_bytes(config: ModelConfig, profile: Profile, *, storage_bytes: int = 2) -> int:
+    """Peak bytes of the reconstruction (reconstruct.py), which computes in fp32 on the host."""
+    h, b = config.hidden_size, 4
+    widest = max(s.intermediate_size for s in config.layers)
+    n = max(widest, max(s.num_attention_heads for s in config.layers) * config.head_dim) + 1
+    blocks = (profile.prefetch + 1) * block_bytes(config, b) + (n - 1) * h * storage_bytes
+    t = profile.reconstruct_seq_len
+    stream = profile.reconstruct_seqs * t * h * b
+    chunk = max(1, profile.chunk_tokens // t) * t
+    qkv = (max(s.num_attention_heads for s in config.layers) + 2 * config.num_key_value_heads) * config.head_dim
+    activations = chunk * (qkv + 3 * h + 3 * widest + n) * b  # + the chunk's [z, 1] for the Gram
+    solve = n * n * (4 + 8 + 8) + 3 * h * n * 8  # Gram fp32, its fp64 copy, the system; W G, X, errors
+    return int(blocks + stream + activations + solve + RUNTIME_GB * 1024**3)
 
 
 _PICKED: dict[str, tuple[str, dict[str, float]]] = {}

@@ -19,7 +19,8 @@ from .errors import UserError, WriteError
 from .outputs import check_output_dir, fsync_dir, write_json_atomic
 from .profiles import Profile
 from .config import DTYPES
-from .reconstruct import reconstruct
+from .plan import Plan
+from .reconstruct import RepairReport, reconstruct
 from .prune import Progress, PruneResult, check_settings, run_rounds
 from .report import build_report, plot
 from .resume import RunState
@@ -101,6 +102,25 @@ def _failed(exc: UserError, state: RunState, out_dir: Path) -> UserError:
     return exc
 
 
+def repair_plan(ckpt: Checkpoint, plan: Plan, tokens: torch.Tensor, folder: Path, profile: Profile, *,
+                on_block=None) -> RepairReport:
+    """The profile's reconstruction of ``plan`` on ``tokens``; files in ``folder``."""
+    return reconstruct(ckpt, plan, tokens, folder, mode=profile.reconstruct,
+                       ridge=profile.reconstruct_ridge, sequential=profile.reconstruct_sequential,
+                       dtype=torch.float32, chunk_tokens=profile.chunk_tokens,
+                       prefetch=profile.prefetch, on_block=on_block)
+
+
+def write_checkpoint(source: Checkpoint, plan: Plan, stage: Path, *, model_dir: Path, profile: Profile,
+                     on_block=None) -> None:
+    """The pruned checkpoint (shards, config, tokenizer, plan.json) into ``stage``."""
+    storage = None if profile.storage_dtype == "auto" else DTYPES[profile.storage_dtype]
+    write_pruned(source, plan, stage, dtype=storage, on_block=on_block)
+    write_json_atomic(stage / "config.json", pruned_config(source, plan))
+    copy_tokenizer(model_dir, stage)
+    write_json_atomic(stage / "plan.json", plan.to_json())
+
+
 def prune_model(
     *,
     model_dir: Path,
@@ -152,21 +172,14 @@ def prune_model(
         if repair_tokens is not None:
             t0 = time.perf_counter()
             on_repair = (lambda l: progress("repair", l + 1, n_layers)) if progress else None
-            repair = reconstruct(
-                ckpt, plan, repair_tokens, work_dir(out_dir) / "repair", mode=profile.reconstruct,
-                ridge=profile.reconstruct_ridge, sequential=profile.reconstruct_sequential,
-                dtype=torch.float32, chunk_tokens=profile.chunk_tokens, prefetch=profile.prefetch,
-                on_block=on_repair)
+            repair = repair_plan(ckpt, plan, repair_tokens, work_dir(out_dir) / "repair", profile,
+                                 on_block=on_repair)
             source = ckpt.with_overlay(repair.files)
             repair_seconds = time.perf_counter() - t0
         shutil.rmtree(stage, ignore_errors=True)
         stage.mkdir()
-        storage = None if profile.storage_dtype == "auto" else DTYPES[profile.storage_dtype]
         on_write = (lambda l: progress("write", l + 1, n_layers)) if progress else None
-        write_pruned(source, plan, stage, dtype=storage, on_block=on_write)
-        write_json_atomic(stage / "config.json", pruned_config(ckpt, plan))
-        copy_tokenizer(model_dir, stage)
-        write_json_atomic(stage / "plan.json", plan.to_json())
+        write_checkpoint(source, plan, stage, model_dir=model_dir, profile=profile, on_block=on_write)
         report = build_report(ckpt.config, result, settings=settings,
                               seconds=time.perf_counter() - start)
         if repair is not None:

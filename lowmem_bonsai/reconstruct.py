@@ -104,28 +104,27 @@ def solve(w: torch.Tensor, m: Moments, keep: torch.Tensor, *, mode: str, ridge: 
     out, n_in = w.shape
     gone = torch.ones(n_in, dtype=torch.bool)
     gone[keep] = False
+    g = m.full_gram() if m.gram is not None else None  # (in + 1, in + 1) fp64, once
     if mode == "bias":
         mean = m.sums / max(m.tokens, 1)  # (in,)
         weight, bias = w[:, keep], w[:, gone] @ mean[gone]
     elif mode == "lsq":
-        g = m.full_gram()
         sp = torch.cat([keep, torch.tensor([n_in])])  # S+
         a = g[sp][:, sp]  # (|S|+1, |S|+1)
         lam = ridge * a.diagonal()[:-1].mean().clamp_min(1e-30)
         a.diagonal()[:-1] += lam
-        b = w @ g[:n_in, sp]  # (out, |S|+1)
-        x = torch.linalg.solve(a, b.T).T  # a is symmetric: X a = b
+        x = torch.linalg.solve(a, (w @ g[:n_in, sp]).T).T  # a is symmetric: X a = W G[:in, S+]
+        del a
         weight, bias = x[:, :-1], x[:, -1]
     else:
         raise ValueError(mode)
     errors = (float("nan"), float("nan"))
-    if m.gram is not None:
-        g = m.full_gram()
-        plain = torch.zeros(out, n_in + 1, dtype=torch.float64)
-        plain[:, keep] = w[:, keep]
-        new = plain.clone()
+    if g is not None:
+        new = torch.zeros(out, n_in + 1, dtype=torch.float64)
+        new[:, keep] = w[:, keep]
+        before = _relative_error(w, new, g)
         new[:, keep], new[:, -1] = weight, bias
-        errors = (_relative_error(w, plain, g), _relative_error(w, new, g))
+        errors = (before, _relative_error(w, new, g))
     return Repair(weight, bias, *errors)
 
 

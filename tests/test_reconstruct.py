@@ -147,3 +147,30 @@ def test_flap_selection_equals_the_papers_rule_on_transformers_activations(tmp_p
     for layer, lp in enumerate(plan.layers):
         assert set(lp.kv_heads) == {h for h in range(4) if (layer, "attn", h) not in gone}
         assert set(lp.channels) == {c for c in range(96) if (layer, "mlp", c) not in gone}
+
+
+def test_prune_with_reconstruction_writes_biases_and_a_report(tmp_path, sample_text):
+    from lowmem_bonsai.evaluate import evaluate
+    from lowmem_bonsai.pipeline import prune_model
+    from lowmem_bonsai.profiles import load_profile
+    from .conftest import write_word_tokenizer
+
+    make_tiny(tmp_path / "m", "llama-gqa-tied", layers=3, intermediate_size=128,
+              num_attention_heads=8, num_key_value_heads=4)
+    write_word_tokenizer(tmp_path / "m", sample_text.read_text())
+    base = load_profile(None).replace(seq_len=32, calib_seqs=4, masks_per_round=8, align=8,
+                                      prune_frac=0.2, reconstruct_seqs=8, reconstruct_seq_len=32)
+    ppl = {}
+    for mode in ("none", "lsq"):
+        out = tmp_path / mode
+        rep = prune_model(model_dir=tmp_path / "m", out_dir=out, sparsity=0.3, calib=sample_text, seed=1,
+                          profile=base.replace(reconstruct=mode), method="prior")
+        ckpt = Checkpoint(out)
+        assert ckpt.has("model.layers.0.mlp.down_proj.bias") is (mode == "lsq")
+        assert ("reconstruction" in rep) is (mode == "lsq")
+        ppl[mode] = evaluate(model_dir=out, data=sample_text, seq_len=32, max_seqs=8, skip=8).perplexity
+        assert not (tmp_path / f"{mode}.partial").exists()
+    assert Plan.load(tmp_path / "none" / "plan.json").layers == Plan.load(tmp_path / "lsq" / "plan.json").layers
+    layers = rep["reconstruction"]["layers"]
+    assert all(err[1] < err[0] for info in layers for key, err in info.items() if key != "layer")
+    assert ppl["lsq"] != ppl["none"]
