@@ -271,6 +271,11 @@ def prune_cmd(
         f"(sparsity {report['achieved_sparsity']:.3f}) in {len(report['rounds'])} rounds, "
         f"{report['forward_tokens']:,} forward tokens, {report['seconds']:.0f} s -> {out}"
     )
+    last = report["rounds"][-1] if report["rounds"] else None
+    if last and last["params_after"] == last["params_before"]:
+        typer.echo(f"stopped at sparsity {report['achieved_sparsity']:.3f} of the target "
+                   f"{report['target_sparsity']:.3f}: no module could lose another unit (every layer keeps "
+                   "one KV group and `align` MLP channels, and masks perturb only eligible units)")
 
 
 @app.command("export-gguf")

@@ -362,6 +362,12 @@ def _bonsai_choice(ckpt, calib, plan, modules, priors, p, budget, profile, gen, 
     n_masks = profile.masks_per_round
     varied = profile.mask_counts == "varied"
     per_module = sample_round(modules, priors, p, n_masks, gen, varied)
+    if not any(mm.eligible.numel() for mm in per_module):
+        # Every module is too coarse for this round's rate: perturb the coarse ones after all (a
+        # small last round, or a model already near its minimum widths).
+        per_module = sample_round(modules, priors, p, n_masks, gen, varied, skip_coarse=False)
+    if not any(mm.eligible.numel() for mm in per_module):  # every module is at its minimum
+        return {}, (float("nan"),) * 4 + (None, None)
     losses = []
     blocks_total = math.ceil(n_masks / wave) * cfg.num_hidden_layers
     done = 0

@@ -147,3 +147,16 @@ def test_coarse_modules_are_neither_perturbed_nor_pruned():
     assert rounds[2].eligible.numel() == 3  # round(1.2) = 1 group may go: perturbed
     every = sample_round(mods, priors, 0.1, 16, g, skip_coarse=False)
     assert every[0].eligible.numel() == 2
+
+
+def test_unreachable_sparsity_stops_with_a_reason_and_exit_0(tmp_path, sample_text, sparsity=0.9):
+    """A round where no module has eligible units used to crash in design_of (torch.cat of [])."""
+    make_tiny(tmp_path / "m", "llama-gqa-tied")
+    write_word_tokenizer(tmp_path / "m", sample_text.read_text())
+    res = CliRunner().invoke(app, ["prune", str(tmp_path / "m"), "--out", str(tmp_path / "o"),
+                                   "--calib", str(sample_text), "--sparsity", str(sparsity),
+                                   "--profile", "quick", "--masks-per-round", "8", "--seq-len", "32"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert 0.3 < report["achieved_sparsity"] < sparsity
+    assert f"of the target {sparsity:.3f}: no module could lose another unit" in res.output
