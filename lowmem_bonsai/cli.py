@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import torch
 import typer
 
-from .config import DTYPES
+from .model.config import DTYPES
 from .errors import UserError
 from .profiles import DEFAULT_PROFILE, load_profile, profile_names
 
@@ -74,7 +74,7 @@ def import_gguf_cmd(
     Tensors are dequantized one at a time and llama.cpp's q/k row order is undone, so memory stays
     near the size of the largest tensor.
     """
-    from .gguf_import import import_gguf
+    from .llamacpp.from_gguf import import_gguf
 
     _dtype(dtype)
     path = _run(import_gguf, gguf_path=gguf_file, out_dir=out, dtype=dtype, force=force)
@@ -100,7 +100,7 @@ def eval_cmd(
     from tqdm import tqdm
 
     from .evaluate import evaluate
-    from .outputs import write_json_atomic
+    from .outputs.atomic import write_json_atomic
 
     if threads:
         torch.set_num_threads(threads)
@@ -111,7 +111,7 @@ def eval_cmd(
         bar.update(done - bar.n)
 
     if model.suffix == ".gguf" and not model.is_dir():  # llama.cpp tokenizes and runs it
-        from .llama_runner import gguf_perplexity
+        from .llamacpp.runner import gguf_perplexity
 
         result = _run(gguf_perplexity, gguf=model, data=data, seq_len=seq_len, max_seqs=max_seqs,
                       skip=skip, threads=threads, on_batch=on_batch)
@@ -275,7 +275,7 @@ def export_gguf_cmd(
     Tensors are streamed one at a time from the checkpoint's shards; the file appears only when
     complete.
     """
-    from .gguf_export import export_gguf
+    from .llamacpp.to_gguf import export_gguf
 
     path = _run(export_gguf, model_dir=model, out=out, type=type, force=force)
     typer.echo(f"wrote {path}")
@@ -292,7 +292,7 @@ def generate_cmd(
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
 ) -> None:
     """Generate text from a GGUF with llama.cpp."""
-    from .llama_runner import generate
+    from .llamacpp.runner import generate
 
     text = _run(generate, gguf=gguf_file, prompt=prompt, n_tokens=n_tokens, chat=chat, seed=seed,
                 temperature=temperature)

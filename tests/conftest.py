@@ -86,7 +86,7 @@ def sample_text(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory) -> tuple[Path, Path]:
     """(the SmolLM2-135M GGUF, its import as an HF checkpoint), once per test session."""
-    from lowmem_bonsai.gguf_import import default_gguf_path, import_gguf
+    from lowmem_bonsai.llamacpp.from_gguf import default_gguf_path, import_gguf
 
     path = default_gguf_path()
     if path is None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from lowmem_bonsai.checkpoint import Checkpoint
-from lowmem_bonsai.forward import MaskSet, streamed_nll
-from lowmem_bonsai.plan import LayerPlan, Plan
-from lowmem_bonsai.streamer import BlockStreamer
+from lowmem_bonsai.model.checkpoint import Checkpoint
+from lowmem_bonsai.engine.forward import MaskSet, streamed_nll
+from lowmem_bonsai.model.plan import LayerPlan, Plan
+from lowmem_bonsai.engine.streamer import BlockStreamer
 
 from .conftest import make_tiny
 from .test_forward import hf_nll

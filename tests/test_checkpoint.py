@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from lowmem_bonsai.checkpoint import Checkpoint
+from lowmem_bonsai.model.checkpoint import Checkpoint
 from lowmem_bonsai.cli import app
 from lowmem_bonsai.errors import UserError
-from lowmem_bonsai.forward import streamed_nll
+from lowmem_bonsai.engine.forward import streamed_nll
 
 from .conftest import make_tiny, write_word_tokenizer
 

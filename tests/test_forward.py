@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import torch
 
-from lowmem_bonsai.checkpoint import Checkpoint
-from lowmem_bonsai.forward import streamed_nll
+from lowmem_bonsai.model.checkpoint import Checkpoint
+from lowmem_bonsai.engine.forward import streamed_nll
 
 from .conftest import make_tiny
 
@@ -32,7 +32,7 @@ def test_soft_targets_against_transformers(tmp_path):
     ckpt = Checkpoint(tmp_path)
     teacher = []
     # Tiny LOGIT_BUDGET chunks: the vocab arrives in many ranges, so the running top-k is exercised.
-    import lowmem_bonsai.forward as fw
+    import lowmem_bonsai.engine.forward as fw
     old, fw.LOGIT_BUDGET = fw.LOGIT_BUDGET, 2000
     try:
         hard = streamed_nll(ckpt, tokens, chunk_tokens=64, teacher=teacher, top_k=8)[0]

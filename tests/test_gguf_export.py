@@ -21,19 +21,19 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from typer.testing import CliRunner
 
-from lowmem_bonsai import gguf_export
-from lowmem_bonsai.checkpoint import Checkpoint
+from lowmem_bonsai.llamacpp import to_gguf
+from lowmem_bonsai.model.checkpoint import Checkpoint
 from lowmem_bonsai.cli import app
 from lowmem_bonsai.errors import UserError
 from lowmem_bonsai.evaluate import evaluate
-from lowmem_bonsai.forward import streamed_nll
-from lowmem_bonsai.gguf_export import export_gguf
-from lowmem_bonsai.gguf_import import import_gguf
-from lowmem_bonsai.gguf_vocab_export import PROBE_TEXT, vocab_from_checkpoint
-from lowmem_bonsai.llama_runner import generate, gguf_perplexity
-from lowmem_bonsai.outputs import write_json_atomic
-from lowmem_bonsai.plan import LayerPlan, Plan
-from lowmem_bonsai.writer import copy_tokenizer, pruned_config, write_pruned
+from lowmem_bonsai.engine.forward import streamed_nll
+from lowmem_bonsai.llamacpp.to_gguf import export_gguf
+from lowmem_bonsai.llamacpp.from_gguf import import_gguf
+from lowmem_bonsai.llamacpp.vocab_to_gguf import PROBE_TEXT, vocab_from_checkpoint
+from lowmem_bonsai.llamacpp.runner import generate, gguf_perplexity
+from lowmem_bonsai.outputs.atomic import write_json_atomic
+from lowmem_bonsai.model.plan import LayerPlan, Plan
+from lowmem_bonsai.outputs.writer import copy_tokenizer, pruned_config, write_pruned
 
 from .conftest import WIKITEXT, make_tiny
 from .test_block import zero_removed
@@ -258,13 +258,13 @@ def test_existing_output_needs_force_and_failures_leave_nothing(tmp_path, monkey
             raise OSError(28, "No space left on device")
         return real(ckpt, job)
 
-    real = gguf_export.tensor_data
-    monkeypatch.setattr(gguf_export, "tensor_data", broken)
+    real = to_gguf.tensor_data
+    monkeypatch.setattr(to_gguf, "tensor_data", broken)
     with pytest.raises(UserError, match="disk is full.*free disk space"):
         export_gguf(model_dir=tmp_path / "m", out=out, force=True)
     assert out.read_bytes() == b"precious"
     assert_no_partials(tmp_path)
-    monkeypatch.setattr(gguf_export, "tensor_data", real)
+    monkeypatch.setattr(to_gguf, "tensor_data", real)
     export_gguf(model_dir=tmp_path / "m", out=out, force=True)
     assert out.read_bytes()[:4] == b"GGUF"
 

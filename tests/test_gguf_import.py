@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lowmem_bonsai import gguf_import
+from lowmem_bonsai.llamacpp import from_gguf
 from lowmem_bonsai.errors import UserError
-from lowmem_bonsai.gguf_import import import_gguf
-from lowmem_bonsai.gguf_vocab import tokenizer_from_gguf
+from lowmem_bonsai.llamacpp.from_gguf import import_gguf
+from lowmem_bonsai.llamacpp.vocab_from_gguf import tokenizer_from_gguf
 
 from .conftest import WIKITEXT
 
@@ -241,7 +241,7 @@ def test_biases_and_llama3_rope(tmp_path):
 
 
 def test_q8_0_round_trip_within_quantization_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(gguf_import, "_ROWS_PER_CHUNK", 7)  # several chunks, one ragged
+    monkeypatch.setattr(from_gguf, "_ROWS_PER_CHUNK", 7)  # several chunks, one ragged
     _, tokens, _, _ = byte_level_vocab()
     model = tiny_model(tied=False, vocab=len(tokens))
     src = write_gguf(tmp_path / "q8.gguf", model, qtype=gguf.GGMLQuantizationType.Q8_0)

@@ -26,11 +26,11 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import lowmem_bonsai
-from lowmem_bonsai import prune as prune_module
-from lowmem_bonsai import shards
+from lowmem_bonsai.method import prune as prune_module
+from lowmem_bonsai.outputs import shards
 from lowmem_bonsai.cli import app
 from lowmem_bonsai.pipeline import prune_model, work_dir
-from lowmem_bonsai.plan import Plan
+from lowmem_bonsai.model.plan import Plan
 from lowmem_bonsai.profiles import load_profile
 
 from .conftest import make_tiny, write_word_tokenizer

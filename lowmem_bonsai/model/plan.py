@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import LayerShape, ModelConfig
-from .errors import UserError
+from ..errors import UserError
 
 PLAN_VERSION = 1
 

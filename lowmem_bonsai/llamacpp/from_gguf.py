@@ -21,13 +21,13 @@ import gguf
 import numpy as np
 import torch
 
-from .config import DTYPES
-from .errors import UserError
-from .gguf_layout import (ROPE_FREQS, TENSOR_NAMES, check_gguf_file, llama3_rope_factors,
+from ..model.config import DTYPES
+from ..errors import UserError
+from .layout import (ROPE_FREQS, TENSOR_NAMES, check_gguf_file, llama3_rope_factors,
                           unpermute_qk)
-from .gguf_vocab import tokenizer_from_gguf
-from .outputs import check_output_dir, staged_dir, write_bytes_atomic, write_json_atomic
-from .shards import DEFAULT_SHARD_BYTES, ShardWriter
+from .vocab_from_gguf import tokenizer_from_gguf
+from ..outputs.atomic import check_output_dir, staged_dir, write_bytes_atomic, write_json_atomic
+from ..outputs.shards import DEFAULT_SHARD_BYTES, ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ def hf_name(gguf_name: str) -> tuple[str, int | None]:
     key, layer = ("blk.{}." + m.group(2), int(m.group(1))) if m else (gguf_name, None)
     if key not in TENSOR_NAMES:
         raise UserError(f"GGUF tensor '{gguf_name}' has no Hugging Face Llama name; expected only "
-                        "tensors listed in TENSOR_NAMES (lowmem_bonsai/gguf_layout.py); this GGUF "
+                        "tensors listed in TENSOR_NAMES (lowmem_bonsai/llamacpp/layout.py); this GGUF "
                         "carries weights a LlamaForCausalLM does not have")
     return TENSOR_NAMES[key].format(layer), layer
 

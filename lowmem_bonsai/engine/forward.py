@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from .block import UnitStats, block_forward, rms_norm
-from .checkpoint import Checkpoint
-from .errors import UserError
-from .plan import Plan
-from .prior import ColumnStats
+from ..model.checkpoint import Checkpoint
+from ..errors import UserError
+from ..model.plan import Plan
+from ..method.prior import ColumnStats
 from .rope import rope_tables
 from .streamer import BlockStreamer
 

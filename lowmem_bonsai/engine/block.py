@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import Checkpoint
-from .plan import LayerPlan
+from ..model.checkpoint import Checkpoint
+from ..model.plan import LayerPlan
 from .rope import apply_rope
 
 

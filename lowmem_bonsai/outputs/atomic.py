@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError, WriteError
+from ..errors import UserError, WriteError
 
 log = logging.getLogger(__name__)
 

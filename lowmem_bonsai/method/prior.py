@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .block import BlockWeights, UnitStats
+from ..engine.block import BlockWeights, UnitStats
 
 PRIORS = ("wanda", "magnitude", "fluctuation", "random")
 

@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 from .adapters import Adapter, adapter_for
 from .config import ModelConfig, load_config
-from .errors import UserError
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 

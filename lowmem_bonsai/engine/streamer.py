@@ -14,8 +14,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from .block import BlockWeights, load_block
-from .checkpoint import Checkpoint
-from .plan import Plan
+from ..model.checkpoint import Checkpoint
+from ..model.plan import Plan
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import gguf
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from tokenizers import processors
 
-from .errors import UserError
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def _byte_level_bpe(v: GgufVocab) -> tuple[Tokenizer, BpePreTokenizer]:
         raise UserError(
             f"GGUF tokenizer pre-type '{v.pre}' is not supported; expected one of "
             f"{', '.join(sorted(BPE_PRE_TOKENIZERS))}; add its llama.cpp regexes to "
-            "BPE_PRE_TOKENIZERS in lowmem_bonsai/gguf_vocab.py"
+            "BPE_PRE_TOKENIZERS in lowmem_bonsai/llamacpp/vocab_from_gguf.py"
         )
     if not v.merges:
         raise UserError("GGUF gpt2 tokenizer has no tokenizer.ggml.merges; expected the BPE "

@@ -29,12 +29,12 @@ import gguf
 import numpy as np
 import torch
 
-from .checkpoint import Checkpoint
-from .config import LayerShape, ModelConfig
-from .errors import UserError, WriteError
-from .gguf_layout import ROPE_FREQS, TENSOR_NAMES, llama3_rope_factors, permute_qk
-from .gguf_vocab_export import vocab_from_checkpoint, write_vocab
-from .outputs import fsync_dir
+from ..model.checkpoint import Checkpoint
+from ..model.config import LayerShape, ModelConfig
+from ..errors import UserError, WriteError
+from .layout import ROPE_FREQS, TENSOR_NAMES, llama3_rope_factors, permute_qk
+from .vocab_to_gguf import vocab_from_checkpoint, write_vocab
+from ..outputs.atomic import fsync_dir
 
 log = logging.getLogger(__name__)
 

@@ -1,14 +1,14 @@
 """A checkpoint's tokenizer.json (+ tokenizer_config.json) as GGUF ``tokenizer.ggml.*`` metadata.
 
-The reverse of :mod:`lowmem_bonsai.gguf_vocab`, and checked with it: the vocabulary is turned into
-a :class:`~lowmem_bonsai.gguf_vocab.GgufVocab`, that module rebuilds what llama.cpp will do with
+The reverse of :mod:`lowmem_bonsai.llamacpp.vocab_from_gguf`, and checked with it: the vocabulary is turned into
+a :class:`~lowmem_bonsai.llamacpp.vocab_from_gguf.GgufVocab`, that module rebuilds what llama.cpp will do with
 it, and the rebuilt tokenizer must give the checkpoint tokenizer's ids on :data:`PROBE_TEXT`.
 
 - Byte-level BPE (GPT-2 style, GGUF model ``gpt2``): llama.cpp picks its split regexes by the
   ``tokenizer.ggml.pre`` name alone. tokenizer.json files say the same thing in different JSON
   (transformers writes ``ByteLevel(use_regex=True)`` or ``Split`` + ``ByteLevel``, our importer a
   chain of ``Split``), so instead of parsing them every pre type llama.cpp knows
-  (:data:`~lowmem_bonsai.gguf_vocab.BPE_PRE_TOKENIZERS`) is tried, and the one that tokenizes the
+  (:data:`~lowmem_bonsai.llamacpp.vocab_from_gguf.BPE_PRE_TOKENIZERS`) is tried, and the one that tokenizes the
   probe text exactly like the checkpoint wins.
 - SentencePiece-style BPE with byte fallback (Llama 2, Mistral; GGUF model ``llama``): llama.cpp
   merges the best-scoring pair first, so each token scores minus the rank of the merge that makes it.
@@ -24,8 +24,8 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from .errors import UserError
-from .gguf_vocab import (BPE_PRE_TOKENIZERS, BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED,
+from ..errors import UserError
+from .vocab_from_gguf import (BPE_PRE_TOKENIZERS, BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED,
                          GgufVocab, tokenizer_from_vocab)
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,7 @@ def _pick_pre(base: dict[str, Any], want: list[int], *, tc: dict[str, Any], igno
     if not matches:
         raise UserError(f"{source}: no pre-tokenizer llama.cpp knows ({', '.join(names)}) splits text "
                         "like this tokenizer.json; expected one of them; add the missing one to "
-                        "BPE_PRE_TOKENIZERS in lowmem_bonsai/gguf_vocab.py")
+                        "BPE_PRE_TOKENIZERS in lowmem_bonsai/llamacpp/vocab_from_gguf.py")
     # Equal ids on the probe (the vocabulary cannot tell them apart there): prefer the one that
     # also treats whole-word tokens (ignore_merges) and decoded spaces like the checkpoint.
     clean = tc.get("clean_up_tokenization_spaces")

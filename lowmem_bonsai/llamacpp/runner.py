@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import read_text, windows
-from .errors import UserError
-from .evaluate import EvalResult, perplexity_of
-from .gguf_layout import check_gguf_file
+from ..data import read_text, windows
+from ..errors import UserError
+from ..evaluate import EvalResult, perplexity_of
+from .layout import check_gguf_file
 
 log = logging.getLogger(__name__)
 

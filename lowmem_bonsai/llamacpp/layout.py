@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 # GGUF name -> HF name; "{}" is the layer index.
 TENSOR_NAMES: dict[str, str] = {

@@ -16,8 +16,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from .errors import WriteError
-from .outputs import fsync_dir, write_json_atomic
+from ..errors import WriteError
+from .atomic import fsync_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Shard writer for pruned models: source checkpoint + plan -> a new checkpoint folder.
 
 Block by block: read one block's tensors from the source shards, slice them to the plan, hand them to
-:class:`~lowmem_bonsai.shards.ShardWriter`, drop them. The embedding, final norm and lm_head are copied.
+:class:`~lowmem_bonsai.outputs.shards.ShardWriter`, drop them. The embedding, final norm and lm_head are copied.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from .block import head_rows
-from .checkpoint import Checkpoint
-from .outputs import write_bytes_atomic
-from .plan import Plan
+from ..engine.block import head_rows
+from ..model.checkpoint import Checkpoint
+from .atomic import write_bytes_atomic
+from ..model.plan import Plan
 from .shards import DEFAULT_SHARD_BYTES, ShardWriter
 
 log = logging.getLogger(__name__)

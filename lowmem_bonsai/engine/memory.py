@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .config import ModelConfig
+from ..model.config import ModelConfig
 from .device import synchronize
-from .errors import UserError
+from ..errors import UserError
 from .forward import LOGIT_BUDGET
-from .profiles import Profile
+from ..profiles import Profile
 
 DTYPE_BYTES = {"auto": 4, "float32": 4, "bfloat16": 2, "float16": 2}  # auto: plan for the widest
 STORAGE_BYTES = {"F32": 4, "BF16": 2, "F16": 2}

@@ -15,18 +15,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checkpoint import Checkpoint
-from .config import DTYPES, ModelConfig
-from .device import free_bytes, resolve_device
-from .errors import UserError
-from .forward import MaskSet, streamed_nll
+from ..model.checkpoint import Checkpoint
+from ..model.config import DTYPES, ModelConfig
+from ..engine.device import free_bytes, resolve_device
+from ..errors import UserError
+from ..engine.forward import MaskSet, streamed_nll
 from .masks import Module, eligible_units, sample_masks
-from .memory import pick_compute_dtype, plan_memory
-from .plan import LayerPlan, Plan
+from ..engine.memory import pick_compute_dtype, plan_memory
+from ..model.plan import LayerPlan, Plan
 from .prior import ColumnStats, unit_priors
-from .profiles import Profile
+from ..profiles import Profile
 from .regression import fit
-from .resume import RunState
+from ..outputs.resume import RunState
 
 log = logging.getLogger(__name__)
 

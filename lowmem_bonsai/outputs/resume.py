@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from .errors import UserError
-from .outputs import write_json_atomic
-from .plan import Plan
+from ..errors import UserError
+from .atomic import write_json_atomic
+from ..model.plan import Plan
 
 log = logging.getLogger(__name__)
 

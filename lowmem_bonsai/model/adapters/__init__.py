@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from ..errors import UserError
+from ...errors import UserError
 from .llama import LlamaAdapter, MistralAdapter, Qwen2Adapter
 
 SUPPORTED_ROPE = ("default", "linear", "llama3")
