@@ -11,8 +11,8 @@ from typing import Annotated, Optional
 import torch
 import typer
 
-from .model.config import DTYPES
 from .errors import UserError
+from .model.config import DTYPES
 from .profiles import DEFAULT_PROFILE, load_profile, profile_names
 
 PROFILE_HELP = (f"Profile: one of {', '.join(profile_names())} (default {DEFAULT_PROFILE}), "

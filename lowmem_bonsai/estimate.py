@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from .model.checkpoint import Checkpoint
-from .model.config import DTYPES
 from .engine.device import free_bytes, resolve_device
 from .engine.memory import DTYPE_BYTES, STORAGE_BYTES, measure_matmul_gflops, pick_compute_dtype, plan_memory
+from .model.checkpoint import Checkpoint
+from .model.config import DTYPES
 from .profiles import Profile
 
 

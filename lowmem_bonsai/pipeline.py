@@ -12,17 +12,17 @@ from typing import Any
 
 import torch
 
-from .model.checkpoint import INDEX_NAME, Checkpoint
 from .data import load_tokenizer, tokenize_file, windows
 from .engine.device import resolve_device
 from .errors import UserError, WriteError
-from .outputs.atomic import check_output_dir, fsync_dir, write_json_atomic
-from .profiles import Profile
-from .model.config import DTYPES
 from .method.prune import Progress, PruneResult, check_settings, run_rounds
+from .model.checkpoint import INDEX_NAME, Checkpoint
+from .model.config import DTYPES
+from .outputs.atomic import check_output_dir, fsync_dir, write_json_atomic
 from .outputs.report import build_report, plot
 from .outputs.resume import RunState
 from .outputs.writer import copy_tokenizer, pruned_config, write_pruned
+from .profiles import Profile
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .block import UnitStats, block_forward, rms_norm
-from ..model.checkpoint import Checkpoint
 from ..errors import UserError
+from ..model.checkpoint import Checkpoint
 from ..model.plan import Plan
-from ..method.prior import ColumnStats
+from .block import ColumnStats, UnitStats, block_forward, rms_norm
+from .memory import LOGIT_BUDGET
 from .rope import rope_tables
 from .streamer import BlockStreamer
 
@@ -35,9 +35,6 @@ class MaskSet:
     @property
     def n_masks(self) -> int:
         return self.head[0].shape[0]
-
-
-LOGIT_BUDGET = 1 << 25  # logits held at once (elements): 128 MB in fp32
 
 
 @dataclass(slots=True)

@@ -13,14 +13,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..model.config import ModelConfig
-from .device import synchronize
 from ..errors import UserError
-from .forward import LOGIT_BUDGET
+from ..model.config import ModelConfig
 from ..profiles import Profile
+from .device import synchronize
 
 DTYPE_BYTES = {"auto": 4, "float32": 4, "bfloat16": 2, "float16": 2}  # auto: plan for the widest
 STORAGE_BYTES = {"F32": 4, "BF16": 2, "F16": 2}
+LOGIT_BUDGET = 1 << 25  # logits the forward holds at once (elements): 128 MB in fp32
 RUNTIME_GB = 0.35  # python, torch and tokenizers loaded (measured peak_anon of an idle import: 0.14 GiB)
 
 

@@ -13,9 +13,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from .block import BlockWeights, load_block
 from ..model.checkpoint import Checkpoint
 from ..model.plan import Plan
+from .block import BlockWeights, load_block
 
 log = logging.getLogger(__name__)
 

@@ -21,13 +21,13 @@ import gguf
 import numpy as np
 import torch
 
-from ..model.config import DTYPES
 from ..errors import UserError
+from ..model.config import DTYPES
+from ..outputs.atomic import check_output_dir, staged_dir, write_bytes_atomic, write_json_atomic
+from ..outputs.shards import DEFAULT_SHARD_BYTES, ShardWriter
 from .layout import (ROPE_FREQS, TENSOR_NAMES, check_gguf_file, llama3_rope_factors,
                           unpermute_qk)
 from .vocab_from_gguf import tokenizer_from_gguf
-from ..outputs.atomic import check_output_dir, staged_dir, write_bytes_atomic, write_json_atomic
-from ..outputs.shards import DEFAULT_SHARD_BYTES, ShardWriter
 
 log = logging.getLogger(__name__)
 

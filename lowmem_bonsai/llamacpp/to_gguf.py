@@ -29,12 +29,12 @@ import gguf
 import numpy as np
 import torch
 
+from ..errors import UserError, WriteError
 from ..model.checkpoint import Checkpoint
 from ..model.config import LayerShape, ModelConfig
-from ..errors import UserError, WriteError
+from ..outputs.atomic import fsync_dir
 from .layout import ROPE_FREQS, TENSOR_NAMES, llama3_rope_factors, permute_qk
 from .vocab_to_gguf import vocab_from_checkpoint, write_vocab
-from ..outputs.atomic import fsync_dir
 
 log = logging.getLogger(__name__)
 

@@ -12,34 +12,11 @@ records the input activation's mean and mean square over all calibration tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ..engine.block import BlockWeights, UnitStats
+from ..engine.block import ColumnStats
 
 PRIORS = ("wanda", "magnitude", "fluctuation", "random")
-
-
-@dataclass(slots=True)
-class ColumnStats:
-    """What the prior needs of one block, gathered while it is resident.  fp64"""
-
-    act: UnitStats
-    o_abs_mean: torch.Tensor  # (n_heads hd,)  mean_i |W_o[i, c]|
-    o_sq: torch.Tensor  # (n_heads hd,)  ||W_o[:, c]||^2
-    down_abs_mean: torch.Tensor  # (F,)
-    down_sq: torch.Tensor  # (F,)
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-
-    @classmethod
-    def of(cls, w: BlockWeights, act: UnitStats) -> ColumnStats:
-        o, down = w.o.double(), w.down.double()
-        # Kept on the host: the block (maybe on a GPU) is about to go.
-        return cls(act.cpu(), o.abs().mean(0).cpu(), o.pow(2).sum(0).cpu(), down.abs().mean(0).cpu(),
-                   down.pow(2).sum(0).cpu(), w.n_heads, w.n_kv_heads, w.head_dim)
 
 
 def _per_column(kind: str, w_abs: torch.Tensor, w_sq: torch.Tensor, s: torch.Tensor,

@@ -15,18 +15,19 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..engine.block import ColumnStats
+from ..engine.device import free_bytes, resolve_device
+from ..engine.forward import MaskSet, streamed_nll
+from ..engine.memory import pick_compute_dtype, plan_memory
+from ..errors import UserError
 from ..model.checkpoint import Checkpoint
 from ..model.config import DTYPES, ModelConfig
-from ..engine.device import free_bytes, resolve_device
-from ..errors import UserError
-from ..engine.forward import MaskSet, streamed_nll
-from .masks import Module, eligible_units, sample_masks
-from ..engine.memory import pick_compute_dtype, plan_memory
 from ..model.plan import LayerPlan, Plan
-from .prior import ColumnStats, unit_priors
-from ..profiles import Profile
-from .regression import fit
 from ..outputs.resume import RunState
+from ..profiles import Profile
+from .masks import Module, eligible_units, sample_masks
+from .prior import unit_priors
+from .regression import fit
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ..errors import UserError
 from .adapters import Adapter, adapter_for
 from .config import ModelConfig, load_config
-from ..errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import LayerShape, ModelConfig
 from ..errors import UserError
+from .config import LayerShape, ModelConfig
 
 PLAN_VERSION = 1
 

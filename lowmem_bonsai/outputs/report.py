@@ -8,10 +8,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..model.config import ModelConfig
-from .atomic import write_bytes_atomic
-from ..model.plan import Plan
 from ..method.prune import PruneResult
+from ..model.config import ModelConfig
+from ..model.plan import Plan
+from .atomic import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from .atomic import write_json_atomic
 from ..model.plan import Plan
+from .atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
 

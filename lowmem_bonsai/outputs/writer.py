@@ -14,8 +14,8 @@ import torch
 
 from ..engine.block import head_rows
 from ..model.checkpoint import Checkpoint
-from .atomic import write_bytes_atomic
 from ..model.plan import Plan
+from .atomic import write_bytes_atomic
 from .shards import DEFAULT_SHARD_BYTES, ShardWriter
 
 log = logging.getLogger(__name__)
