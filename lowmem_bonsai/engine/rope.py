@@ -3,30 +3,49 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from ..model.config import ModelConfig
 
 
+def base_freq(theta: float, head_dim: int) -> torch.Tensor:
+    """Unscaled inverse wavelength of every rotary frequency.  # (head_dim/2,) fp64"""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+
+
+def llama3_rope_factors(*, theta: float, head_dim: int, factor: float, low: float = 1.0,
+                        high: float = 4.0, original: int = 8192) -> torch.Tensor:
+    """Llama 3.1+ rope scaling as one divisor per rotary frequency.  # (head_dim/2,) fp64
+
+    Short wavelengths keep their frequency (divisor 1), long ones are divided by ``factor``, and a
+    smooth ramp in between. The executor divides by it; GGUF stores it as ``rope_freqs.weight``.
+    """
+    wavelen = 2 * math.pi / base_freq(theta, head_dim)
+    smooth = (original / wavelen - low) / (high - low)
+    mid = 1.0 / ((1 - smooth) / factor + smooth)
+    return torch.where(wavelen < original / high, 1.0,
+                       torch.where(wavelen > original / low, factor, mid)).double()
+
+
+def llama3_params(scaling: dict[str, Any]) -> dict[str, Any]:
+    """:func:`llama3_rope_factors`'s arguments from a config's ``rope_scaling``."""
+    return dict(factor=float(scaling["factor"]), low=float(scaling.get("low_freq_factor", 1.0)),
+                high=float(scaling.get("high_freq_factor", 4.0)),
+                original=int(scaling.get("original_max_position_embeddings", 8192)))
+
+
 def inv_freq(config: ModelConfig) -> torch.Tensor:
     """Per-frequency inverse wavelengths, with 'linear' or 'llama3' scaling applied.  # (head_dim/2,)"""
-    d = config.head_dim
-    freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    freq = base_freq(config.rope_theta, config.head_dim)
     scaling = config.rope_scaling or {}
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
         freq = freq / float(scaling["factor"])
     elif kind == "llama3":
-        # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, a smooth ramp between.
-        factor = float(scaling["factor"])
-        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-        old_ctx = float(scaling["original_max_position_embeddings"])
-        wavelen = 2 * math.pi / freq
-        smooth = (old_ctx / wavelen - low) / (high - low)
-        scaled = torch.where(wavelen > old_ctx / low, freq / factor, freq)
-        mid = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
-        freq = torch.where(mid, (1 - smooth) * freq / factor + smooth * freq, scaled)
+        freq = freq / llama3_rope_factors(theta=config.rope_theta, head_dim=config.head_dim,
+                                          **llama3_params(scaling))
     return freq.float()
 
 

@@ -2,7 +2,7 @@
 
 Library side of ``lowmem-bonsai import-gguf FILE.gguf --out DIR``. The GGUF is memory-mapped and
 streamed one tensor at a time: dequantize (a bounded number of rows at a time), undo llama.cpp's
-q/k row order, rename through :data:`TENSOR_NAMES`, cast, hand to the shard writer. Nothing is
+q/k row order, rename through the tensor table, cast, hand to the shard writer. Nothing is
 written to ``out_dir`` until the whole folder is complete (``staged_dir``).
 
 Quantization noise is baked into the result: a Q4 GGUF becomes an fp16 checkpoint with Q4's errors.
@@ -21,12 +21,13 @@ import gguf
 import numpy as np
 import torch
 
+from ..engine.rope import llama3_rope_factors
 from ..errors import UserError
 from ..model.config import DTYPES
+from ..model.tensors import LAYER_TENSORS, SPECS, TENSORS, Dim, TensorSpec, dim_sizes
 from ..outputs.atomic import check_output_dir, staged_dir, write_bytes_atomic, write_json_atomic
 from ..outputs.shards import DEFAULT_SHARD_BYTES, ShardWriter
-from .layout import (ROPE_FREQS, TENSOR_NAMES, check_gguf_file, llama3_rope_factors,
-                          unpermute_qk)
+from .layout import ROPE_FREQS, check_gguf_file, unpermute_qk
 from .vocab_from_gguf import tokenizer_from_gguf
 
 log = logging.getLogger(__name__)
@@ -35,14 +36,7 @@ SUPPORTED_ARCHS = ("llama",)
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _LAYER = re.compile(r"blk\.(\d+)\.(.+)")
-_ATTN_PROJ = ("attn_q", "attn_k", "attn_v", "attn_output")
-_MLP_PROJ = ("ffn_gate", "ffn_up", "ffn_down")
-_LAYER_WEIGHTS = ("attn_norm", "ffn_norm") + _ATTN_PROJ + _MLP_PROJ
-# q/k rows that llama.cpp reorders, and the config field counting their heads.
-_PERMUTED = {
-    "blk.{}.attn_q.weight": "num_attention_heads", "blk.{}.attn_q.bias": "num_attention_heads",
-    "blk.{}.attn_k.weight": "num_key_value_heads", "blk.{}.attn_k.bias": "num_key_value_heads",
-}
+_BY_GGUF: dict[str, TensorSpec] = {s.gguf: s for s in TENSORS}
 _ROWS_PER_CHUNK = 4096  # dequantize this many rows at once: bounds the float32 scratch
 
 
@@ -90,7 +84,7 @@ class GgufLlamaConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class TensorJob:
+class HfTensorJob:
     """One HF tensor to write: from a GGUF tensor, or zeros where HF needs a bias GGUF lacks."""
 
     hf_name: str
@@ -140,7 +134,8 @@ def _rope_scaling(reader: gguf.GGUFReader, arch: str, *, head_dim: int, theta: f
     if freqs is not None:
         values = gguf.quants.dequantize(freqs.data, freqs.tensor_type).reshape(-1)
         values = values.astype(np.float64)  # (head_dim/2,)
-        expected = llama3_rope_factors(factor=float(values.max()), head_dim=head_dim, theta=theta)
+        expected = llama3_rope_factors(factor=float(values.max()), head_dim=head_dim,
+                                       theta=theta).numpy()
         if values.shape != expected.shape or not np.allclose(values, expected, rtol=1e-4):
             raise UserError(f"{source}: {ROPE_FREQS} does not match Llama 3 rope scaling (low 1, "
                             "high 4, original context 8192); expected that; import from the HF "
@@ -198,89 +193,83 @@ def read_llama_config(reader: gguf.GGUFReader, *, source: str) -> GgufLlamaConfi
         max_position_embeddings=int(_scalar(reader, f"{arch}.context_length", source)),
         vocab_size=int(embd.shape[-1]),  # ggml ne order: (hidden, vocab)
         tie_word_embeddings="output.weight" not in names,
-        attention_bias=any(f"blk.{{}}.{p}.bias" in templates for p in _ATTN_PROJ),
-        mlp_bias=any(f"blk.{{}}.{p}.bias" in templates for p in _MLP_PROJ),
+        attention_bias=any(s.gguf in templates for s in _biases("attn")),
+        mlp_bias=any(s.gguf in templates for s in _biases("mlp")),
         bos_token_id=None if tok["bos"] is None else int(tok["bos"]),
         eos_token_id=None if tok["eos"] is None else int(tok["eos"]),
         pad_token_id=None if tok["padding"] is None else int(tok["padding"]),
     )
 
 
+def _biases(module: str) -> list[TensorSpec]:
+    """The biases of a block's attention or MLP projections (HF's attention_bias / mlp_bias)."""
+    return [s for s in LAYER_TENSORS if s.is_bias and s.module == module]
+
+
 def _template(gguf_name: str) -> str:
     return _LAYER.sub(r"blk.{}.\2", gguf_name)
 
 
-def hf_name(gguf_name: str) -> tuple[str, int | None]:
-    """HF name and layer index of a GGUF tensor name; raises naming the tensor if unmapped."""
+def _spec(gguf_name: str) -> tuple[TensorSpec, int | None]:
+    """Tensor-table row and layer index of a GGUF tensor name; raises naming the tensor if unmapped."""
     m = _LAYER.fullmatch(gguf_name)
     key, layer = ("blk.{}." + m.group(2), int(m.group(1))) if m else (gguf_name, None)
-    if key not in TENSOR_NAMES:
+    if key not in _BY_GGUF:
         raise UserError(f"GGUF tensor '{gguf_name}' has no Hugging Face Llama name; expected only "
-                        "tensors listed in TENSOR_NAMES (lowmem_bonsai/llamacpp/layout.py); this GGUF "
-                        "carries weights a LlamaForCausalLM does not have")
-    return TENSOR_NAMES[key].format(layer), layer
+                        "tensors listed in the tensor table (lowmem_bonsai/model/tensors.py); this "
+                        "GGUF carries weights a LlamaForCausalLM does not have")
+    return _BY_GGUF[key], layer
 
 
-def _expected_shapes(c: GgufLlamaConfig) -> dict[str, tuple[int, ...]]:
-    """Torch-order shape of every HF tensor the model may have (keys are GGUF templates)."""
-    h, q, kv, f = c.hidden_size, c.num_attention_heads * c.head_dim, \
-        c.num_key_value_heads * c.head_dim, c.intermediate_size
-    return {
-        "token_embd.weight": (c.vocab_size, h), "output.weight": (c.vocab_size, h),
-        "output_norm.weight": (h,), "blk.{}.attn_norm.weight": (h,), "blk.{}.ffn_norm.weight": (h,),
-        "blk.{}.attn_q.weight": (q, h), "blk.{}.attn_k.weight": (kv, h),
-        "blk.{}.attn_v.weight": (kv, h), "blk.{}.attn_output.weight": (h, q),
-        "blk.{}.attn_q.bias": (q,), "blk.{}.attn_k.bias": (kv,), "blk.{}.attn_v.bias": (kv,),
-        "blk.{}.attn_output.bias": (h,),
-        "blk.{}.ffn_gate.weight": (f, h), "blk.{}.ffn_up.weight": (f, h),
-        "blk.{}.ffn_down.weight": (h, f),
-        "blk.{}.ffn_gate.bias": (f,), "blk.{}.ffn_up.bias": (f,), "blk.{}.ffn_down.bias": (h,),
-    }
+def _sizes(c: GgufLlamaConfig) -> dict[Dim, int]:
+    return dim_sizes(vocab=c.vocab_size, hidden=c.hidden_size, heads=c.num_attention_heads,
+                     kv_heads=c.num_key_value_heads, head_dim=c.head_dim, channels=c.intermediate_size)
 
 
-def plan_tensors(reader: gguf.GGUFReader, c: GgufLlamaConfig, *, source: str) -> list[TensorJob]:
+def import_jobs(reader: gguf.GGUFReader, c: GgufLlamaConfig, *, source: str) -> list[HfTensorJob]:
     """Every tensor to write; names, layers, shapes and completeness are checked before writing."""
-    shapes = _expected_shapes(c)
-    jobs: dict[str, TensorJob] = {}
+    sizes = _sizes(c)
+    heads = {Dim.HEADS: c.num_attention_heads, Dim.KV_HEADS: c.num_key_value_heads}
+    jobs: dict[str, HfTensorJob] = {}
     for t in reader.tensors:
         if t.name == ROPE_FREQS:
             log.info("%s: skipping %s (kept as config.json rope_scaling)", source, t.name)
             continue
-        name, layer = hf_name(t.name)
+        spec, layer = _spec(t.name)
+        name = spec.hf.format(layer)
         if layer is not None and layer >= c.num_hidden_layers:
             raise UserError(f"{source}: tensor '{t.name}' is for layer {layer} but block_count is "
                             f"{c.num_hidden_layers}; the file is corrupt, re-convert it")
-        key = _template(t.name)
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # ggml lists innermost dim first
-        if shape != shapes[key]:
+        if shape != spec.shape(sizes):
             raise UserError(f"{source}: tensor '{t.name}' has shape {shape}, expected "
-                            f"{shapes[key]} from the GGUF metadata; the file is corrupt or not a "
-                            "plain Llama model")
-        heads = getattr(c, _PERMUTED[key]) if key in _PERMUTED else None
-        jobs[name] = TensorJob(name, shape, t, heads)
+                            f"{spec.shape(sizes)} from the GGUF metadata; the file is corrupt or not "
+                            "a plain Llama model")
+        jobs[name] = HfTensorJob(name, shape, t, heads[spec.unit] if spec.rotary else None)
 
-    # Everything LlamaForCausalLM will look for: (GGUF name, zeros allowed in its place).
-    wanted = [("token_embd.weight", False), ("output_norm.weight", False)]
+    # Everything LlamaForCausalLM will look for: (row, layer, zeros allowed in its place).
+    wanted = [(SPECS["embed"], None, False), (SPECS["final_norm"], None, False)]
     if not c.tie_word_embeddings:
-        wanted.append(("output.weight", False))
-    biased = (_ATTN_PROJ if c.attention_bias else ()) + (_MLP_PROJ if c.mlp_bias else ())
+        wanted.append((SPECS["lm_head"], None, False))
+    biased = (_biases("attn") if c.attention_bias else []) + (_biases("mlp") if c.mlp_bias else [])
     for layer in range(c.num_hidden_layers):
-        wanted += [(f"blk.{layer}.{p}.weight", False) for p in _LAYER_WEIGHTS]
+        wanted += [(s, layer, False) for s in LAYER_TENSORS if not s.is_bias]
         # HF's attention_bias / mlp_bias gives every projection a bias; a GGUF may omit some.
-        wanted += [(f"blk.{layer}.{p}.bias", True) for p in biased]
-    for gguf_name, zeros_ok in wanted:
-        name, _ = hf_name(gguf_name)
+        wanted += [(s, layer, True) for s in biased]
+    for spec, layer, zeros_ok in wanted:
+        name = spec.hf.format(layer)
         if name in jobs:
             continue
+        gguf_name = spec.gguf.format(layer)
         if not zeros_ok:
             raise UserError(f"{source}: tensor '{gguf_name}' is missing; expected it in a complete "
                             "llama GGUF; the file is corrupt, re-download it")
         log.info("%s: %s absent, writing zeros for %s", source, gguf_name, name)
-        jobs[name] = TensorJob(name, shapes[_template(gguf_name)], None, None)
+        jobs[name] = HfTensorJob(name, spec.shape(sizes), None, None)
     return list(jobs.values())
 
 
-def load_tensor(job: TensorJob, *, dtype: torch.dtype) -> torch.Tensor:
+def load_tensor(job: HfTensorJob, *, dtype: torch.dtype) -> torch.Tensor:
     """Dequantize one GGUF tensor in row chunks, cast to ``dtype``, restore HF row order."""
     if job.source is None:
         return torch.zeros(job.shape, dtype=dtype)
@@ -311,7 +300,7 @@ def import_gguf(*, gguf_path: Path, out_dir: Path, dtype: str = "float16", force
     source = str(gguf_path)
     reader = open_gguf(gguf_path)
     config = read_llama_config(reader, source=source)
-    jobs = plan_tensors(reader, config, source=source)
+    jobs = import_jobs(reader, config, source=source)
     tokenizer, tokenizer_config = tokenizer_from_gguf(reader)
     if tokenizer.get_vocab_size() > config.vocab_size:
         log.warning("%s: tokenizer has %d tokens but the embedding only %d rows", source,

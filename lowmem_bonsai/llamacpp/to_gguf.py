@@ -2,7 +2,8 @@
 
 Library side of ``lowmem-bonsai export-gguf MODEL_DIR --out FILE.gguf``.
 
-- Architecture: uniform models keep llama.cpp's own graph for their family (:data:`GGUF_ARCH`);
+- Architecture: uniform models keep llama.cpp's own graph for their family (the adapter's
+  ``gguf_arch``);
   layers of different widths need ``deci`` (Nemotron-51B's graph), the only one that builds every
   layer from its own head and FFN counts, written as per-layer arrays.
 - Everything is checked before a byte is written (shapes, GQA groups, quantization alignment,
@@ -29,11 +30,14 @@ import gguf
 import numpy as np
 import torch
 
+from ..engine.rope import llama3_params, llama3_rope_factors
 from ..errors import UserError, WriteError
+from ..model.adapters import Adapter
 from ..model.checkpoint import Checkpoint
 from ..model.config import LayerShape, ModelConfig
+from ..model.tensors import LAYER_TENSORS, SPECS, Dim, Presence, TensorSpec, dim_sizes
 from ..outputs.atomic import fsync_dir
-from .layout import ROPE_FREQS, TENSOR_NAMES, llama3_rope_factors, permute_qk
+from .layout import ROPE_FREQS, permute_qk
 from .vocab_to_gguf import vocab_from_checkpoint, write_vocab
 
 log = logging.getLogger(__name__)
@@ -66,17 +70,13 @@ TYPES: dict[str, ExportType] = {
         ("q5_k_s", FT.MOSTLY_Q5_K_S), ("q5_k_m", FT.MOSTLY_Q5_K_M), ("q6_k", FT.MOSTLY_Q6_K))},
 }
 
-# llama.cpp graph for a model whose layers all have the same widths.
-GGUF_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
-NONUNIFORM_ARCH = "deci"
-NEOX_ROPE = {"qwen2"}  # graphs that rotate halves like HF: q/k rows keep their order
+NONUNIFORM_ARCH = "deci"  # the graph for layers of different widths (rotates pairs, like llama)
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some checkpoints carry; not weights
-_HF_TO_GGUF = {hf: g for g, hf in TENSOR_NAMES.items()}
 _CHUNK_ELEMENTS = 1 << 24  # rows converted at once: bounds the float32 scratch (64 MB)
 
 
 @dataclass(frozen=True, slots=True)
-class TensorJob:
+class GgufTensorJob:
     """One GGUF tensor: where it comes from and how it is stored."""
 
     name: str  # GGUF name
@@ -105,19 +105,22 @@ def export_layers(cfg: ModelConfig, etype: ExportType) -> list[LayerShape]:
     return out
 
 
-def choose_arch(cfg: ModelConfig, layers: list[LayerShape]) -> str:
-    if cfg.architecture not in GGUF_ARCH:
-        raise UserError(f"architecture '{cfg.architecture}' cannot be exported to GGUF; expected one "
-                        f"of {', '.join(GGUF_ARCH)}")
+def choose_arch(adapter: Adapter, cfg: ModelConfig, layers: list[LayerShape]) -> str:
+    """The family's own graph for uniform widths, else deci."""
     uniform = all(s == layers[0] for s in layers) and layers == list(cfg.layers)
-    return GGUF_ARCH[cfg.architecture] if uniform else NONUNIFORM_ARCH
+    return adapter.gguf_arch if uniform else NONUNIFORM_ARCH
+
+
+def neox_rope(adapter: Adapter, arch: str) -> bool:
+    """Whether ``arch`` rotates halves like HF (then q/k rows keep their order)."""
+    return arch == adapter.gguf_arch and adapter.gguf_neox_rope
 
 
 def validate(ckpt: Checkpoint, etype: ExportType, type_name: str) -> tuple[str, list[LayerShape]]:
     """Every reason llama.cpp would refuse or abort, found before anything is written."""
     cfg, source = ckpt.config, str(ckpt.dir)
     layers = export_layers(cfg, etype)
-    arch = choose_arch(cfg, layers)
+    arch = choose_arch(ckpt.adapter, cfg, layers)
     hd = cfg.head_dim
     if hd % 2:
         raise UserError(f"{source}: head_dim {hd} is odd; rotary embeddings need an even head_dim")
@@ -127,7 +130,7 @@ def validate(ckpt: Checkpoint, etype: ExportType, type_name: str) -> tuple[str, 
             raise UserError(f"{source}: layer {i} has {s.num_attention_heads} query heads for "
                             f"{s.num_key_value_heads} KV heads; llama.cpp needs a positive multiple "
                             "(equal groups); re-prune keeping whole KV groups")
-    if (cfg.rope_scaling or {}).get("rope_type") == "llama3" and arch in NEOX_ROPE:
+    if (cfg.rope_scaling or {}).get("rope_type") == "llama3" and neox_rope(ckpt.adapter, arch):
         raise UserError(f"{source}: llama3 rope scaling on a {arch} model; llama.cpp reads it only "
                         "for llama/deci; expected default or linear rope")
     if cfg.sliding_window is not None:
@@ -169,49 +172,50 @@ def _source(ckpt: Checkpoint, key: str, layer: int | None, shape: tuple[int, ...
     return name
 
 
-def plan_jobs(ckpt: Checkpoint, arch: str, layers: list[LayerShape], etype: ExportType) -> list[TensorJob]:
+def _exported(spec: TensorSpec, ckpt: Checkpoint, layer: int) -> bool:
+    """Whether this model's GGUF has the tensor of ``spec`` in ``layer``."""
+    if spec.required(attention_bias=ckpt.config.attention_bias):
+        return True
+    return spec.presence is Presence.OPTIONAL and ckpt.has(ckpt.name(spec.key, layer))
+
+
+def export_jobs(ckpt: Checkpoint, arch: str, layers: list[LayerShape],
+                etype: ExportType) -> list[GgufTensorJob]:
     """Every tensor of the GGUF, in file order; shapes are checked against the headers."""
     cfg = ckpt.config
-    h, hd, v = cfg.hidden_size, cfg.head_dim, cfg.vocab_size
+    hd = cfg.head_dim
+    neox = neox_rope(ckpt.adapter, arch)
 
-    def gguf_name(key: str, layer: int | None = None) -> str:
-        hf_template = ckpt.adapter.names[key]
-        return _HF_TO_GGUF[hf_template].format(layer)
-
-    def job(key: str, layer: int | None, shape: tuple[int, ...], *, present: bool = True,
-            heads: int | None = None) -> TensorJob:
+    def job(spec: TensorSpec, layer: int | None, sizes: dict[Dim, int], *, present: bool = True,
+            heads: int | None = None) -> GgufTensorJob:
+        shape = spec.shape(sizes)
         qtype = etype.matrix if len(shape) == 2 else Q.F32  # norms and biases stay F32
-        src = _source(ckpt, key, layer, shape) if present else None
-        permute = heads if present and heads and arch not in NEOX_ROPE else None
-        return TensorJob(gguf_name(key, layer), src, shape, qtype, permute)
+        src = _source(ckpt, spec.key, layer, shape) if present else None
+        permute = heads if present and heads and not neox else None
+        return GgufTensorJob(spec.gguf.format(layer), src, shape, qtype, permute)
 
-    jobs = [job("embed", None, (v, h))]
+    def sizes_of(s: LayerShape) -> dict[Dim, int]:
+        return dim_sizes(vocab=cfg.vocab_size, hidden=cfg.hidden_size, heads=s.num_attention_heads,
+                         kv_heads=s.num_key_value_heads, head_dim=hd, channels=s.intermediate_size)
+
+    top = sizes_of(cfg.layers[0])  # the embedding, final norm and lm_head do not depend on a layer
+    jobs = [job(SPECS["embed"], None, top)]
     scaling = cfg.rope_scaling or {}
     if scaling.get("rope_type") == "llama3":
-        factors = llama3_rope_factors(
-            theta=cfg.rope_theta, head_dim=hd, factor=float(scaling["factor"]),
-            low=float(scaling.get("low_freq_factor", 1.0)), high=float(scaling.get("high_freq_factor", 4.0)),
-            original=int(scaling.get("original_max_position_embeddings", 8192)))
-        jobs.append(TensorJob(ROPE_FREQS, None, (hd // 2,), Q.F32, values=factors.astype(np.float32)))
+        factors = llama3_rope_factors(theta=cfg.rope_theta, head_dim=hd, **llama3_params(scaling))
+        jobs.append(GgufTensorJob(ROPE_FREQS, None, (hd // 2,), Q.F32,
+                                  values=factors.numpy().astype(np.float32)))
     for i, (s, w) in enumerate(zip(cfg.layers, layers)):
-        real_attn = s.num_attention_heads > 0  # else one zero head stands in
-        q, kv = w.num_attention_heads * hd, w.num_key_value_heads * hd
-        assert not real_attn or s == w or s.intermediate_size == 0, (i, s, w)
-        jobs.append(job("attn_norm", i, (h,)))
-        for key, rows, heads in (("q", q, w.num_attention_heads), ("k", kv, w.num_key_value_heads),
-                                 ("v", kv, None)):
-            jobs.append(job(key, i, (rows, h), present=real_attn, heads=heads))
-            if cfg.attention_bias:
-                jobs.append(job(f"{key}_bias", i, (rows,), present=real_attn, heads=heads))
-        jobs.append(job("o", i, (h, q), present=real_attn))
-        jobs.append(job("mlp_norm", i, (h,)))
-        real_ffn = s.intermediate_size > 0
-        f = w.intermediate_size
-        jobs += [job("gate", i, (f, h), present=real_ffn), job("up", i, (f, h), present=real_ffn),
-                 job("down", i, (h, f), present=real_ffn)]
-    jobs.append(job("final_norm", None, (h,)))
+        real = {"attn": s.num_attention_heads > 0,  # else one zero head stands in
+                "mlp": s.intermediate_size > 0, "": True}
+        assert not real["attn"] or s == w or s.intermediate_size == 0, (i, s, w)
+        heads = {Dim.HEADS: w.num_attention_heads, Dim.KV_HEADS: w.num_key_value_heads}
+        jobs += [job(spec, i, sizes_of(w), present=real[spec.module],
+                     heads=heads[spec.unit] if spec.rotary else None)
+                 for spec in LAYER_TENSORS if _exported(spec, ckpt, i)]
+    jobs.append(job(SPECS["final_norm"], None, top))
     if ckpt.has(ckpt.name("lm_head")) or not cfg.tie_word_embeddings:
-        jobs.append(job("lm_head", None, (v, h)))  # the executor uses lm_head whenever present
+        jobs.append(job(SPECS["lm_head"], None, top))  # the executor uses lm_head whenever present
 
     used = {j.source for j in jobs}
     # Zero-size tensors are modules the plan removed entirely (padded above or absent in GGUF).
@@ -269,7 +273,7 @@ def _convert(chunk: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarra
     return gguf.quants.quantize(np.ascontiguousarray(chunk.float().numpy()), qtype)
 
 
-def tensor_data(ckpt: Checkpoint, job: TensorJob) -> np.ndarray:
+def tensor_data(ckpt: Checkpoint, job: GgufTensorJob) -> np.ndarray:
     """One tensor as written: read in row chunks from the memory map, reordered, converted."""
     if job.values is not None:
         return job.values
@@ -297,7 +301,7 @@ def tensor_data(ckpt: Checkpoint, job: TensorJob) -> np.ndarray:
 
 
 def _write_gguf(ckpt: Checkpoint, path: Path, *, arch: str, layers: list[LayerShape],
-                jobs: list[TensorJob], etype: ExportType, vocab, name: str) -> None:
+                jobs: list[GgufTensorJob], etype: ExportType, vocab, name: str) -> None:
     w = gguf.GGUFWriter(path, arch)
     _write_hparams(w, ckpt.config, arch, layers, etype, name)
     write_vocab(w, vocab)
@@ -347,7 +351,7 @@ def export_gguf(*, model_dir: Path, out: Path, type: str = "f16", force: bool = 
         raise UserError(f"{out}: exists; pass --force to replace it")
     ckpt = Checkpoint(model_dir)
     arch, layers = validate(ckpt, etype, type)
-    jobs = plan_jobs(ckpt, arch, layers, etype)
+    jobs = export_jobs(ckpt, arch, layers, etype)
     vocab = vocab_from_checkpoint(model_dir, vocab_size=ckpt.config.vocab_size,
                                   config=ckpt.config.raw)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ import torch
 from ..engine.block import head_rows
 from ..model.checkpoint import Checkpoint
 from ..model.plan import Plan
+from ..model.tensors import LAYER_TENSORS, Dim, Presence
 from .atomic import write_bytes_atomic
 from .shards import DEFAULT_SHARD_BYTES, ShardWriter
 
@@ -24,14 +25,6 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja", "chat_template.json",
 )
-
-# Which axis of each block tensor is sliced by which unit kind ("q" rows follow query heads, ...).
-SLICES: dict[str, tuple[str, int]] = {
-    "q": ("heads", 0), "q_bias": ("heads", 0), "o": ("heads", 1),
-    "k": ("kv_heads", 0), "k_bias": ("kv_heads", 0), "v": ("kv_heads", 0), "v_bias": ("kv_heads", 0),
-    "gate": ("channels", 0), "up": ("channels", 0), "down": ("channels", 1),
-    "attn_norm": ("", 0), "mlp_norm": ("", 0),
-}
 
 
 def pruned_config(ckpt: Checkpoint, plan: Plan) -> dict:
@@ -68,19 +61,23 @@ def write_pruned(ckpt: Checkpoint, plan: Plan, stage: Path, *, dtype: torch.dtyp
 
     put(ckpt.name("embed"), ckpt.get(ckpt.name("embed")))
     for layer, keep in enumerate(plan.layers):
-        index = {
-            "heads": head_rows(keep.heads, hd),
-            "kv_heads": head_rows(keep.kv_heads, hd),
-            "channels": torch.tensor(keep.channels, dtype=torch.long),
+        index = {  # the kept rows (or columns) of each unit kind
+            Dim.HEADS: head_rows(keep.heads, hd),
+            Dim.KV_HEADS: head_rows(keep.kv_heads, hd),
+            Dim.CHANNELS: torch.tensor(keep.channels, dtype=torch.long),
         }
-        for key, (unit, axis) in SLICES.items():
-            name = ckpt.name(key, layer)
+        for spec in LAYER_TENSORS:
+            if spec.presence is Presence.IMPORT_ONLY:
+                continue
+            name = ckpt.name(spec.key, layer)
             if not ckpt.has(name):
-                if key.endswith("_bias") and not cfg.attention_bias:
+                if not spec.required(attention_bias=cfg.attention_bias):
                     continue
                 ckpt.get(name)  # raises a UserError naming the missing tensor
             t = ckpt.get(name)
-            put(name, t.index_select(axis, index[unit]).contiguous() if unit else t)
+            if spec.unit is not None:
+                t = t.index_select(spec.slice_axis, index[spec.unit]).contiguous()
+            put(name, t)
         if on_block is not None:
             on_block(layer)
     put(ckpt.name("final_norm"), ckpt.get(ckpt.name("final_norm")))

@@ -1,4 +1,5 @@
-"""Model families. Each family is one adapter: its tensor-name table and its few quirks.
+"""Model families. Each family is one adapter: its tensor names (from the tensor table), its GGUF
+graph and its few quirks.
 
 Generic code asks ``adapter_for(config)`` and never looks at ``model_type`` itself.
 """
@@ -17,7 +18,9 @@ class Adapter(Protocol):
     """What the executor needs from a model family."""
 
     architecture: str
-    names: dict[str, str]
+    names: dict[str, str]  # executor key -> HF name template (see ..tensors)
+    gguf_arch: str  # llama.cpp's graph for the family when every layer has the same widths
+    gguf_neox_rope: bool  # that graph rotates halves like HF (q/k rows keep their order)
 
     def attention_bias(self, raw: dict[str, Any]) -> bool:
         """Whether q/k/v projections carry biases."""

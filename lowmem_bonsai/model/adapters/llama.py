@@ -4,29 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-# HF tensor names; "{}" is the layer index. Keys are the executor's names for the weights.
-LLAMA_NAMES: dict[str, str] = {
-    "embed": "model.embed_tokens.weight",
-    "final_norm": "model.norm.weight",
-    "lm_head": "lm_head.weight",
-    "attn_norm": "model.layers.{}.input_layernorm.weight",
-    "q": "model.layers.{}.self_attn.q_proj.weight",
-    "k": "model.layers.{}.self_attn.k_proj.weight",
-    "v": "model.layers.{}.self_attn.v_proj.weight",
-    "q_bias": "model.layers.{}.self_attn.q_proj.bias",
-    "k_bias": "model.layers.{}.self_attn.k_proj.bias",
-    "v_bias": "model.layers.{}.self_attn.v_proj.bias",
-    "o": "model.layers.{}.self_attn.o_proj.weight",
-    "mlp_norm": "model.layers.{}.post_attention_layernorm.weight",
-    "gate": "model.layers.{}.mlp.gate_proj.weight",
-    "up": "model.layers.{}.mlp.up_proj.weight",
-    "down": "model.layers.{}.mlp.down_proj.weight",
-}
+from ..tensors import USED
+
+# HF tensor names from the tensor table; "{}" is the layer index. Keys are the executor's names.
+LLAMA_NAMES: dict[str, str] = {s.key: s.hf for s in USED}
 
 
 class LlamaAdapter:
     architecture = "LlamaForCausalLM"
     names = LLAMA_NAMES
+    gguf_arch = "llama"  # llama.cpp's graph for a model whose layers all have the same widths
+    gguf_neox_rope = False  # llama.cpp's llama graph rotates adjacent pairs: q/k rows are reordered
 
     def attention_bias(self, raw: dict[str, Any]) -> bool:
         return bool(raw.get("attention_bias", False))
@@ -48,6 +36,8 @@ class MistralAdapter(LlamaAdapter):
 
 class Qwen2Adapter(LlamaAdapter):
     architecture = "Qwen2ForCausalLM"
+    gguf_arch = "qwen2"
+    gguf_neox_rope = True  # the qwen2 graph rotates halves like HF: q/k rows keep their order
 
     def attention_bias(self, raw: dict[str, Any]) -> bool:
         return True  # Qwen2 always has q/k/v biases (and none on o_proj)
