@@ -14,6 +14,7 @@ import typer
 from .errors import UserError
 from .model.config import DTYPES
 from .profiles import DEFAULT_PROFILE, load_profile, profile_names
+from .settings import Allocation, DType, Estimator, HeadUnit, MaskCounts, Method, Prior, Score, one_of
 
 PROFILE_HELP = (f"Profile: one of {', '.join(profile_names())} (default {DEFAULT_PROFILE}), "
                 "or the path of a .toml file.")
@@ -66,7 +67,7 @@ def main(
 def import_gguf_cmd(
     gguf_file: Annotated[Path, typer.Argument(help="A llama.cpp GGUF of a Llama-family model.")],
     out: Annotated[Path, typer.Option("--out", help="Checkpoint folder to create.")],
-    dtype: Annotated[str, typer.Option(help="Storage dtype: float16, bfloat16 or float32.")] = "float16",
+    dtype: Annotated[str, typer.Option(help=f"Storage dtype: {one_of(DType)}.")] = DType.FLOAT16,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
 ) -> None:
     """Turn a GGUF into a Hugging Face checkpoint (config.json, safetensors, tokenizer.json).
@@ -90,7 +91,7 @@ def eval_cmd(
     max_seqs: Annotated[Optional[int], typer.Option(help="Use only the first N windows.")] = None,
     skip: Annotated[int, typer.Option(help="Skip the first N windows (e.g. used for calibration).")] = 0,
     batch_seqs: Annotated[int, typer.Option(help="Windows per streamed pass over the blocks.")] = 8,
-    dtype: Annotated[str, typer.Option(help="Compute dtype: float32, bfloat16 or float16.")] = "float32",
+    dtype: Annotated[str, typer.Option(help=f"Compute dtype: {one_of(DType)}.")] = DType.FLOAT32,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's).")] = None,
     device: Annotated[str, typer.Option(help="Where a checkpoint's blocks compute: cpu, cuda or cuda:N.")] = "cpu",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON.")] = None,
@@ -131,7 +132,8 @@ def estimate_cmd(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder to prune.")],
     profile: Annotated[Optional[str], typer.Option(help=PROFILE_HELP)] = None,
     sparsity: Annotated[float, typer.Option(help="Target sparsity.")] = 0.5,
-    method: Annotated[str, typer.Option(help="bonsai, or a baseline (no masks).")] = "bonsai",
+    method: Annotated[str, typer.Option(
+        help=f"{one_of(Method, helped=True)}; all but bonsai are baselines without masks.")] = Method.BONSAI,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Before any work: peak memory by component, disk needed, forward FLOPs per round and an ETA
@@ -204,28 +206,24 @@ def prune_cmd(
     sparsity: Annotated[float, typer.Option(help="Fraction of non-embedding parameters to remove.")] = 0.5,
     profile: Annotated[Optional[str], typer.Option(
         help=PROFILE_HELP)] = None,
-    method: Annotated[str, typer.Option(
-        help="bonsai (regression on sub-model losses), prior (structured Wanda), magnitude, random.")] = "bonsai",
+    method: Annotated[str, typer.Option(help=f"{one_of(Method, helped=True)}.")] = Method.BONSAI,
     seed: Annotated[int, typer.Option(help="Seed for mask sampling and the random baseline.")] = 0,
     masks_per_round: Annotated[Optional[int], typer.Option(help="Override the profile.")] = None,
     calib_seqs: Annotated[Optional[int], typer.Option(help="Override the profile.")] = None,
     seq_len: Annotated[Optional[int], typer.Option(help="Override the profile.")] = None,
     prune_frac: Annotated[Optional[float], typer.Option(help="Override the profile.")] = None,
     prior: Annotated[Optional[str], typer.Option(
-        help="Override the profile's prior: wanda, magnitude, fluctuation, random.")] = None,
+        help=f"Override the profile's prior: {one_of(Prior)}.")] = None,
     estimator: Annotated[Optional[str], typer.Option(
-        help="Override the profile: lasso, ridge, or prior (fit only per-kind/per-module scales).")] = None,
+        help=f"Override the profile: {one_of(Estimator, helped=True)}.")] = None,
     allocation: Annotated[Optional[str], typer.Option(
-        help="Override the profile: uniform (every module loses the round's share) or global (units "
-        "ranked by estimated loss per parameter across modules).")] = None,
+        help=f"Override the profile: {one_of(Allocation, helped=True)}.")] = None,
     mask_counts: Annotated[Optional[str], typer.Option(
-        help="Override the profile: fixed (every mask drops half of each module's eligible units) or "
-        "varied (random counts, so layer sensitivities are identifiable).")] = None,
+        help=f"Override the profile: {one_of(MaskCounts, helped=True)}.")] = None,
     score: Annotated[Optional[str], typer.Option(
-        help="Override the profile: nll (calibration text) or kl (to the unpruned model's top-64).")] = None,
+        help=f"Override the profile: {one_of(Score, helped=True)}.")] = None,
     head_unit: Annotated[Optional[str], typer.Option(
-        help="Override the profile: group (whole KV groups) or query (the same query heads from "
-        "every group).")] = None,
+        help=f"Override the profile: {one_of(HeadUnit, helped=True)}.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out (and any saved progress).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a prune that stopped (crash, kill, Ctrl-C).")] = False,
 ) -> None:

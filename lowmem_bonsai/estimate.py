@@ -13,15 +13,16 @@ from .engine.memory import DTYPE_BYTES, STORAGE_BYTES, measure_matmul_gflops, pi
 from .model.checkpoint import Checkpoint
 from .model.config import DTYPES
 from .profiles import Profile
+from .settings import AUTO, Method
 
 
-def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str = "bonsai",
+def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str = Method.BONSAI,
              measure_seconds: float = 1.0) -> dict[str, Any]:
     ckpt = Checkpoint(model_dir)
     cfg = ckpt.config
     sample = ckpt.tensors[ckpt.name("down", 0)]
     storage = STORAGE_BYTES.get(sample.dtype, 4)
-    if profile.storage_dtype != "auto":
+    if profile.storage_dtype != AUTO:
         storage = DTYPE_BYTES[profile.storage_dtype]
     # A GPU profile is planned from device_memory_gb where no GPU is visible (the ETA then needs one).
     device = resolve_device(profile.device) if profile.device == "cpu" or torch.cuda.is_available() else None
@@ -31,7 +32,7 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
     embed = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
     rounds = math.ceil(sparsity / profile.prune_frac - 1e-9)
     t = profile.seq_len
-    masks = profile.masks_per_round if method == "bonsai" else 0
+    masks = profile.masks_per_round if method == Method.BONSAI else 0
     tokens_per_round = profile.calib_seqs * t * (1 + masks)
     flops = []
     for r in range(rounds):

@@ -23,6 +23,7 @@ from .outputs.report import build_report, plot
 from .outputs.resume import RunState
 from .outputs.writer import copy_tokenizer, pruned_config, write_pruned
 from .profiles import Profile
+from .settings import AUTO, Method
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def prune_model(
     sparsity: float,
     profile: Profile,
     calib: Path,
-    method: str = "bonsai",
+    method: str = Method.BONSAI,
     seed: int = 0,
     force: bool = False,
     resume: bool = False,
@@ -144,7 +145,7 @@ def prune_model(
                           "source_hashes": hashes})
         shutil.rmtree(stage, ignore_errors=True)
         stage.mkdir()
-        storage = None if profile.storage_dtype == "auto" else DTYPES[profile.storage_dtype]
+        storage = None if profile.storage_dtype == AUTO else DTYPES[profile.storage_dtype]
         n_layers = ckpt.config.num_hidden_layers
         on_write = (lambda l: progress("write", l + 1, n_layers)) if progress else None
         write_pruned(ckpt, plan, stage, dtype=storage, on_block=on_write)

@@ -14,11 +14,12 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import UserError
-from ..model.config import ModelConfig
+from ..model.config import DTYPES, ModelConfig
 from ..profiles import Profile
+from ..settings import AUTO, DType, names
 from .device import synchronize
 
-DTYPE_BYTES = {"auto": 4, "float32": 4, "bfloat16": 2, "float16": 2}  # auto: plan for the widest
+DTYPE_BYTES = {AUTO: 4, **{name: dt.itemsize for name, dt in DTYPES.items()}}  # auto: the widest
 STORAGE_BYTES = {"F32": 4, "BF16": 2, "F16": 2}
 LOGIT_BUDGET = 1 << 25  # logits the forward holds at once (elements): 128 MB in fp32
 RUNTIME_GB = 0.35  # python, torch and tokenizers loaded (measured peak_anon of an idle import: 0.14 GiB)
@@ -133,14 +134,14 @@ def pick_compute_dtype(requested: str, device: torch.device | None = None) -> tu
     12 (no native half-precision GEMM), while another machine of the same kind had fp16 twice as
     fast as fp32. Returns (name, {dtype: GFLOP/s}); the choice is cached per process and device.
     """
-    if requested != "auto":
+    if requested != AUTO:
         return requested, {}
     dev = device if device is not None else torch.device("cpu")
     key = str(dev)
     if key not in _PICKED:
         small = dict(n=512, k=1024) if dev.type == "cpu" else {}  # a quick pick on a CPU
         rates = {name: measure_matmul_gflops(getattr(torch, name), seconds=0.3, device=dev, **small)
-                 for name in ("float32", "bfloat16", "float16")}
+                 for name in names(DType)}
         _PICKED[key] = (max(rates, key=rates.get), rates)
     name, rates = _PICKED[key]
     return name, dict(rates)

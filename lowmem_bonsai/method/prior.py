@@ -15,24 +15,23 @@ from __future__ import annotations
 import torch
 
 from ..engine.block import ColumnStats
-
-PRIORS = ("wanda", "magnitude", "fluctuation", "random")
+from ..settings import HeadUnit, Prior
 
 
 def _per_column(kind: str, w_abs: torch.Tensor, w_sq: torch.Tensor, s: torch.Tensor,
                 sq: torch.Tensor, n: int) -> torch.Tensor:
     mean, mean_sq = s / n, sq / n
-    if kind == "wanda":
+    if kind == Prior.WANDA:
         return w_abs * mean_sq.sqrt()
-    if kind == "magnitude":
+    if kind == Prior.MAGNITUDE:
         return w_abs
-    if kind == "fluctuation":
+    if kind == Prior.FLUCTUATION:
         return (mean_sq - mean.pow(2)).clamp_min(0) * w_sq
     raise ValueError(kind)
 
 
 def unit_priors(stats: ColumnStats, kind: str, gen: torch.Generator, *,
-                head_unit: str = "group") -> tuple[torch.Tensor, torch.Tensor]:
+                head_unit: str = HeadUnit.GROUP) -> tuple[torch.Tensor, torch.Tensor]:
     """Prior of every attention unit and every channel of one layer.  # (units,), (F,) fp64
 
     Attention units are KV groups (``head_unit="group"``, n_kv units) or query-head slots
@@ -40,13 +39,13 @@ def unit_priors(stats: ColumnStats, kind: str, gen: torch.Generator, *,
     """
     n_kv, n_f = stats.n_kv_heads, stats.down_abs_mean.numel()
     q = stats.n_heads // max(n_kv, 1)
-    if kind == "random":
-        return (torch.rand(n_kv if head_unit == "group" else q, generator=gen, dtype=torch.float64),
+    if kind == Prior.RANDOM:
+        return (torch.rand(n_kv if head_unit == HeadUnit.GROUP else q, generator=gen, dtype=torch.float64),
                 torch.rand(n_f, generator=gen, dtype=torch.float64))
     a, n = stats.act, max(stats.act.tokens, 1)
     head_cols = _per_column(kind, stats.o_abs_mean, stats.o_sq, a.head_sum, a.head_sq, n)
     chan = _per_column(kind, stats.down_abs_mean, stats.down_sq, a.chan_sum, a.chan_sq, n)
     heads = head_cols.view(n_kv, q, -1)  # (n_kv, q_per_kv, hd): a group's heads are contiguous
-    axes = (1, 2) if head_unit == "group" else (0, 2)
-    attn = heads.sum(axes) if kind == "fluctuation" else heads.mean(axes)
+    axes = (1, 2) if head_unit == HeadUnit.GROUP else (0, 2)
+    attn = heads.sum(axes) if kind == Prior.FLUCTUATION else heads.mean(axes)
     return attn, chan

@@ -25,13 +25,12 @@ from ..model.config import DTYPES, ModelConfig
 from ..model.plan import LayerPlan, Plan
 from ..outputs.resume import RunState
 from ..profiles import Profile
+from ..settings import Method, names
 from .masks import Module, eligible_units, sample_masks
 from .prior import unit_priors
 from .regression import fit
 
 log = logging.getLogger(__name__)
-
-METHODS = ("bonsai", "prior", "magnitude", "random")
 
 # progress(stage, done, total): stage is "prior", "masks" (blocks of all waves) or "round"
 Progress = Callable[[str, int, int], None]
@@ -136,8 +135,8 @@ def _priors(ckpt: Checkpoint, stats: list[ColumnStats], kind: str, gen: torch.Ge
 
 
 def check_settings(*, sparsity: float, method: str) -> None:
-    if method not in METHODS:
-        raise UserError(f"--method {method}: expected one of {', '.join(METHODS)}")
+    if method not in names(Method):
+        raise UserError(f"--method {method}: expected one of {', '.join(names(Method))}")
     if not 0 < sparsity < 1:
         raise UserError(f"--sparsity {sparsity}: must be between 0 and 1 (exclusive)")
 

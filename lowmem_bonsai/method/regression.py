@@ -23,9 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..settings import Estimator
+
 RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # x mean squared row norm of the centered masks
 LASSO_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)  # x the smallest penalty that zeroes delta
-GRIDS = {"ridge": RIDGE_GRID, "lasso": LASSO_GRID, "prior": (0.0,)}
+GRIDS = {Estimator.RIDGE: RIDGE_GRID, Estimator.LASSO: LASSO_GRID, Estimator.PRIOR: (0.0,)}
 MODULE_GRID = (0.1, 1.0, 10.0, float("inf"))  # x mean squared column norm; inf: no module scales
 
 
@@ -114,9 +116,9 @@ def _solve(x: torch.Tensor, y: torch.Tensor, prior: torch.Tensor, kinds: torch.T
     xc, yc = x - xm, y - ym
     base, scale = _base(xc, yc, prior, kinds, groups, module_penalty)
     resid = yc - xc @ base
-    if estimator == "ridge":
+    if estimator == Estimator.RIDGE:
         delta = _ridge(xc, resid, penalty)
-    elif estimator == "lasso":
+    elif estimator == Estimator.LASSO:
         delta = _lasso(xc, resid, penalty)
     else:
         delta = torch.zeros_like(base)
@@ -125,7 +127,7 @@ def _solve(x: torch.Tensor, y: torch.Tensor, prior: torch.Tensor, kinds: torch.T
 
 
 def fit(x: torch.Tensor, y: torch.Tensor, *, prior: torch.Tensor, kinds: torch.Tensor,
-        estimator: str = "ridge", folds: int = 5, gen: torch.Generator | None = None,
+        estimator: str = Estimator.RIDGE, folds: int = 5, gen: torch.Generator | None = None,
         groups: torch.Tensor | None = None) -> Fit:
     """Fit beta on masks x (M, D) in {0, 1} and scores y (M,), penalty chosen by k-fold CV.
 

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from ..settings import DType
 
 # Compute and storage dtypes by the names config.json, profiles and flags use.
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[str, torch.dtype] = {d.value: getattr(torch, d.value) for d in DType}
 
 PER_LAYER_KEYS = (
     "num_attention_heads_per_layer",
