@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import torch
 import typer
+from typer.core import TyperGroup
 
 from .errors import UserError
 from .model.config import DTYPES
@@ -19,35 +20,41 @@ from .settings import Allocation, DType, Estimator, HeadUnit, MaskCounts, Method
 PROFILE_HELP = (f"Profile: one of {', '.join(profile_names())} (default {DEFAULT_PROFILE}), "
                 "or the path of a .toml file.")
 
+_state = {"debug": False}
+
+
+class _Commands(TyperGroup):
+    """The app's commands. Every error a user can fix is caught here, once, for all of them: one
+    line ``error: ...`` on stderr and exit status 2 (with --debug, the traceback instead)."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            if _state["debug"]:
+                raise
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt as exc:
+            typer.echo("interrupted", err=True)
+            for note in getattr(exc, "__notes__", ()):  # what the command adds, e.g. how to resume
+                typer.echo(note, err=True)
+            raise typer.Exit(130) from None
+
+
 app = typer.Typer(
+    cls=_Commands,
     add_completion=False,
     no_args_is_help=True,
     help="Structured pruning of LLMs with forward passes only (Bonsai), streamed from disk, "
     "for machines with less memory than the model.",
 )
 
-_state = {"debug": False}
-
-
 
 def _dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise UserError(f"dtype '{name}' is not one of {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-def _run(fn, *args, **kwargs):
-    """Call into the library; a UserError becomes one line on stderr and exit status 2."""
-    try:
-        return fn(*args, **kwargs)
-    except UserError as exc:
-        if _state["debug"]:
-            raise
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(130) from None
 
 
 @app.callback()
@@ -77,8 +84,7 @@ def import_gguf_cmd(
     """
     from .llamacpp.from_gguf import import_gguf
 
-    _dtype(dtype)
-    path = _run(import_gguf, gguf_path=gguf_file, out_dir=out, dtype=dtype, force=force)
+    path = import_gguf(gguf_path=gguf_file, out_dir=out, dtype=dtype, force=force)
     typer.echo(f"wrote {path}")
 
 
@@ -114,17 +120,17 @@ def eval_cmd(
     if model.suffix == ".gguf" and not model.is_dir():  # llama.cpp tokenizes and runs it
         from .llamacpp.runner import gguf_perplexity
 
-        result = _run(gguf_perplexity, gguf=model, data=data, seq_len=seq_len, max_seqs=max_seqs,
-                      skip=skip, threads=threads, on_batch=on_batch)
+        result = gguf_perplexity(gguf=model, data=data, seq_len=seq_len, max_seqs=max_seqs,
+                                 skip=skip, threads=threads, on_batch=on_batch)
     else:
-        result = _run(evaluate, model_dir=model, data=data, seq_len=seq_len, max_seqs=max_seqs,
-                      skip=skip, batch_seqs=batch_seqs, dtype=_run(_dtype, dtype), device=device,
-                      on_batch=on_batch)
+        result = evaluate(model_dir=model, data=data, seq_len=seq_len, max_seqs=max_seqs,
+                          skip=skip, batch_seqs=batch_seqs, dtype=_dtype(dtype), device=device,
+                          on_batch=on_batch)
     bar.close()
     typer.echo(f"perplexity {result.perplexity:.4f}  ({result.tokens} tokens, {result.sequences} x "
                f"{result.seq_len}, {result.seconds:.1f} s)")
     if json_out is not None:
-        _run(write_json_atomic, json_out, result.to_json())
+        write_json_atomic(json_out, result.to_json())
 
 
 @app.command("estimate")
@@ -140,8 +146,7 @@ def estimate_cmd(
     from a matmul rate measured on this machine in about a second."""
     from .estimate import estimate
 
-    prof = _run(load_profile, profile)
-    e = _run(estimate, model_dir=model, profile=prof, sparsity=sparsity, method=method)
+    e = estimate(model_dir=model, profile=load_profile(profile), sparsity=sparsity, method=method)
     if as_json:
         typer.echo(json.dumps(e, indent=2))
         return
@@ -235,20 +240,17 @@ def prune_cmd(
     """
     from .pipeline import prune_model
 
-    prof = _run(load_profile, profile)
-    prof = _run(prof.replace, masks_per_round=masks_per_round, calib_seqs=calib_seqs, seq_len=seq_len,
-                prune_frac=prune_frac, prior=prior, estimator=estimator, head_unit=head_unit,
-                allocation=allocation, mask_counts=mask_counts, score=score)
+    prof = load_profile(profile).replace(
+        masks_per_round=masks_per_round, calib_seqs=calib_seqs, seq_len=seq_len, prune_frac=prune_frac,
+        prior=prior, estimator=estimator, head_unit=head_unit, allocation=allocation,
+        mask_counts=mask_counts, score=score)
     bars = _Bars()
     try:
-        report = _run(prune_model, model_dir=model, out_dir=out, sparsity=sparsity, profile=prof,
-                      calib=calib, method=method, seed=seed, force=force, resume=resume,
-                      progress=bars)
-    except typer.Exit as exc:
-        bars.close()
-        if exc.exit_code == 130:
-            typer.echo(f"progress is saved in {out}.partial; run the same command with --resume to "
-                       "continue", err=True)
+        report = prune_model(model_dir=model, out_dir=out, sparsity=sparsity, profile=prof, calib=calib,
+                             method=method, seed=seed, force=force, resume=resume, progress=bars)
+    except KeyboardInterrupt as exc:
+        exc.add_note(f"progress is saved in {out}.partial; run the same command with --resume to "
+                     "continue")
         raise
     finally:
         bars.close()
@@ -275,7 +277,7 @@ def export_gguf_cmd(
     """
     from .llamacpp.to_gguf import export_gguf
 
-    path = _run(export_gguf, model_dir=model, out=out, type=type, force=force)
+    path = export_gguf(model_dir=model, out=out, type=type, force=force)
     typer.echo(f"wrote {path}")
 
 
@@ -292,8 +294,8 @@ def generate_cmd(
     """Generate text from a GGUF with llama.cpp."""
     from .llamacpp.runner import generate
 
-    text = _run(generate, gguf=gguf_file, prompt=prompt, n_tokens=n_tokens, chat=chat, seed=seed,
-                temperature=temperature)
+    text = generate(gguf=gguf_file, prompt=prompt, n_tokens=n_tokens, chat=chat, seed=seed,
+                    temperature=temperature)
     typer.echo(text)
 
 

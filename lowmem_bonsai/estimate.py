@@ -10,6 +10,7 @@ import torch
 
 from .engine.device import free_bytes, resolve_device
 from .engine.memory import DTYPE_BYTES, STORAGE_BYTES, measure_matmul_gflops, pick_compute_dtype, plan_memory
+from .method.prune import check_settings
 from .model.checkpoint import Checkpoint
 from .model.config import DTYPES
 from .profiles import Profile
@@ -18,6 +19,7 @@ from .settings import AUTO, Method
 
 def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str = Method.BONSAI,
              measure_seconds: float = 1.0) -> dict[str, Any]:
+    check_settings(sparsity=sparsity, method=method)
     ckpt = Checkpoint(model_dir)
     cfg = ckpt.config
     sample = ckpt.tensors[ckpt.name("down", 0)]
