@@ -5,15 +5,7 @@ import torch
 from lowmem_bonsai.model.checkpoint import Checkpoint
 from lowmem_bonsai.engine.forward import streamed_nll
 
-from .conftest import make_tiny
-
-
-def hf_nll(model, tokens: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(tokens).logits.float()  # (S, T, V)
-    loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
-    return loss.view(tokens.shape[0], -1).sum(1).double()
+from .conftest import hf_nll, make_tiny
 
 
 def test_streamed_matches_transformers(tmp_path, family):

@@ -35,9 +35,7 @@ from lowmem_bonsai.outputs.atomic import write_json_atomic
 from lowmem_bonsai.model.plan import LayerPlan, Plan
 from lowmem_bonsai.outputs.writer import copy_tokenizer, pruned_config, write_pruned
 
-from .conftest import WIKITEXT, make_tiny
-from .test_block import zero_removed
-from .test_gguf_import import CHAT_ODD, CORPUS, ODD, byte_level_vocab, write_gguf
+from .conftest import CHAT_ODD, CORPUS, ODD, WIKITEXT, byte_level_vocab, make_tiny, write_gguf, zero_removed
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                                 reason="llama-cpp-python not installed")

@@ -14,9 +14,7 @@ from lowmem_bonsai.pipeline import prune_model
 from lowmem_bonsai.model.plan import Plan
 from lowmem_bonsai.profiles import load_profile
 
-from .conftest import make_tiny, write_word_tokenizer
-from .test_block import zero_removed
-from .test_forward import hf_nll
+from .conftest import hf_nll, make_tiny, write_word_tokenizer, zero_removed
 
 TINY = dict(layers=4, intermediate_size=256, num_attention_heads=8, num_key_value_heads=4)
 
