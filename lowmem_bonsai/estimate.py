@@ -32,7 +32,7 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
                       device_free_bytes=free_bytes(device) if device is not None else None)
     total = cfg.non_embedding_params()
     embed = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
-    rounds = math.ceil(sparsity / profile.prune_frac - 1e-9)
+    rounds = profile.rounds_for(sparsity)
     t = profile.seq_len
     masks = profile.masks_per_round if method == Method.BONSAI else 0
     tokens_per_round = profile.calib_seqs * t * (1 + masks)

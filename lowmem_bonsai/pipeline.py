@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from .errors import UserError, WriteError
 from .method.prune import Progress, PruneResult, check_settings, run_rounds
 from .model.checkpoint import INDEX_NAME, Checkpoint
 from .model.config import DTYPES
-from .outputs.atomic import check_output_dir, fsync_dir, write_json_atomic
+from .outputs.atomic import check_output_dir, commit_dir, write_json_atomic
 from .outputs.report import build_report, plot
 from .outputs.resume import RunState
 from .outputs.writer import copy_tokenizer, pruned_config, write_pruned
@@ -80,9 +79,8 @@ def _open_state(model_dir: Path, out_dir: Path, key: dict[str, Any], *, resume: 
             )
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    state = RunState(state_path, key=key)
     try:
-        state._save()
+        state = RunState.create(state_path, key=key)
     except WriteError:
         shutil.rmtree(work)  # else a rerun would be told to resume a run that has no progress
         raise
@@ -159,10 +157,7 @@ def prune_model(
     except UserError as exc:
         raise _failed(exc, state, out_dir) from None
     # Only a complete output gets the final name; then the progress is no longer needed.
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(stage, out_dir)
-    fsync_dir(out_dir.parent)
+    commit_dir(stage, out_dir)
     shutil.rmtree(work_dir(out_dir))
     log.info("pruned %s -> %s: sparsity %.4f", model_dir, out_dir, report["achieved_sparsity"])
     return report

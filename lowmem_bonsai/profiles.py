@@ -7,6 +7,7 @@ A profile is parsed into a frozen :class:`Profile`; unknown keys and wrong types
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,10 @@ class Profile:
         for ok, msg in checks:
             if not ok:
                 raise UserError(f"profile '{self.name}': {msg}")
+
+    def rounds_for(self, sparsity: float) -> int:
+        """Rounds to reach ``sparsity`` at prune_frac per round (the last one may be smaller)."""
+        return math.ceil(sparsity / self.prune_frac - 1e-9)
 
     def replace(self, **changes: Any) -> Profile:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})

@@ -42,9 +42,8 @@ class SoftTargets:
     """A reference model's next-token distribution, truncated to its top k and renormalised.
 
     Scoring a sub-model by cross-entropy to these instead of to the one token the text has
-    (= KL to the reference + a constant) removes the noise of which token happened to follow:
-    on SmolLM2 with 512 calibration tokens, sub-models' NLL ranks did not predict their held-out
-    ranks (tools/bench_regression.py).
+    (= KL to the reference + a constant) removes the noise of which token happened to follow
+    (README, "Where the gain comes from").
     """
 
     ids: torch.Tensor  # (S, T-1, K) int64

@@ -130,9 +130,8 @@ _PICKED: dict[str, tuple[str, dict[str, float]]] = {}
 def pick_compute_dtype(requested: str, device: torch.device | None = None) -> tuple[str, dict[str, float]]:
     """The profile's dtype, or for "auto" the one with the fastest measured matmul here.
 
-    Measured, not assumed: on one 2-core AVX-512 machine fp32 ran 65 GFLOP/s and fp16/bf16 under
-    12 (no native half-precision GEMM), while another machine of the same kind had fp16 twice as
-    fast as fp32. Returns (name, {dtype: GFLOP/s}); the choice is cached per process and device.
+    Measured, not assumed: the fastest dtype differs between machines of the same kind (README,
+    Profiles). Returns (name, {dtype: GFLOP/s}); the choice is cached per process and device.
     """
     if requested != AUTO:
         return requested, {}

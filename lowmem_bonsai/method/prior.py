@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..engine.block import ColumnStats
+from ..model.checkpoint import Checkpoint
 from ..settings import HeadUnit, Prior
 
 
@@ -49,3 +50,16 @@ def unit_priors(stats: ColumnStats, kind: str, gen: torch.Generator, *,
     axes = (1, 2) if head_unit == HeadUnit.GROUP else (0, 2)
     attn = heads.sum(axes) if kind == Prior.FLUCTUATION else heads.mean(axes)
     return attn, chan
+
+
+def layer_priors(ckpt: Checkpoint, stats: list[ColumnStats], kind: str, gen: torch.Generator,
+                 head_unit: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`unit_priors` of every layer; a non-finite prior is refused naming its layer."""
+    out = []
+    for layer, s in enumerate(stats):
+        group, chan = unit_priors(s, kind, gen, head_unit=head_unit)
+        for name, t in (("attention", group), ("MLP", chan)):
+            if not torch.isfinite(t).all():
+                raise ckpt.nonfinite_error(found=f"the {name} prior of layer {layer}", layer=layer)
+        out.append((group, chan))
+    return out

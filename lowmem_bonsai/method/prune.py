@@ -27,7 +27,7 @@ from ..outputs.resume import RunState
 from ..profiles import Profile
 from ..settings import Method, names
 from .masks import Module, eligible_units, sample_masks
-from .prior import unit_priors
+from .prior import layer_priors
 from .regression import fit
 
 log = logging.getLogger(__name__)
@@ -122,18 +122,6 @@ def _align_mlp(drop: list[int], order: list[int], n_units: int, align: int) -> l
     return drop
 
 
-def _priors(ckpt: Checkpoint, stats: list[ColumnStats], kind: str, gen: torch.Generator,
-            head_unit: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    out = []
-    for layer, s in enumerate(stats):
-        group, chan = unit_priors(s, kind, gen, head_unit=head_unit)
-        for name, t in (("attention", group), ("MLP", chan)):
-            if not torch.isfinite(t).all():
-                raise ckpt.nonfinite_error(found=f"the {name} prior of layer {layer}", layer=layer)
-        out.append((group, chan))
-    return out
-
-
 def check_settings(*, sparsity: float, method: str) -> None:
     if method not in names(Method):
         raise UserError(f"--method {method}: expected one of {', '.join(names(Method))}")
@@ -180,7 +168,7 @@ def run_rounds(
         log.info("resuming after round %d", len(result.rounds))
     s_count, t = calib.shape
     pass_tokens = s_count * t
-    expected_rounds = math.ceil(sparsity / profile.prune_frac - 1e-9)
+    expected_rounds = profile.rounds_for(sparsity)
     fwd = dict(dtype=dtype, prefetch=profile.prefetch, chunk_tokens=profile.chunk_tokens, device=device)
     r = len(result.rounds)
     # A round that removed nothing ends the prune; so it does when resuming right after it.
@@ -205,7 +193,7 @@ def run_rounds(
         teacher = [] if method == "bonsai" and profile.score == "kl" else None
         base = streamed_nll(ckpt, calib, plan=plan, stats=stats, on_block=on_prior, teacher=teacher, **fwd)
         calib_loss = float(base.sum()) / (s_count * (t - 1))
-        priors = _priors(ckpt, stats, prior_kind, gen, profile.head_unit)
+        priors = layer_priors(ckpt, stats, prior_kind, gen, profile.head_unit)
         if not math.isfinite(calib_loss):  # a non-finite lm_head or final norm (or a random prior)
             raise ckpt.nonfinite_error(found="the calibration loss")
         p = budget / before  # share of the current model this round removes

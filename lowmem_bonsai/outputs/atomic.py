@@ -73,8 +73,13 @@ def staged_dir(out: Path, *, force: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    commit_dir(stage, out)
+    log.info("wrote %s", out)
+
+
+def commit_dir(stage: Path, out: Path) -> None:
+    """Put a complete staging folder in the place of ``out`` (replacing what was there)."""
     if out.exists():
         shutil.rmtree(out)
     os.replace(stage, out)
     fsync_dir(out.parent)
-    log.info("wrote %s", out)

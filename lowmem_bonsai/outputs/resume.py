@@ -45,6 +45,13 @@ class RunState:
                                      "round_start": None, "waves": {}}
 
     @classmethod
+    def create(cls, path: Path, *, key: dict[str, Any]) -> RunState:
+        """A new run's state, written at once (a run with no state file has no progress)."""
+        state = cls(path, key=key)
+        state._save()
+        return state
+
+    @classmethod
     def load(cls, path: Path, *, key: dict[str, Any]) -> RunState:
         state = cls(path, key=key)
         try:
