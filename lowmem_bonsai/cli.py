@@ -10,43 +10,51 @@ from typing import Annotated, Optional
 
 import torch
 import typer
+from typer.core import TyperGroup
 
-from .config import DTYPES
 from .errors import UserError
+from .model.config import DTYPES
 from .profiles import DEFAULT_PROFILE, load_profile, profile_names
+from .settings import Allocation, DType, Estimator, HeadUnit, MaskCounts, Method, Prior, Score, one_of
 
 PROFILE_HELP = (f"Profile: one of {', '.join(profile_names())} (default {DEFAULT_PROFILE}), "
                 "or the path of a .toml file.")
 
+_state = {"debug": False}
+
+
+class _Commands(TyperGroup):
+    """The app's commands. Every error a user can fix is caught here, once, for all of them: one
+    line ``error: ...`` on stderr and exit status 2 (with --debug, the traceback instead)."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            if _state["debug"]:
+                raise
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt as exc:
+            typer.echo("interrupted", err=True)
+            for note in getattr(exc, "__notes__", ()):  # what the command adds, e.g. how to resume
+                typer.echo(note, err=True)
+            raise typer.Exit(130) from None
+
+
 app = typer.Typer(
+    cls=_Commands,
     add_completion=False,
     no_args_is_help=True,
     help="Structured pruning of LLMs with forward passes only (Bonsai), streamed from disk, "
     "for machines with less memory than the model.",
 )
 
-_state = {"debug": False}
-
-
 
 def _dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise UserError(f"dtype '{name}' is not one of {', '.join(DTYPES)}")
     return DTYPES[name]
-
-
-def _run(fn, *args, **kwargs):
-    """Call into the library; a UserError becomes one line on stderr and exit status 2."""
-    try:
-        return fn(*args, **kwargs)
-    except UserError as exc:
-        if _state["debug"]:
-            raise
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(130) from None
 
 
 @app.callback()
@@ -66,7 +74,7 @@ def main(
 def import_gguf_cmd(
     gguf_file: Annotated[Path, typer.Argument(help="A llama.cpp GGUF of a Llama-family model.")],
     out: Annotated[Path, typer.Option("--out", help="Checkpoint folder to create.")],
-    dtype: Annotated[str, typer.Option(help="Storage dtype: float16, bfloat16 or float32.")] = "float16",
+    dtype: Annotated[str, typer.Option(help=f"Storage dtype: {one_of(DType)}.")] = DType.FLOAT16,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
 ) -> None:
     """Turn a GGUF into a Hugging Face checkpoint (config.json, safetensors, tokenizer.json).
@@ -74,10 +82,9 @@ def import_gguf_cmd(
     Tensors are dequantized one at a time and llama.cpp's q/k row order is undone, so memory stays
     near the size of the largest tensor.
     """
-    from .gguf_import import import_gguf
+    from .llamacpp.from_gguf import import_gguf
 
-    _dtype(dtype)
-    path = _run(import_gguf, gguf_path=gguf_file, out_dir=out, dtype=dtype, force=force)
+    path = import_gguf(gguf_path=gguf_file, out_dir=out, dtype=dtype, force=force)
     typer.echo(f"wrote {path}")
 
 
@@ -90,7 +97,7 @@ def eval_cmd(
     max_seqs: Annotated[Optional[int], typer.Option(help="Use only the first N windows.")] = None,
     skip: Annotated[int, typer.Option(help="Skip the first N windows (e.g. used for calibration).")] = 0,
     batch_seqs: Annotated[int, typer.Option(help="Windows per streamed pass over the blocks.")] = 8,
-    dtype: Annotated[str, typer.Option(help="Compute dtype: float32, bfloat16 or float16.")] = "float32",
+    dtype: Annotated[str, typer.Option(help=f"Compute dtype: {one_of(DType)}.")] = DType.FLOAT32,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's).")] = None,
     device: Annotated[str, typer.Option(help="Where a checkpoint's blocks compute: cpu, cuda or cuda:N.")] = "cpu",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON.")] = None,
@@ -100,7 +107,7 @@ def eval_cmd(
     from tqdm import tqdm
 
     from .evaluate import evaluate
-    from .outputs import write_json_atomic
+    from .outputs.atomic import write_json_atomic
 
     if threads:
         torch.set_num_threads(threads)
@@ -111,19 +118,19 @@ def eval_cmd(
         bar.update(done - bar.n)
 
     if model.suffix == ".gguf" and not model.is_dir():  # llama.cpp tokenizes and runs it
-        from .llama_runner import gguf_perplexity
+        from .llamacpp.runner import gguf_perplexity
 
-        result = _run(gguf_perplexity, gguf=model, data=data, seq_len=seq_len, max_seqs=max_seqs,
-                      skip=skip, threads=threads, on_batch=on_batch)
+        result = gguf_perplexity(gguf=model, data=data, seq_len=seq_len, max_seqs=max_seqs,
+                                 skip=skip, threads=threads, on_batch=on_batch)
     else:
-        result = _run(evaluate, model_dir=model, data=data, seq_len=seq_len, max_seqs=max_seqs,
-                      skip=skip, batch_seqs=batch_seqs, dtype=_run(_dtype, dtype), device=device,
-                      on_batch=on_batch)
+        result = evaluate(model_dir=model, data=data, seq_len=seq_len, max_seqs=max_seqs,
+                          skip=skip, batch_seqs=batch_seqs, dtype=_dtype(dtype), device=device,
+                          on_batch=on_batch)
     bar.close()
     typer.echo(f"perplexity {result.perplexity:.4f}  ({result.tokens} tokens, {result.sequences} x "
                f"{result.seq_len}, {result.seconds:.1f} s)")
     if json_out is not None:
-        _run(write_json_atomic, json_out, result.to_json())
+        write_json_atomic(json_out, result.to_json())
 
 
 @app.command("estimate")
@@ -131,15 +138,15 @@ def estimate_cmd(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder to prune.")],
     profile: Annotated[Optional[str], typer.Option(help=PROFILE_HELP)] = None,
     sparsity: Annotated[float, typer.Option(help="Target sparsity.")] = 0.5,
-    method: Annotated[str, typer.Option(help="bonsai, or a baseline (no masks).")] = "bonsai",
+    method: Annotated[str, typer.Option(
+        help=f"{one_of(Method, helped=True)}; all but bonsai are baselines without masks.")] = Method.BONSAI,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Before any work: peak memory by component, disk needed, forward FLOPs per round and an ETA
     from a matmul rate measured on this machine in about a second."""
     from .estimate import estimate
 
-    prof = _run(load_profile, profile)
-    e = _run(estimate, model_dir=model, profile=prof, sparsity=sparsity, method=method)
+    e = estimate(model_dir=model, profile=load_profile(profile), sparsity=sparsity, method=method)
     if as_json:
         typer.echo(json.dumps(e, indent=2))
         return
@@ -208,9 +215,7 @@ def prune_cmd(
     sparsity: Annotated[float, typer.Option(help="Fraction of non-embedding parameters to remove.")] = 0.5,
     profile: Annotated[Optional[str], typer.Option(
         help=PROFILE_HELP)] = None,
-    method: Annotated[str, typer.Option(
-        help="bonsai (regression on sub-model losses), flap (FLAP's fluctuation scores ranked across "
-        "all layers, one pass), prior (structured Wanda), magnitude, random.")] = "bonsai",
+    method: Annotated[str, typer.Option(help=f"{one_of(Method, helped=True)}.")] = Method.BONSAI,
     seed: Annotated[int, typer.Option(help="Seed for mask sampling and the random baseline.")] = 0,
     reconstruct: Annotated[Optional[str], typer.Option(
         help="Override the profile: repair what is left after the units are chosen: none, bias (the "
@@ -223,20 +228,17 @@ def prune_cmd(
     seq_len: Annotated[Optional[int], typer.Option(help="Override the profile.")] = None,
     prune_frac: Annotated[Optional[float], typer.Option(help="Override the profile.")] = None,
     prior: Annotated[Optional[str], typer.Option(
-        help="Override the profile's prior: wanda, magnitude, fluctuation, random.")] = None,
+        help=f"Override the profile's prior: {one_of(Prior)}.")] = None,
     estimator: Annotated[Optional[str], typer.Option(
-        help="Override the profile: lasso, ridge, or prior (fit only per-kind/per-module scales).")] = None,
+        help=f"Override the profile: {one_of(Estimator, helped=True)}.")] = None,
     allocation: Annotated[Optional[str], typer.Option(
-        help="Override the profile: uniform (every module loses the round's share) or global (units "
-        "ranked by estimated loss per parameter across modules).")] = None,
+        help=f"Override the profile: {one_of(Allocation, helped=True)}.")] = None,
     mask_counts: Annotated[Optional[str], typer.Option(
-        help="Override the profile: fixed (every mask drops half of each module's eligible units) or "
-        "varied (random counts, so layer sensitivities are identifiable).")] = None,
+        help=f"Override the profile: {one_of(MaskCounts, helped=True)}.")] = None,
     score: Annotated[Optional[str], typer.Option(
-        help="Override the profile: nll (calibration text) or kl (to the unpruned model's top-64).")] = None,
+        help=f"Override the profile: {one_of(Score, helped=True)}.")] = None,
     head_unit: Annotated[Optional[str], typer.Option(
-        help="Override the profile: group (whole KV groups) or query (the same query heads from "
-        "every group).")] = None,
+        help=f"Override the profile: {one_of(HeadUnit, helped=True)}.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out (and any saved progress).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a prune that stopped (crash, kill, Ctrl-C).")] = False,
 ) -> None:
@@ -248,21 +250,18 @@ def prune_cmd(
     """
     from .pipeline import prune_model
 
-    prof = _run(load_profile, profile)
-    prof = _run(prof.replace, masks_per_round=masks_per_round, calib_seqs=calib_seqs, seq_len=seq_len,
-                prune_frac=prune_frac, prior=prior, estimator=estimator, head_unit=head_unit,
-                allocation=allocation, mask_counts=mask_counts, score=score, reconstruct=reconstruct,
-                reconstruct_seqs=reconstruct_seqs)
+    prof = load_profile(profile).replace(
+        masks_per_round=masks_per_round, calib_seqs=calib_seqs, seq_len=seq_len, prune_frac=prune_frac,
+        prior=prior, estimator=estimator, head_unit=head_unit, allocation=allocation,
+        mask_counts=mask_counts, score=score, reconstruct=reconstruct,
+        reconstruct_seqs=reconstruct_seqs)
     bars = _Bars()
     try:
-        report = _run(prune_model, model_dir=model, out_dir=out, sparsity=sparsity, profile=prof,
-                      calib=calib, method=method, seed=seed, force=force, resume=resume,
-                      progress=bars)
-    except typer.Exit as exc:
-        bars.close()
-        if exc.exit_code == 130:
-            typer.echo(f"progress is saved in {out}.partial; run the same command with --resume to "
-                       "continue", err=True)
+        report = prune_model(model_dir=model, out_dir=out, sparsity=sparsity, profile=prof, calib=calib,
+                             method=method, seed=seed, force=force, resume=resume, progress=bars)
+    except KeyboardInterrupt as exc:
+        exc.add_note(f"progress is saved in {out}.partial; run the same command with --resume to "
+                     "continue")
         raise
     finally:
         bars.close()
@@ -292,9 +291,9 @@ def export_gguf_cmd(
     Tensors are streamed one at a time from the checkpoint's shards; the file appears only when
     complete.
     """
-    from .gguf_export import export_gguf
+    from .llamacpp.to_gguf import export_gguf
 
-    path = _run(export_gguf, model_dir=model, out=out, type=type, force=force)
+    path = export_gguf(model_dir=model, out=out, type=type, force=force)
     typer.echo(f"wrote {path}")
 
 
@@ -309,10 +308,10 @@ def generate_cmd(
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
 ) -> None:
     """Generate text from a GGUF with llama.cpp."""
-    from .llama_runner import generate
+    from .llamacpp.runner import generate
 
-    text = _run(generate, gguf=gguf_file, prompt=prompt, n_tokens=n_tokens, chat=chat, seed=seed,
-                temperature=temperature)
+    text = generate(gguf=gguf_file, prompt=prompt, n_tokens=n_tokens, chat=chat, seed=seed,
+                    temperature=temperature)
     typer.echo(text)
 
 

@@ -8,20 +8,23 @@ from typing import Any
 
 import torch
 
-from .checkpoint import Checkpoint
-from .config import DTYPES
-from .device import free_bytes, resolve_device
-from .memory import DTYPE_BYTES, STORAGE_BYTES, measure_matmul_gflops, pick_compute_dtype, plan_memory
+from .engine.device import free_bytes, resolve_device
+from .engine.memory import DTYPE_BYTES, STORAGE_BYTES, measure_matmul_gflops, pick_compute_dtype, plan_memory
+from .method.prune import check_settings
+from .model.checkpoint import Checkpoint
+from .model.config import DTYPES
 from .profiles import Profile
+from .settings import AUTO, Method
 
 
-def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str = "bonsai",
+def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str = Method.BONSAI,
              measure_seconds: float = 1.0) -> dict[str, Any]:
+    check_settings(sparsity=sparsity, method=method)
     ckpt = Checkpoint(model_dir)
     cfg = ckpt.config
     sample = ckpt.tensors[ckpt.name("down", 0)]
     storage = STORAGE_BYTES.get(sample.dtype, 4)
-    if profile.storage_dtype != "auto":
+    if profile.storage_dtype != AUTO:
         storage = DTYPE_BYTES[profile.storage_dtype]
     # A GPU profile is planned from device_memory_gb where no GPU is visible (the ETA then needs one).
     device = resolve_device(profile.device) if profile.device == "cpu" or torch.cuda.is_available() else None
@@ -29,9 +32,9 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
                       device_free_bytes=free_bytes(device) if device is not None else None)
     total = cfg.non_embedding_params()
     embed = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
-    rounds = math.ceil(sparsity / profile.prune_frac - 1e-9)
+    rounds = profile.rounds_for(sparsity)
     t = profile.seq_len
-    masks = profile.masks_per_round if method == "bonsai" else 0
+    masks = profile.masks_per_round if method == Method.BONSAI else 0
     tokens_per_round = profile.calib_seqs * t * (1 + masks)
     flops = []
     for r in range(rounds):

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint
 from .data import load_tokenizer, tokenize_file, windows
-from .device import resolve_device
-from .forward import streamed_nll
+from .engine.device import resolve_device
+from .engine.forward import streamed_nll
+from .model.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 

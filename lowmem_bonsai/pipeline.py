@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -12,19 +11,20 @@ from typing import Any
 
 import torch
 
-from .checkpoint import INDEX_NAME, Checkpoint
 from .data import load_tokenizer, tokenize_file, windows
-from .device import resolve_device
+from .engine.device import resolve_device
 from .errors import UserError, WriteError
-from .outputs import check_output_dir, fsync_dir, write_json_atomic
+from .method.prune import Progress, PruneResult, check_settings, run_rounds
+from .model.checkpoint import INDEX_NAME, Checkpoint
+from .model.config import DTYPES
+from .outputs.atomic import check_output_dir, commit_dir, write_json_atomic
+from .outputs.report import build_report, plot
+from .outputs.resume import RunState
+from .outputs.writer import copy_tokenizer, pruned_config, write_pruned
 from .profiles import Profile
-from .config import DTYPES
-from .plan import Plan
-from .reconstruct import RepairReport, reconstruct
-from .prune import Progress, PruneResult, check_settings, run_rounds
-from .report import build_report, plot
-from .resume import RunState
-from .writer import copy_tokenizer, pruned_config, write_pruned
+from .method.reconstruct import RepairReport, reconstruct
+from .model.plan import Plan
+from .settings import AUTO, Method
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +80,8 @@ def _open_state(model_dir: Path, out_dir: Path, key: dict[str, Any], *, resume: 
             )
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    state = RunState(state_path, key=key)
     try:
-        state._save()
+        state = RunState.create(state_path, key=key)
     except WriteError:
         shutil.rmtree(work)  # else a rerun would be told to resume a run that has no progress
         raise
@@ -114,7 +113,7 @@ def repair_plan(ckpt: Checkpoint, plan: Plan, tokens: torch.Tensor, folder: Path
 def write_checkpoint(source: Checkpoint, plan: Plan, stage: Path, *, model_dir: Path, profile: Profile,
                      on_block=None) -> None:
     """The pruned checkpoint (shards, config, tokenizer, plan.json) into ``stage``."""
-    storage = None if profile.storage_dtype == "auto" else DTYPES[profile.storage_dtype]
+    storage = None if profile.storage_dtype == AUTO else DTYPES[profile.storage_dtype]
     write_pruned(source, plan, stage, dtype=storage, on_block=on_block)
     write_json_atomic(stage / "config.json", pruned_config(source, plan))
     copy_tokenizer(model_dir, stage)
@@ -128,7 +127,7 @@ def prune_model(
     sparsity: float,
     profile: Profile,
     calib: Path,
-    method: str = "bonsai",
+    method: str = Method.BONSAI,
     seed: int = 0,
     force: bool = False,
     resume: bool = False,
@@ -191,10 +190,7 @@ def prune_model(
     except UserError as exc:
         raise _failed(exc, state, out_dir) from None
     # Only a complete output gets the final name; then the progress is no longer needed.
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(stage, out_dir)
-    fsync_dir(out_dir.parent)
+    commit_dir(stage, out_dir)
     shutil.rmtree(work_dir(out_dir))
     log.info("pruned %s -> %s: sparsity %.4f", model_dir, out_dir, report["achieved_sparsity"])
     return report

@@ -6,17 +6,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lowmem_bonsai.checkpoint import Checkpoint
+from lowmem_bonsai.model.checkpoint import Checkpoint
 from lowmem_bonsai.cli import app
 from lowmem_bonsai.evaluate import evaluate
-from lowmem_bonsai.forward import streamed_nll
+from lowmem_bonsai.engine.forward import streamed_nll
 from lowmem_bonsai.pipeline import prune_model
-from lowmem_bonsai.plan import Plan
+from lowmem_bonsai.model.plan import Plan
 from lowmem_bonsai.profiles import load_profile
 
-from .conftest import make_tiny, write_word_tokenizer
-from .test_block import zero_removed
-from .test_forward import hf_nll
+from .conftest import hf_nll, make_tiny, write_word_tokenizer, zero_removed
 
 TINY = dict(layers=4, intermediate_size=256, num_attention_heads=8, num_key_value_heads=4)
 
@@ -134,8 +132,8 @@ def test_cli_prune_and_its_refusals(tmp_path, tiny, sample_text):
 
 def test_coarse_modules_are_neither_perturbed_nor_pruned():
     """3 KV groups at p = 0.1: round(0.3) = 0 groups would go, so the masks leave them alone too."""
-    from lowmem_bonsai.masks import Module
-    from lowmem_bonsai.prune import sample_round
+    from lowmem_bonsai.method.masks import Module
+    from lowmem_bonsai.method.prune import sample_round
 
     g = torch.Generator().manual_seed(0)
     mods = [Module(0, "attn", 3, 1000, 1), Module(0, "mlp", 96, 10, 8), Module(1, "attn", 12, 1000, 1)]

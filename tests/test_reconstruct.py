@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowmem_bonsai.checkpoint import Checkpoint
-from lowmem_bonsai.forward import streamed_nll
-from lowmem_bonsai.plan import LayerPlan, Plan
-from lowmem_bonsai.reconstruct import Moments, reconstruct, solve
+from lowmem_bonsai.engine.forward import streamed_nll
+from lowmem_bonsai.method.reconstruct import Moments, reconstruct, solve
+from lowmem_bonsai.model.checkpoint import Checkpoint
+from lowmem_bonsai.model.plan import LayerPlan, Plan
 
 from .conftest import make_tiny
 
@@ -120,7 +120,7 @@ def test_sequential_lsq_brings_the_pruned_model_closest_to_dense(tmp_path):
 def test_flap_selection_equals_the_papers_rule_on_transformers_activations(tmp_path):
     """--method flap against FLAP's adaptive structure computed from transformers' own activations."""
     from lowmem_bonsai.profiles import load_profile
-    from lowmem_bonsai.prune import run_rounds
+    from lowmem_bonsai.method.prune import run_rounds
 
     model = make_tiny(tmp_path / "m", "llama-mha-untied", layers=3, intermediate_size=96)
     ckpt = Checkpoint(tmp_path / "m")

@@ -24,11 +24,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lowmem_bonsai.data import load_tokenizer, tokenize_file  # noqa: E402
-from lowmem_bonsai.checkpoint import Checkpoint  # noqa: E402
+from lowmem_bonsai.model.checkpoint import Checkpoint  # noqa: E402
 from lowmem_bonsai.evaluate import evaluate  # noqa: E402
 from lowmem_bonsai.pipeline import (  # noqa: E402
     calibration_tokens, prune_model, repair_plan, write_checkpoint)
-from lowmem_bonsai.plan import Plan  # noqa: E402
+from lowmem_bonsai.model.plan import Plan  # noqa: E402
 from lowmem_bonsai.profiles import load_profile  # noqa: E402
 
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"

@@ -31,10 +31,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from lowmem_bonsai.checkpoint import Checkpoint  # noqa: E402
-from lowmem_bonsai.forward import MaskSet, streamed_nll  # noqa: E402
-from lowmem_bonsai.device import resolve_device, synchronize  # noqa: E402
-from lowmem_bonsai.memory import measure_matmul_gflops  # noqa: E402
+from lowmem_bonsai.model.checkpoint import Checkpoint  # noqa: E402
+from lowmem_bonsai.engine.forward import MaskSet, streamed_nll  # noqa: E402
+from lowmem_bonsai.engine.device import resolve_device, synchronize  # noqa: E402
+from lowmem_bonsai.engine.memory import measure_matmul_gflops  # noqa: E402
 
 MEMCAP = ROOT.parent / "shared" / "bin" / "memcap"
 

