@@ -14,6 +14,7 @@ import typer
 from .config import DTYPES
 from .errors import UserError
 from .profiles import DEFAULT_PROFILE, load_profile, profile_names
+from .texts import DEFAULT_CALIB, names_help
 
 PROFILE_HELP = (f"Profile: one of {', '.join(profile_names())} (default {DEFAULT_PROFILE}), "
                 "or the path of a .toml file.")
@@ -85,7 +86,9 @@ def import_gguf_cmd(
 def eval_cmd(
     model: Annotated[Path, typer.Argument(
         help="Checkpoint folder (config.json + safetensors), or a .gguf file (run by llama.cpp).")],
-    data: Annotated[Path, typer.Option("--data", help="UTF-8 text file to measure perplexity on.")],
+    data: Annotated[Path, typer.Option("--data", help=(
+        "UTF-8 text file to measure perplexity on, or a text shipped with the package: "
+        f"{names_help()}."))],
     seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
     max_seqs: Annotated[Optional[int], typer.Option(help="Use only the first N windows.")] = None,
     skip: Annotated[int, typer.Option(help="Skip the first N windows (e.g. used for calibration).")] = 0,
@@ -200,7 +203,8 @@ def prune_cmd(
     model: Annotated[Path, typer.Argument(help="Checkpoint folder to prune (config.json + safetensors).")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the pruned checkpoint.")],
     calib: Annotated[Path, typer.Option(
-        help="Calibration text (UTF-8); the first calib_seqs windows of seq_len tokens are used.")],
+        help="Calibration text (UTF-8 file, or a text shipped with the package: "
+        f"{names_help()}); the first calib_seqs windows of seq_len tokens are used.")] = Path(DEFAULT_CALIB),
     sparsity: Annotated[float, typer.Option(help="Fraction of non-embedding parameters to remove.")] = 0.5,
     profile: Annotated[Optional[str], typer.Option(
         help=PROFILE_HELP)] = None,

@@ -30,8 +30,9 @@ from lowmem_bonsai.plan import Plan  # noqa: E402
 from lowmem_bonsai.profiles import load_profile  # noqa: E402
 from lowmem_bonsai.prune import _priors, mask_set, modules_of, sample_round  # noqa: E402
 from lowmem_bonsai.regression import kendall_tau  # noqa: E402
+from lowmem_bonsai.texts import bundled_path  # noqa: E402
 
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
+WIKITEXT = bundled_path("wikitext2-valid")  # shipped in the package (lowmem_bonsai/_texts)
 
 
 class Int8Functional:

@@ -21,8 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lowmem_bonsai.evaluate import evaluate  # noqa: E402
 from lowmem_bonsai.pipeline import prune_model  # noqa: E402
 from lowmem_bonsai.profiles import load_profile  # noqa: E402
+from lowmem_bonsai.texts import bundled_path  # noqa: E402
 
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
+WIKITEXT = bundled_path("wikitext2-valid")  # shipped in the package (lowmem_bonsai/_texts)
 
 
 def main() -> None:

@@ -35,8 +35,9 @@ from lowmem_bonsai.plan import Plan  # noqa: E402
 from lowmem_bonsai.profiles import load_profile  # noqa: E402
 from lowmem_bonsai.prune import _priors, design_of, mask_set, modules_of, sample_round  # noqa: E402
 from lowmem_bonsai.regression import fit, kendall_tau  # noqa: E402
+from lowmem_bonsai.texts import bundled_path  # noqa: E402
 
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
+WIKITEXT = bundled_path("wikitext2-valid")  # shipped in the package (lowmem_bonsai/_texts)
 
 
 def mean_nll(ckpt, tokens, plan, masks=None, wave=16, soft=None) -> torch.Tensor:

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
 . .venv/bin/activate
-DATA=${DATA:-../shared/data/wikitext-2/valid.txt}
+DATA=${DATA:-wikitext2-valid}  # shipped in the package; any UTF-8 text file works too
 OUT=runs/demo
 mkdir -p "$OUT"
 GGUF=$(python -c "from lowmem_bonsai.gguf_import import default_gguf_path as p; print(p() or '')")
