@@ -13,7 +13,8 @@ import typer
 
 from .config import DTYPES
 from .errors import UserError
-from .profiles import DEFAULT_PROFILE, load_profile, profile_names
+from .machine import memory_budget, parse_memory
+from .profiles import DEFAULT_PROFILE, Profile, load_profile, profile_names
 from .texts import DEFAULT_CALIB, names_help
 
 PROFILE_HELP = (f"Profile: one of {', '.join(profile_names())} (default {DEFAULT_PROFILE}), "
@@ -28,12 +29,22 @@ app = typer.Typer(
 
 _state = {"debug": False}
 
+MEMORY_HELP = ("Memory this run may use, e.g. 6G, 6GB, 6144M or 6.5G (binary: 1G = 2^30 bytes). "
+               "Default: the smaller of {what} and 95 % of what this machine or its container has "
+               "(available memory; cgroup v1/v2 memory limit).")
+
 
 
 def _dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise UserError(f"dtype '{name}' is not one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def _budgeted(prof: Profile, memory: str | None):
+    """The profile with memory_gb set to the budget this run plans for, and that budget."""
+    budget = _run(memory_budget, profile_gb=prof.memory_gb, profile_name=prof.name, memory=memory)
+    return prof.replace(memory_gb=budget.gb), budget
 
 
 def _run(fn, *args, **kwargs):
@@ -97,6 +108,9 @@ def eval_cmd(
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's).")] = None,
     device: Annotated[str, typer.Option(help="Where a checkpoint's blocks compute: cpu, cuda or cuda:N.")] = "cpu",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON.")] = None,
+    memory: Annotated[Optional[str], typer.Option(
+        help=MEMORY_HELP.format(what="nothing else") + " Fewer windows go through a pass when "
+        "--batch-seqs would not fit. Checkpoints only: llama.cpp sizes a .gguf itself.")] = None,
 ) -> None:
     """Perplexity: the whole file tokenized once (no BOS), cut into non-overlapping windows of
     --seq-len tokens (the last partial one dropped), exp(mean next-token NLL) over all of them."""
@@ -116,12 +130,17 @@ def eval_cmd(
     if model.suffix == ".gguf" and not model.is_dir():  # llama.cpp tokenizes and runs it
         from .llama_runner import gguf_perplexity
 
+        if memory is not None:
+            _run(parse_memory, memory)  # a bad value is still refused
+
         result = _run(gguf_perplexity, gguf=model, data=data, seq_len=seq_len, max_seqs=max_seqs,
                       skip=skip, threads=threads, on_batch=on_batch)
     else:
+        budget = _run(memory_budget, profile_gb=None, memory=memory)
+        logging.getLogger(__name__).info("%s", budget.line())
         result = _run(evaluate, model_dir=model, data=data, seq_len=seq_len, max_seqs=max_seqs,
                       skip=skip, batch_seqs=batch_seqs, dtype=_run(_dtype, dtype), device=device,
-                      on_batch=on_batch)
+                      on_batch=on_batch, memory_gb=budget.gb)
     bar.close()
     typer.echo(f"perplexity {result.perplexity:.4f}  ({result.tokens} tokens, {result.sequences} x "
                f"{result.seq_len}, {result.seconds:.1f} s)")
@@ -136,20 +155,23 @@ def estimate_cmd(
     sparsity: Annotated[float, typer.Option(help="Target sparsity.")] = 0.5,
     method: Annotated[str, typer.Option(help="bonsai, or a baseline (no masks).")] = "bonsai",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    memory: Annotated[Optional[str], typer.Option(
+        help=MEMORY_HELP.format(what="the profile's memory_gb"))] = None,
 ) -> None:
     """Before any work: peak memory by component, disk needed, forward FLOPs per round and an ETA
     from a matmul rate measured on this machine in about a second."""
     from .estimate import estimate
 
-    prof = _run(load_profile, profile)
+    prof, budget = _budgeted(_run(load_profile, profile), memory)
     e = _run(estimate, model_dir=model, profile=prof, sparsity=sparsity, method=method)
+    e["memory_budget"] = {"gb": budget.gb, "source": budget.source, "reason": budget.reason}
     if as_json:
         typer.echo(json.dumps(e, indent=2))
         return
     m = e["memory"]
     typer.echo(f"model      {e['params_total'] / 1e9:.2f} B params ({e['params_blocks'] / 1e9:.2f} B in blocks)")
-    typer.echo(f"profile    {e['profile']}: budget {m['budget_gb']:.1f} GiB, compute {e['compute_dtype']} "
-               f"on {e['device']}")
+    typer.echo(f"profile    {e['profile']}: compute {e['compute_dtype']} on {e['device']}")
+    typer.echo(f"budget     {budget.line()}")
     parts = ["resident_blocks", "hidden_store", "activations", "head", "runtime", "total"]
     if m["device"] == "cpu":
         typer.echo("memory     " + ", ".join(f"{k.replace('_', ' ')} {m[k + '_gb']:.2f}" for k in parts) + " GiB")
@@ -232,6 +254,8 @@ def prune_cmd(
         "every group).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out (and any saved progress).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a prune that stopped (crash, kill, Ctrl-C).")] = False,
+    memory: Annotated[Optional[str], typer.Option(
+        help=MEMORY_HELP.format(what="the profile's memory_gb"))] = None,
 ) -> None:
     """Prune a model with Bonsai: score sub-models with forward passes, regress, remove, repeat.
 
@@ -245,11 +269,13 @@ def prune_cmd(
     prof = _run(prof.replace, masks_per_round=masks_per_round, calib_seqs=calib_seqs, seq_len=seq_len,
                 prune_frac=prune_frac, prior=prior, estimator=estimator, head_unit=head_unit,
                 allocation=allocation, mask_counts=mask_counts, score=score)
+    prof, budget = _budgeted(prof, memory)
+    typer.echo(budget.line(), err=True)
     bars = _Bars()
     try:
         report = _run(prune_model, model_dir=model, out_dir=out, sparsity=sparsity, profile=prof,
                       calib=calib, method=method, seed=seed, force=force, resume=resume,
-                      progress=bars)
+                      progress=bars, memory_budget=budget.line())
     except typer.Exit as exc:
         bars.close()
         if exc.exit_code == 130:

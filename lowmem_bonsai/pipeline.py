@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -19,7 +20,7 @@ from .errors import UserError, WriteError
 from .outputs import check_output_dir, fsync_dir, write_json_atomic
 from .profiles import Profile
 from .config import DTYPES
-from .prune import Progress, PruneResult, check_settings, run_rounds
+from .prune import Progress, PruneResult, _wave_size, check_settings, run_rounds
 from .report import build_report, plot
 from .resume import RunState
 from .writer import copy_tokenizer, pruned_config, write_pruned
@@ -60,6 +61,21 @@ def work_dir(out_dir: Path) -> Path:
     return out_dir.with_name(f"{out_dir.name}.partial")
 
 
+def _check_waves(state_path: Path, key: dict[str, Any]) -> None:
+    """Refuse, saying why, a resume whose memory budget now plans other waves than the saved ones."""
+    try:
+        saved = json.loads(state_path.read_text(encoding="utf-8")).get("key")
+    except (OSError, ValueError, AttributeError):
+        return  # RunState.load says what is wrong with the file
+    if (isinstance(saved, dict) and saved.get("wave_masks") != key["wave_masks"]
+            and {**saved, "wave_masks": key["wave_masks"]} == key):
+        raise UserError(
+            f"{state_path.parent}: the saved progress was scored in waves of {saved.get('wave_masks')} "
+            f"masks, and this run's memory budget gives waves of {key['wave_masks']}; resume with "
+            "--memory set to the budget the first run printed"
+        )
+
+
 def _open_state(model_dir: Path, out_dir: Path, key: dict[str, Any], *, resume: bool,
                 force: bool) -> RunState:
     work = work_dir(out_dir)
@@ -69,6 +85,7 @@ def _open_state(model_dir: Path, out_dir: Path, key: dict[str, Any], *, resume: 
             if (Path(out_dir) / "plan.json").is_file():
                 raise UserError(f"{out_dir}: this prune already finished; nothing to resume")
             raise UserError(f"{work}: no saved progress to resume; run without --resume")
+        _check_waves(state_path, key)
         return RunState.load(state_path, key=key)
     check_output_dir(out_dir, force=force)
     if work.exists():
@@ -113,10 +130,12 @@ def prune_model(
     force: bool = False,
     resume: bool = False,
     progress: Progress | None = None,
+    memory_budget: str = "",
 ) -> dict[str, Any]:
     """Prune ``model_dir`` and write the pruned checkpoint, plan.json, report.json and a figure.
 
     Progress lives in ``OUT.partial/`` until the output is complete; ``resume`` continues it.
+    ``memory_budget`` says where ``profile.memory_gb`` came from (recorded in the report).
     """
     start = time.perf_counter()
     if profile.threads:
@@ -132,8 +151,15 @@ def prune_model(
             k: getattr(profile, k) for k in profile.__dataclass_fields__},
     }
     hashes = source_hashes(model_dir)
-    key = {"source_hashes": hashes, "settings": settings,
+    # The budget may come from what the machine has free, which differs between a run and its
+    # resume; what the saved progress depends on is the wave size it bought.
+    key = {"source_hashes": hashes,
+           "settings": {**settings, "profile": {k: v for k, v in settings["profile"].items()
+                                                if k != "memory_gb"}},
+           "wave_masks": _wave_size(ckpt.config, tokens, profile, resolve_device(profile.device)),
            "calib_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()}
+    if memory_budget:
+        settings["memory_budget"] = memory_budget
     state = _open_state(model_dir, out_dir, key, resume=resume, force=force)
     stage = work_dir(out_dir) / "out"
     try:
