@@ -329,5 +329,27 @@ def generate_cmd(
     typer.echo(text)
 
 
+@app.command("serve")
+def serve_cmd(
+    gguf_file: Annotated[Path, typer.Argument(help="A .gguf model file (lowmem-bonsai export-gguf makes one).")],
+    host: Annotated[str, typer.Option(
+        help="Address to listen on: 127.0.0.1 is this machine only; 0.0.0.0 every interface.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 8080,
+    ctx: Annotated[int, typer.Option("--ctx", help="Context window in tokens (prompt + answer).")] = 2048,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: half the cores).")] = None,
+) -> None:
+    """Serve a GGUF with llama.cpp's OpenAI-compatible HTTP server until Ctrl-C.
+
+    POST /v1/chat/completions answers with the GGUF's chat template; /v1/completions continues text.
+    Needs llama-cpp-python's server extra (tools/setup.sh installs it).
+    """
+    from .serve import serve
+
+    def started(url: str) -> None:
+        typer.echo(f"serving {gguf_file} at {url} (POST {url}/chat/completions; Ctrl-C stops)", err=True)
+
+    _run(serve, gguf=gguf_file, host=host, port=port, n_ctx=ctx, threads=threads, on_start=started)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
