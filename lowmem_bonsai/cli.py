@@ -150,7 +150,8 @@ def eval_cmd(
 
 @app.command("estimate")
 def estimate_cmd(
-    model: Annotated[Path, typer.Argument(help="Checkpoint folder to prune.")],
+    model: Annotated[Path, typer.Argument(
+        help="Checkpoint folder to prune, or a .gguf (estimated from its metadata, as prune would import it).")],
     profile: Annotated[Optional[str], typer.Option(help=PROFILE_HELP)] = None,
     sparsity: Annotated[float, typer.Option(help="Target sparsity.")] = 0.5,
     method: Annotated[str, typer.Option(help="bonsai, or a baseline (no masks).")] = "bonsai",
@@ -182,7 +183,11 @@ def estimate_cmd(
                    f"activations {m['activations_gb']:.2f}, head {m['head_gb']:.2f}, total "
                    f"{m['device_total_gb']:.2f} of {m['device_budget_gb']:.1f} GiB")
     typer.echo(f"waves      {m['waves']} x {m['wave_masks']} masks per round")
-    typer.echo(f"disk       {e['disk_output_gb']:.2f} GiB for the pruned model")
+    if e["disk_import_gb"]:
+        typer.echo(f"disk       {e['disk_peak_gb']:.2f} GiB at the peak: {e['disk_import_gb']:.2f} for the GGUF's "
+                   f"import (OUT.partial/source, removed at the end) + {e['disk_output_gb']:.2f} for the pruned model")
+    else:
+        typer.echo(f"disk       {e['disk_output_gb']:.2f} GiB for the pruned model")
     typer.echo(f"compute    {e['rounds']} rounds, {e['forward_tokens_per_round']:,} forward tokens and "
                f"{e['forward_tflops_per_round'][0]:.1f} TFLOP in the first; {e['forward_tflops_total']:.1f} TFLOP in all")
     if e["eta_hours"] is None:
@@ -222,7 +227,9 @@ class _Bars:
 
 @app.command("prune")
 def prune_cmd(
-    model: Annotated[Path, typer.Argument(help="Checkpoint folder to prune (config.json + safetensors).")],
+    model: Annotated[Path, typer.Argument(
+        help="Checkpoint folder to prune (config.json + safetensors), or a Llama-family .gguf: imported "
+        "into OUT.partial/source first (removed when the prune completes).")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the pruned checkpoint.")],
     calib: Annotated[Path, typer.Option(
         help="Calibration text (UTF-8 file, or a text shipped with the package: "

@@ -9,18 +9,25 @@ from typing import Any
 import torch
 
 from .checkpoint import Checkpoint
-from .config import DTYPES
+from .config import DTYPES, parse_config
 from .device import free_bytes, resolve_device
+from .gguf_import import gguf_config, is_gguf_model
 from .memory import DTYPE_BYTES, STORAGE_BYTES, measure_matmul_gflops, pick_compute_dtype, plan_memory
 from .profiles import Profile
 
 
 def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str = "bonsai",
              measure_seconds: float = 1.0) -> dict[str, Any]:
-    ckpt = Checkpoint(model_dir)
-    cfg = ckpt.config
-    sample = ckpt.tensors[ckpt.name("down", 0)]
-    storage = STORAGE_BYTES.get(sample.dtype, 4)
+    """A GGUF as ``model_dir`` is estimated from its metadata alone, as the checkpoint `prune` would
+    import it into (float16); the import's size is counted in the disk needed."""
+    if is_gguf_model(model_dir):
+        cfg = parse_config(gguf_config(gguf_path=model_dir, dtype="float16"), source=str(model_dir))
+        storage = import_bytes = DTYPE_BYTES["float16"]
+    else:
+        ckpt = Checkpoint(model_dir)
+        cfg = ckpt.config
+        sample = ckpt.tensors[ckpt.name("down", 0)]
+        storage, import_bytes = STORAGE_BYTES.get(sample.dtype, 4), 0
     if profile.storage_dtype != "auto":
         storage = DTYPE_BYTES[profile.storage_dtype]
     # A GPU profile is planned from device_memory_gb where no GPU is visible (the ETA then needs one).
@@ -45,6 +52,7 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
     else:
         dtype_name, rates, gflops = profile.compute_dtype, {}, float("nan")
     out_bytes = (total * (1 - sparsity) + embed) * storage
+    imported = (total + embed) * import_bytes  # OUT.partial/source, until the prune completes
     return {
         "model": str(model_dir),
         "profile": profile.name,
@@ -56,6 +64,8 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         "rounds": rounds,
         "memory": mem.to_json(),
         "disk_output_gb": out_bytes / 1024**3,
+        "disk_import_gb": imported / 1024**3,
+        "disk_peak_gb": (out_bytes + imported) / 1024**3,
         "forward_tokens_per_round": tokens_per_round,
         "forward_tflops_per_round": [f / 1e12 for f in flops],
         "forward_tflops_total": sum(flops) / 1e12,

@@ -17,6 +17,7 @@ from .checkpoint import INDEX_NAME, Checkpoint
 from .data import load_tokenizer, tokenize_file, windows
 from .device import resolve_device
 from .errors import UserError, WriteError
+from .gguf_import import import_gguf, is_gguf_model
 from .outputs import check_output_dir, fsync_dir, write_json_atomic
 from .profiles import Profile
 from .config import DTYPES
@@ -26,6 +27,8 @@ from .resume import RunState
 from .writer import copy_tokenizer, pruned_config, write_pruned
 
 log = logging.getLogger(__name__)
+
+SOURCE_NAME = "source"  # OUT.partial/source: the checkpoint imported from a GGUF given as MODEL
 
 
 def source_hashes(model_dir: Path) -> dict[str, str]:
@@ -76,26 +79,60 @@ def _check_waves(state_path: Path, key: dict[str, Any]) -> None:
         )
 
 
-def _open_state(model_dir: Path, out_dir: Path, key: dict[str, Any], *, resume: bool,
-                force: bool) -> RunState:
+def _check_resumable(out_dir: Path) -> Path:
+    """The saved progress of a prune into ``out_dir``, or a UserError saying why there is none."""
     work = work_dir(out_dir)
     state_path = work / "state.json"
-    if resume:
-        if not state_path.is_file():
-            if (Path(out_dir) / "plan.json").is_file():
-                raise UserError(f"{out_dir}: this prune already finished; nothing to resume")
-            raise UserError(f"{work}: no saved progress to resume; run without --resume")
-        _check_waves(state_path, key)
-        return RunState.load(state_path, key=key)
+    if not state_path.is_file():
+        if (Path(out_dir) / "plan.json").is_file():
+            raise UserError(f"{out_dir}: this prune already finished; nothing to resume")
+        raise UserError(f"{work}: no saved progress to resume; run without --resume")
+    return state_path
+
+
+def _clear_work(out_dir: Path, *, force: bool) -> None:
+    """Make way for a fresh prune: refuse over saved progress unless ``force``."""
+    work = work_dir(out_dir)
     check_output_dir(out_dir, force=force)
     if work.exists():
-        if not force:
+        if not force and (work / "state.json").is_file():
             raise UserError(
                 f"{work}: a previous prune into {out_dir} stopped before finishing; add --resume to "
                 "continue it, or --force to start over"
             )
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+        shutil.rmtree(work)  # with no state.json it holds at most a GGUF's unfinished import
+
+
+def import_source(gguf: Path, out_dir: Path, *, resume: bool, force: bool) -> Path:
+    """A GGUF given as MODEL, imported into ``OUT.partial/source`` (kept for --resume, removed with
+    the rest of OUT.partial when the prune completes); its folder."""
+    source = work_dir(out_dir) / SOURCE_NAME
+    if resume:
+        _check_resumable(out_dir)
+        if not (source / "config.json").is_file():
+            raise UserError(f"{source}: the model imported from {gguf} is gone; start over with --force")
+        return source
+    _clear_work(out_dir, force=force)
+    log.info("importing %s into %s", gguf, source)
+    try:
+        import_gguf(gguf_path=gguf, out_dir=source)
+    except BaseException:
+        shutil.rmtree(work_dir(out_dir), ignore_errors=True)  # nothing scored: leave nothing
+        raise
+    return source
+
+
+def _open_state(model_dir: Path, out_dir: Path, key: dict[str, Any], *, resume: bool,
+                force: bool, imported: bool = False) -> RunState:
+    work = work_dir(out_dir)
+    state_path = work / "state.json"
+    if resume:
+        _check_resumable(out_dir)
+        _check_waves(state_path, key)
+        return RunState.load(state_path, key=key)
+    if not imported:  # import_source cleared the way already
+        _clear_work(out_dir, force=force)
+    work.mkdir(parents=True, exist_ok=imported)
     state = RunState(state_path, key=key)
     try:
         state._save()
@@ -143,30 +180,41 @@ def prune_model(
     out_dir = Path(out_dir)
     check_settings(sparsity=sparsity, method=method)
     resolve_device(profile.device)  # a GPU profile where there is no GPU: refused before any reading
-    ckpt = Checkpoint(model_dir)
-    tokens = calibration_tokens(model_dir, calib, profile)
-    settings = {
-        "method": method, "sparsity": sparsity, "seed": seed, "calib": str(calib),
-        "calib_seqs": int(tokens.shape[0]), "profile": {
-            k: getattr(profile, k) for k in profile.__dataclass_fields__},
-    }
-    hashes = source_hashes(model_dir)
-    # The budget may come from what the machine has free, which differs between a run and its
-    # resume; what the saved progress depends on is the wave size it bought.
-    key = {"source_hashes": hashes,
-           "settings": {**settings, "profile": {k: v for k, v in settings["profile"].items()
-                                                if k != "memory_gb"}},
-           "wave_masks": _wave_size(ckpt.config, tokens, profile, resolve_device(profile.device)),
-           "calib_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()}
+    source = Path(model_dir)
+    imported = is_gguf_model(source)
+    if imported:
+        model_dir = import_source(source, out_dir, resume=resume, force=force)
+    try:
+        ckpt = Checkpoint(model_dir)
+        tokens = calibration_tokens(model_dir, calib, profile)
+        settings = {
+            "method": method, "sparsity": sparsity, "seed": seed, "calib": str(calib),
+            "calib_seqs": int(tokens.shape[0]), "profile": {
+                k: getattr(profile, k) for k in profile.__dataclass_fields__},
+        }
+        hashes = source_hashes(model_dir)
+        # The budget may come from what the machine has free, which differs between a run and its
+        # resume; what the saved progress depends on is the wave size it bought.
+        key = {"source_hashes": hashes,
+               "settings": {**settings, "profile": {k: v for k, v in settings["profile"].items()
+                                                    if k != "memory_gb"}},
+               "wave_masks": _wave_size(ckpt.config, tokens, profile, resolve_device(profile.device)),
+               "calib_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()}
+        state = _open_state(model_dir, out_dir, key, resume=resume, force=force, imported=imported)
+    except BaseException:
+        if imported and not resume:  # nothing scored: the import goes too
+            shutil.rmtree(work_dir(out_dir), ignore_errors=True)
+        raise
     if memory_budget:
         settings["memory_budget"] = memory_budget
-    state = _open_state(model_dir, out_dir, key, resume=resume, force=force)
+    if imported:
+        settings["imported_from"] = str(source)
     stage = work_dir(out_dir) / "out"
     try:
         result: PruneResult = run_rounds(ckpt, tokens, sparsity=sparsity, profile=profile,
                                          method=method, seed=seed, progress=progress, state=state)
         plan = result.plan
-        plan.meta.update({"method": method, "settings": settings, "source": str(model_dir),
+        plan.meta.update({"method": method, "settings": settings, "source": str(source),
                           "source_hashes": hashes})
         shutil.rmtree(stage, ignore_errors=True)
         stage.mkdir()
