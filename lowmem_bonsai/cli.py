@@ -188,7 +188,8 @@ def estimate_cmd(
                    f"import (OUT.partial/source, removed at the end) + {e['disk_output_gb']:.2f} for the pruned model")
     else:
         typer.echo(f"disk       {e['disk_output_gb']:.2f} GiB for the pruned model")
-    typer.echo(f"compute    {e['rounds']} rounds, {e['forward_tokens_per_round']:,} forward tokens and "
+    typer.echo(f"compute    {e['rounds']} round{'' if e['rounds'] == 1 else 's'}, "
+               f"{e['forward_tokens_per_round']:,} forward tokens and "
                f"{e['forward_tflops_per_round'][0]:.1f} TFLOP in the first; {e['forward_tflops_total']:.1f} TFLOP in all")
     if e["eta_hours"] is None:
         typer.echo(f"speed      no {e['device']} device visible here to measure: no ETA")
@@ -293,7 +294,8 @@ def prune_cmd(
         bars.close()
     typer.echo(
         f"pruned {report['params_before']:,} -> {report['params_after']:,} block parameters "
-        f"(sparsity {report['achieved_sparsity']:.3f}) in {len(report['rounds'])} rounds, "
+        f"(sparsity {report['achieved_sparsity']:.3f}) in {len(report['rounds'])} "
+        f"round{'' if len(report['rounds']) == 1 else 's'}, "
         f"{report['forward_tokens']:,} forward tokens, {report['seconds']:.0f} s -> {out}"
     )
 

@@ -3,7 +3,7 @@
 For memory, I/O and speed work only (quality needs a real model). Weights are drawn from a seeded
 normal with std 0.02 (norms at 1), in bf16 by default; at most one shard is held in memory.
 
-    python tools/make_checkpoint.py llama2-13b /data/llama2-13b-random
+    python tools/make_checkpoint.py llama2-13b runs/llama2-13b-random
     python tools/make_checkpoint.py tinyllama-1.1b /tmp/tl --dtype bfloat16
 """
 
