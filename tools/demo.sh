@@ -9,6 +9,9 @@ cd "$(dirname "$0")/.."
 bash tools/setup.sh
 . .venv/bin/activate
 DATA=${DATA:-wikitext2-valid}  # shipped in the package; any UTF-8 text file works too
+# GGUF type of the exported models. F16 by default: on the project's development VMs llama.cpp died
+# with SIGILL (illegal instruction) running Q8_0 files while F16 ran; TYPE=q8_0 gives smaller files.
+TYPE=${TYPE:-f16}
 OUT=runs/demo
 mkdir -p "$OUT"
 : > "$OUT/timings.tsv"
@@ -32,14 +35,14 @@ step prune lowmem-bonsai prune "$OUT/smollm2" --out "$OUT/smollm2-bonsai-20" --s
   --calib "$DATA" --force
 step eval-pruned lowmem-bonsai eval "$OUT/smollm2-bonsai-20" --data "$DATA" --seq-len 256 --skip 2 --max-seqs 16 \
   --json "$OUT/eval-bonsai-20.json"
-step export lowmem-bonsai export-gguf "$OUT/smollm2-bonsai-20" --out "$OUT/smollm2-bonsai-20.q8_0.gguf" \
-  --type q8_0 --force
-step eval-gguf lowmem-bonsai eval "$OUT/smollm2-bonsai-20.q8_0.gguf" --data "$DATA" --seq-len 256 --skip 2 \
+PRUNED_GGUF="$OUT/smollm2-bonsai-20.$TYPE.gguf"
+step export lowmem-bonsai export-gguf "$OUT/smollm2-bonsai-20" --out "$PRUNED_GGUF" --type "$TYPE" --force
+step eval-gguf lowmem-bonsai eval "$PRUNED_GGUF" --data "$DATA" --seq-len 256 --skip 2 \
   --max-seqs 16 --json "$OUT/eval-bonsai-20-gguf.json"
-# llama.cpp speed of the dense and the pruned model, both exported to Q8_0 (one thread, medians of 3)
+# llama.cpp speed of the dense and the pruned model, both exported as TYPE (one thread, medians of 3)
 rm -rf "$OUT/speed"
 step speed python tools/bench_gguf_speed.py --models dense="$OUT/smollm2" bonsai20="$OUT/smollm2-bonsai-20" \
-  --types q8_0 --repeats 3 --threads 1 --out "$OUT/speed"
+  --types "$TYPE" --repeats 3 --threads 1 --out "$OUT/speed"
 step generate sh -c 'lowmem-bonsai generate "$1" --chat --prompt "What is the capital of France?" -n 32 \
-  | tee "$2"' sh "$OUT/smollm2-bonsai-20.q8_0.gguf" "$OUT/answer.txt"
+  | tee "$2"' sh "$PRUNED_GGUF" "$OUT/answer.txt"
 python tools/demo_summary.py "$OUT"

@@ -37,12 +37,12 @@ def summary(out: Path) -> str:
         f"  dense                    {dense['perplexity']:8.2f}",
         f"  pruned                   {pruned['perplexity']:8.2f}   "
         f"({pruned['perplexity'] / dense['perplexity'] - 1:+.0%})",
-        f"  pruned, Q8_0 in llama.cpp {gguf['perplexity']:7.2f}",
+        f"  pruned, {d['type'].upper()} GGUF in llama.cpp {gguf['perplexity']:8.2f}",
         f"prune: {report['achieved_sparsity']:.1%} of the block parameters removed "
         f"({report['params_before']:,} -> {report['params_after']:,}) in {rounds} "
         f"round{'' if rounds == 1 else 's'}, {report['forward_tokens']:,} forward tokens, "
         f"{report['seconds']:.0f} s",
-        f"llama.cpp, Q8_0, {d['threads']} thread{'' if d['threads'] == 1 else 's'}, "
+        f"llama.cpp, {d['type'].upper()}, {d['threads']} thread{'' if d['threads'] == 1 else 's'}, "
         f"median of {d['repeats']} (prompt of 256 tokens, then 64 generated):",
         "             file     prompt tok/s   generation tok/s",
         f"  dense   {d['file_mb']:6.0f} MB   {d['prompt_tok_s']:10.0f}   {d['gen_tok_s']:14.1f}",
