@@ -47,6 +47,18 @@ def _budgeted(prof: Profile, memory: str | None):
     return prof.replace(memory_gb=budget.gb), budget
 
 
+def _explained(fn, budget):
+    """``fn``, whose refusal of the memory budget also says where that budget came from."""
+    def call(**kwargs):
+        try:
+            return fn(**kwargs)
+        except UserError as exc:
+            if budget.source in ("flag", "profile") or "memory budget" not in str(exc):
+                raise
+            raise UserError(f"{exc} (the budget is {budget.reason})") from None
+    return call
+
+
 def _run(fn, *args, **kwargs):
     """Call into the library; a UserError becomes one line on stderr and exit status 2."""
     try:
@@ -164,7 +176,7 @@ def estimate_cmd(
     from .estimate import estimate
 
     prof, budget = _budgeted(_run(load_profile, profile), memory)
-    e = _run(estimate, model_dir=model, profile=prof, sparsity=sparsity, method=method)
+    e = _run(_explained(estimate, budget), model_dir=model, profile=prof, sparsity=sparsity, method=method)
     e["memory_budget"] = {"gb": budget.gb, "source": budget.source, "reason": budget.reason}
     if as_json:
         typer.echo(json.dumps(e, indent=2))
@@ -278,11 +290,11 @@ def prune_cmd(
                 prune_frac=prune_frac, prior=prior, estimator=estimator, head_unit=head_unit,
                 allocation=allocation, mask_counts=mask_counts, score=score)
     prof, budget = _budgeted(prof, memory)
-    typer.echo(budget.line(), err=True)
     bars = _Bars()
     try:
-        report = _run(prune_model, model_dir=model, out_dir=out, sparsity=sparsity, profile=prof,
-                      calib=calib, method=method, seed=seed, force=force, resume=resume,
+        # The budget is logged when the work starts (-v) and printed at the end: a refusal stays one line.
+        report = _run(_explained(prune_model, budget), model_dir=model, out_dir=out, sparsity=sparsity,
+                      profile=prof, calib=calib, method=method, seed=seed, force=force, resume=resume,
                       progress=bars, memory_budget=budget.line())
     except typer.Exit as exc:
         bars.close()
@@ -298,6 +310,7 @@ def prune_cmd(
         f"round{'' if len(report['rounds']) == 1 else 's'}, "
         f"{report['forward_tokens']:,} forward tokens, {report['seconds']:.0f} s -> {out}"
     )
+    typer.echo(budget.line())
 
 
 @app.command("export-gguf")

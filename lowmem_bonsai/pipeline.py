@@ -207,6 +207,7 @@ def prune_model(
         raise
     if memory_budget:
         settings["memory_budget"] = memory_budget
+        log.info("%s", memory_budget)
     if imported:
         settings["imported_from"] = str(source)
     stage = work_dir(out_dir) / "out"

@@ -112,3 +112,31 @@ def test_commands_take_and_refuse_memory(tmp_path):
     # a budget too small for two blocks is refused before any work
     res = runner.invoke(app, ["estimate", str(tmp_path / "m"), "--memory", "64M"])
     assert res.exit_code == 2 and "too small" in res.output
+
+
+def test_prune_plans_for_the_machine_and_says_so(tmp_path, monkeypatch, sample_text):
+    from lowmem_bonsai import machine
+
+    from .conftest import write_word_tokenizer
+
+    make_tiny(tmp_path / "m", "llama-gqa-tied")
+    write_word_tokenizer(tmp_path / "m", sample_text.read_text())
+    args = ["prune", str(tmp_path / "m"), "--calib", str(sample_text), "--sparsity", "0.2", "--seq-len", "32",
+            "--calib-seqs", "2", "--masks-per-round", "4", "--prune-frac", "0.2"]
+    capped = MachineMemory(available_bytes=20 * GIB, cgroup_limit_bytes=GIB, cgroup_file="/x/memory.max")
+    monkeypatch.setattr(machine, "read_machine_memory", lambda root=None: capped)
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert res.output.strip().splitlines()[-1] == (
+        "memory budget 0.9 GiB: 95% of the cgroup limit 1.0 GiB (/x/memory.max), which is below the "
+        "profile laptop-16gb's 14 GiB")
+    plan = json.loads((tmp_path / "o" / "plan.json").read_text())
+    assert plan["settings"]["profile"]["memory_gb"] == pytest.approx(0.95)
+    # a machine too small: refused in one line that says where the budget came from
+    tiny = MachineMemory(available_bytes=200 * 2**20, cgroup_limit_bytes=None, cgroup_file=None)
+    monkeypatch.setattr(machine, "read_machine_memory", lambda root=None: tiny)
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "p")])
+    assert res.exit_code == 2
+    (line,) = res.output.strip().splitlines()
+    assert "too small" in line and "(the budget is 95% of the 0.2 GiB available now (MemAvailable)" in line
+    assert not (tmp_path / "p").exists() and not (tmp_path / "p.partial").exists()
