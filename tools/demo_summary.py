@@ -34,10 +34,9 @@ def summary(out: Path) -> str:
         "=" * 78,
         f"perplexity, {dense['sequences']} windows of {dense['seq_len']} tokens of WikiText-2 valid "
         f"after the calibration text (lower is better):",
-        f"  dense                    {dense['perplexity']:8.2f}",
-        f"  pruned                   {pruned['perplexity']:8.2f}   "
-        f"({pruned['perplexity'] / dense['perplexity'] - 1:+.0%})",
-        f"  pruned, {d['type'].upper()} GGUF in llama.cpp {gguf['perplexity']:8.2f}",
+        f"  {'dense':<30} {dense['perplexity']:8.2f}",
+        f"  {'pruned':<30} {pruned['perplexity']:8.2f}   ({pruned['perplexity'] / dense['perplexity'] - 1:+.0%})",
+        f"  {'pruned, ' + d['type'].upper() + ' GGUF in llama.cpp':<30} {gguf['perplexity']:8.2f}",
         f"prune: {report['achieved_sparsity']:.1%} of the block parameters removed "
         f"({report['params_before']:,} -> {report['params_after']:,}) in {rounds} "
         f"round{'' if rounds == 1 else 's'}, {report['forward_tokens']:,} forward tokens, "
