@@ -13,9 +13,11 @@ import typer
 from typer.core import TyperGroup
 
 from .errors import UserError
+from .machine import memory_budget, parse_memory
 from .model.config import DTYPES
-from .profiles import DEFAULT_PROFILE, load_profile, profile_names
+from .profiles import DEFAULT_PROFILE, Profile, load_profile, profile_names
 from .settings import Allocation, DType, Estimator, HeadUnit, MaskCounts, Method, Prior, Score, one_of
+from .texts import DEFAULT_CALIB, names_help
 
 PROFILE_HELP = (f"Profile: one of {', '.join(profile_names())} (default {DEFAULT_PROFILE}), "
                 "or the path of a .toml file.")
@@ -50,11 +52,34 @@ app = typer.Typer(
     "for machines with less memory than the model.",
 )
 
+MEMORY_HELP = ("Memory this run may use, e.g. 6G, 6GB, 6144M or 6.5G (binary: 1G = 2^30 bytes). "
+               "Default: the smaller of {what} and 95 % of what this machine or its container has "
+               "(available memory; cgroup v1/v2 memory limit).")
+
+
 
 def _dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise UserError(f"dtype '{name}' is not one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def _budgeted(prof: Profile, memory: str | None):
+    """The profile with memory_gb set to the budget this run plans for, and that budget."""
+    budget = memory_budget(profile_gb=prof.memory_gb, profile_name=prof.name, memory=memory)
+    return prof.replace(memory_gb=budget.gb), budget
+
+
+def _explained(fn, budget):
+    """``fn``, whose refusal of the memory budget also says where that budget came from."""
+    def call(**kwargs):
+        try:
+            return fn(**kwargs)
+        except UserError as exc:
+            if budget.source in ("flag", "profile") or "memory budget" not in str(exc):
+                raise
+            raise UserError(f"{exc} (the budget is {budget.reason})") from None
+    return call
 
 
 @app.callback()
@@ -92,7 +117,9 @@ def import_gguf_cmd(
 def eval_cmd(
     model: Annotated[Path, typer.Argument(
         help="Checkpoint folder (config.json + safetensors), or a .gguf file (run by llama.cpp).")],
-    data: Annotated[Path, typer.Option("--data", help="UTF-8 text file to measure perplexity on.")],
+    data: Annotated[Path, typer.Option("--data", help=(
+        "UTF-8 text file to measure perplexity on, or a text shipped with the package: "
+        f"{names_help()}."))],
     seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
     max_seqs: Annotated[Optional[int], typer.Option(help="Use only the first N windows.")] = None,
     skip: Annotated[int, typer.Option(help="Skip the first N windows (e.g. used for calibration).")] = 0,
@@ -101,6 +128,9 @@ def eval_cmd(
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's).")] = None,
     device: Annotated[str, typer.Option(help="Where a checkpoint's blocks compute: cpu, cuda or cuda:N.")] = "cpu",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON.")] = None,
+    memory: Annotated[Optional[str], typer.Option(
+        help=MEMORY_HELP.format(what="nothing else") + " Fewer windows go through a pass when "
+        "--batch-seqs would not fit. Checkpoints only: llama.cpp sizes a .gguf itself.")] = None,
 ) -> None:
     """Perplexity: the whole file tokenized once (no BOS), cut into non-overlapping windows of
     --seq-len tokens (the last partial one dropped), exp(mean next-token NLL) over all of them."""
@@ -120,12 +150,17 @@ def eval_cmd(
     if model.suffix == ".gguf" and not model.is_dir():  # llama.cpp tokenizes and runs it
         from .llamacpp.runner import gguf_perplexity
 
+        if memory is not None:
+            parse_memory(memory)  # a bad value is still refused
+
         result = gguf_perplexity(gguf=model, data=data, seq_len=seq_len, max_seqs=max_seqs,
                                  skip=skip, threads=threads, on_batch=on_batch)
     else:
+        budget = memory_budget(profile_gb=None, memory=memory)
+        logging.getLogger(__name__).info("%s", budget.line())
         result = evaluate(model_dir=model, data=data, seq_len=seq_len, max_seqs=max_seqs,
                           skip=skip, batch_seqs=batch_seqs, dtype=_dtype(dtype), device=device,
-                          on_batch=on_batch)
+                          on_batch=on_batch, memory_gb=budget.gb)
     bar.close()
     typer.echo(f"perplexity {result.perplexity:.4f}  ({result.tokens} tokens, {result.sequences} x "
                f"{result.seq_len}, {result.seconds:.1f} s)")
@@ -135,25 +170,30 @@ def eval_cmd(
 
 @app.command("estimate")
 def estimate_cmd(
-    model: Annotated[Path, typer.Argument(help="Checkpoint folder to prune.")],
+    model: Annotated[Path, typer.Argument(
+        help="Checkpoint folder to prune, or a .gguf (estimated from its metadata, as prune would import it).")],
     profile: Annotated[Optional[str], typer.Option(help=PROFILE_HELP)] = None,
     sparsity: Annotated[float, typer.Option(help="Target sparsity.")] = 0.5,
     method: Annotated[str, typer.Option(
         help=f"{one_of(Method, helped=True)}; all but bonsai are baselines without masks.")] = Method.BONSAI,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    memory: Annotated[Optional[str], typer.Option(
+        help=MEMORY_HELP.format(what="the profile's memory_gb"))] = None,
 ) -> None:
     """Before any work: peak memory by component, disk needed, forward FLOPs per round and an ETA
     from a matmul rate measured on this machine in about a second."""
     from .estimate import estimate
 
-    e = estimate(model_dir=model, profile=load_profile(profile), sparsity=sparsity, method=method)
+    prof, budget = _budgeted(load_profile(profile), memory)
+    e = _explained(estimate, budget)(model_dir=model, profile=prof, sparsity=sparsity, method=method)
+    e["memory_budget"] = {"gb": budget.gb, "source": budget.source, "reason": budget.reason}
     if as_json:
         typer.echo(json.dumps(e, indent=2))
         return
     m = e["memory"]
     typer.echo(f"model      {e['params_total'] / 1e9:.2f} B params ({e['params_blocks'] / 1e9:.2f} B in blocks)")
-    typer.echo(f"profile    {e['profile']}: budget {m['budget_gb']:.1f} GiB, compute {e['compute_dtype']} "
-               f"on {e['device']}")
+    typer.echo(f"profile    {e['profile']}: compute {e['compute_dtype']} on {e['device']}")
+    typer.echo(f"budget     {budget.line()}")
     parts = ["resident_blocks", "hidden_store", "activations", "head", "runtime", "total"]
     if m["device"] == "cpu":
         typer.echo("memory     " + ", ".join(f"{k.replace('_', ' ')} {m[k + '_gb']:.2f}" for k in parts) + " GiB")
@@ -168,8 +208,13 @@ def estimate_cmd(
     if r["mode"] != "none":
         typer.echo(f"repair     {r['mode']}: {r['forward_tokens']:,} forward tokens, {r['tflops']:.1f} TFLOP, "
                    f"peak {m['reconstruction_gb']:.2f} GiB (after the rounds; counted in the total)")
-    typer.echo(f"disk       {e['disk_output_gb']:.2f} GiB for the pruned model")
-    typer.echo(f"compute    {e['rounds']} rounds, {e['forward_tokens_per_round']:,} forward tokens and "
+    if e["disk_import_gb"]:
+        typer.echo(f"disk       {e['disk_peak_gb']:.2f} GiB at the peak: {e['disk_import_gb']:.2f} for the GGUF's "
+                   f"import (OUT.partial/source, removed at the end) + {e['disk_output_gb']:.2f} for the pruned model")
+    else:
+        typer.echo(f"disk       {e['disk_output_gb']:.2f} GiB for the pruned model")
+    typer.echo(f"compute    {e['rounds']} round{'' if e['rounds'] == 1 else 's'}, "
+               f"{e['forward_tokens_per_round']:,} forward tokens and "
                f"{e['forward_tflops_per_round'][0]:.1f} TFLOP in the first; {e['forward_tflops_total']:.1f} TFLOP in all")
     if e["eta_hours"] is None:
         typer.echo(f"speed      no {e['device']} device visible here to measure: no ETA")
@@ -208,10 +253,13 @@ class _Bars:
 
 @app.command("prune")
 def prune_cmd(
-    model: Annotated[Path, typer.Argument(help="Checkpoint folder to prune (config.json + safetensors).")],
+    model: Annotated[Path, typer.Argument(
+        help="Checkpoint folder to prune (config.json + safetensors), or a Llama-family .gguf: imported "
+        "into OUT.partial/source first (removed when the prune completes).")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the pruned checkpoint.")],
     calib: Annotated[Path, typer.Option(
-        help="Calibration text (UTF-8); the first calib_seqs windows of seq_len tokens are used.")],
+        help="Calibration text (UTF-8 file, or a text shipped with the package: "
+        f"{names_help()}); the first calib_seqs windows of seq_len tokens are used.")] = Path(DEFAULT_CALIB),
     sparsity: Annotated[float, typer.Option(help="Fraction of non-embedding parameters to remove.")] = 0.5,
     profile: Annotated[Optional[str], typer.Option(
         help=PROFILE_HELP)] = None,
@@ -241,6 +289,8 @@ def prune_cmd(
         help=f"Override the profile: {one_of(HeadUnit, helped=True)}.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out (and any saved progress).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a prune that stopped (crash, kill, Ctrl-C).")] = False,
+    memory: Annotated[Optional[str], typer.Option(
+        help=MEMORY_HELP.format(what="the profile's memory_gb"))] = None,
 ) -> None:
     """Prune a model with Bonsai: score sub-models with forward passes, regress, remove, repeat.
 
@@ -255,10 +305,13 @@ def prune_cmd(
         prior=prior, estimator=estimator, head_unit=head_unit, allocation=allocation,
         mask_counts=mask_counts, score=score, reconstruct=reconstruct,
         reconstruct_seqs=reconstruct_seqs)
+    prof, budget = _budgeted(prof, memory)
     bars = _Bars()
     try:
-        report = prune_model(model_dir=model, out_dir=out, sparsity=sparsity, profile=prof, calib=calib,
-                             method=method, seed=seed, force=force, resume=resume, progress=bars)
+        # The budget is logged when the work starts (-v) and printed at the end: a refusal stays one line.
+        report = _explained(prune_model, budget)(
+            model_dir=model, out_dir=out, sparsity=sparsity, profile=prof, calib=calib, method=method,
+            seed=seed, force=force, resume=resume, progress=bars, memory_budget=budget.line())
     except KeyboardInterrupt as exc:
         exc.add_note(f"progress is saved in {out}.partial; run the same command with --resume to "
                      "continue")
@@ -267,7 +320,8 @@ def prune_cmd(
         bars.close()
     typer.echo(
         f"pruned {report['params_before']:,} -> {report['params_after']:,} block parameters "
-        f"(sparsity {report['achieved_sparsity']:.3f}) in {len(report['rounds'])} rounds, "
+        f"(sparsity {report['achieved_sparsity']:.3f}) in {len(report['rounds'])} "
+        f"round{'' if len(report['rounds']) == 1 else 's'}, "
         f"{report['forward_tokens']:,} forward tokens, {report['seconds']:.0f} s -> {out}"
     )
     last = report["rounds"][-1] if report["rounds"] else None
@@ -275,6 +329,7 @@ def prune_cmd(
         typer.echo(f"stopped at sparsity {report['achieved_sparsity']:.3f} of the target "
                    f"{report['target_sparsity']:.3f}: no module could lose another unit (every layer keeps "
                    "one KV group and `align` MLP channels, and masks perturb only eligible units)")
+    typer.echo(budget.line())
 
 
 @app.command("export-gguf")
@@ -313,6 +368,28 @@ def generate_cmd(
     text = generate(gguf=gguf_file, prompt=prompt, n_tokens=n_tokens, chat=chat, seed=seed,
                     temperature=temperature)
     typer.echo(text)
+
+
+@app.command("serve")
+def serve_cmd(
+    gguf_file: Annotated[Path, typer.Argument(help="A .gguf model file (lowmem-bonsai export-gguf makes one).")],
+    host: Annotated[str, typer.Option(
+        help="Address to listen on: 127.0.0.1 is this machine only; 0.0.0.0 every interface.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 8080,
+    ctx: Annotated[int, typer.Option("--ctx", help="Context window in tokens (prompt + answer).")] = 2048,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: half the cores).")] = None,
+) -> None:
+    """Serve a GGUF with llama.cpp's OpenAI-compatible HTTP server until Ctrl-C.
+
+    POST /v1/chat/completions answers with the GGUF's chat template; /v1/completions continues text.
+    Needs llama-cpp-python's server extra (tools/setup.sh installs it).
+    """
+    from .llamacpp.serve import serve
+
+    def started(url: str) -> None:
+        typer.echo(f"serving {gguf_file} at {url} (POST {url}/chat/completions; Ctrl-C stops)", err=True)
+
+    serve(gguf=gguf_file, host=host, port=port, n_ctx=ctx, threads=threads, on_start=started)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,6 +13,7 @@ import torch
 from tokenizers import Tokenizer
 
 from .errors import UserError
+from .texts import BUNDLED, text_file
 
 
 def load_tokenizer(model_dir: Path) -> Tokenizer:
@@ -25,10 +26,12 @@ def load_tokenizer(model_dir: Path) -> Tokenizer:
         raise UserError(f"{path}: not a valid tokenizer.json ({exc})") from None
 
 
-def read_text(path: Path) -> str:
-    path = Path(path)
+def read_text(path: Path | str) -> str:
+    """A UTF-8 text file, or a bundled text by name (:mod:`lowmem_bonsai.texts`)."""
+    path = text_file(path)
     if not path.is_file():
-        raise UserError(f"{path}: data file not found; pass a UTF-8 text file")
+        raise UserError(f"{path}: data file not found; pass a UTF-8 text file, or a bundled "
+                        f"text: {', '.join(BUNDLED)}")
     raw = path.read_bytes()
     if b"\x00" in raw[:65536]:
         raise UserError(f"{path}: looks binary (NUL bytes); pass a UTF-8 text file")
@@ -41,7 +44,7 @@ def read_text(path: Path) -> str:
     return text
 
 
-def tokenize_file(tokenizer: Tokenizer, path: Path) -> torch.Tensor:
+def tokenize_file(tokenizer: Tokenizer, path: Path | str) -> torch.Tensor:
     """All tokens of the file, no BOS.  # (n_tokens,) int64"""
     ids = tokenizer.encode(read_text(path), add_special_tokens=False).ids
     return torch.tensor(ids, dtype=torch.long)

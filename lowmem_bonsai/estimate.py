@@ -12,7 +12,8 @@ from .engine.device import free_bytes, resolve_device
 from .engine.memory import DTYPE_BYTES, STORAGE_BYTES, measure_matmul_gflops, pick_compute_dtype, plan_memory
 from .method.prune import check_settings
 from .model.checkpoint import Checkpoint
-from .model.config import DTYPES
+from .model.config import DTYPES, parse_config
+from .llamacpp.from_gguf import gguf_config, is_gguf_model
 from .profiles import Profile
 from .settings import AUTO, Method
 
@@ -20,10 +21,16 @@ from .settings import AUTO, Method
 def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str = Method.BONSAI,
              measure_seconds: float = 1.0) -> dict[str, Any]:
     check_settings(sparsity=sparsity, method=method)
-    ckpt = Checkpoint(model_dir)
-    cfg = ckpt.config
-    sample = ckpt.tensors[ckpt.name("down", 0)]
-    storage = STORAGE_BYTES.get(sample.dtype, 4)
+    """A GGUF as ``model_dir`` is estimated from its metadata alone, as the checkpoint `prune` would
+    import it into (float16); the import's size is counted in the disk needed."""
+    if is_gguf_model(model_dir):
+        cfg = parse_config(gguf_config(gguf_path=model_dir, dtype="float16"), source=str(model_dir))
+        storage = import_bytes = DTYPE_BYTES["float16"]
+    else:
+        ckpt = Checkpoint(model_dir)
+        cfg = ckpt.config
+        sample = ckpt.tensors[ckpt.name("down", 0)]
+        storage, import_bytes = STORAGE_BYTES.get(sample.dtype, 4), 0
     if profile.storage_dtype != AUTO:
         storage = DTYPE_BYTES[profile.storage_dtype]
     # A GPU profile is planned from device_memory_gb where no GPU is visible (the ETA then needs one).
@@ -59,6 +66,7 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
     else:
         dtype_name, rates, gflops = profile.compute_dtype, {}, float("nan")
     out_bytes = (total * (1 - sparsity) + embed) * storage
+    imported = (total + embed) * import_bytes  # OUT.partial/source, until the prune completes
     return {
         "model": str(model_dir),
         "profile": profile.name,
@@ -70,6 +78,8 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         "rounds": rounds,
         "memory": mem.to_json(),
         "disk_output_gb": out_bytes / 1024**3,
+        "disk_import_gb": imported / 1024**3,
+        "disk_peak_gb": (out_bytes + imported) / 1024**3,
         "forward_tokens_per_round": tokens_per_round,
         "forward_tflops_per_round": [f / 1e12 for f in flops],
         "forward_tflops_total": (sum(flops) + repair_flops) / 1e12,

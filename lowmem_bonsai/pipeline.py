@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 import time
@@ -14,7 +15,7 @@ import torch
 from .data import load_tokenizer, tokenize_file, windows
 from .engine.device import resolve_device
 from .errors import UserError, WriteError
-from .method.prune import Progress, PruneResult, check_settings, run_rounds
+from .method.prune import Progress, PruneResult, check_settings, run_rounds, wave_size
 from .model.checkpoint import INDEX_NAME, Checkpoint
 from .model.config import DTYPES
 from .outputs.atomic import check_output_dir, commit_dir, write_json_atomic
@@ -24,9 +25,12 @@ from .outputs.writer import copy_tokenizer, pruned_config, write_pruned
 from .profiles import Profile
 from .method.reconstruct import RepairReport, reconstruct
 from .model.plan import Plan
-from .settings import AUTO, Method
+from .settings import AUTO, Method, Reconstruct
+from .llamacpp.from_gguf import import_gguf, is_gguf_model
 
 log = logging.getLogger(__name__)
+
+SOURCE_NAME = "source"  # OUT.partial/source: the checkpoint imported from a GGUF given as MODEL
 
 
 def source_hashes(model_dir: Path) -> dict[str, str]:
@@ -61,25 +65,76 @@ def work_dir(out_dir: Path) -> Path:
     return out_dir.with_name(f"{out_dir.name}.partial")
 
 
-def _open_state(model_dir: Path, out_dir: Path, key: dict[str, Any], *, resume: bool,
-                force: bool) -> RunState:
+def _check_waves(state_path: Path, key: dict[str, Any]) -> None:
+    """Refuse, saying why, a resume whose memory budget now plans other waves than the saved ones."""
+    try:
+        saved = json.loads(state_path.read_text(encoding="utf-8")).get("key")
+    except (OSError, ValueError, AttributeError):
+        return  # RunState.load says what is wrong with the file
+    if (isinstance(saved, dict) and saved.get("wave_masks") != key["wave_masks"]
+            and {**saved, "wave_masks": key["wave_masks"]} == key):
+        raise UserError(
+            f"{state_path.parent}: the saved progress was scored in waves of {saved.get('wave_masks')} "
+            f"masks, and this run's memory budget gives waves of {key['wave_masks']}; resume with "
+            "--memory set to the budget the first run printed"
+        )
+
+
+def _check_resumable(out_dir: Path) -> Path:
+    """The saved progress of a prune into ``out_dir``, or a UserError saying why there is none."""
     work = work_dir(out_dir)
     state_path = work / "state.json"
-    if resume:
-        if not state_path.is_file():
-            if (Path(out_dir) / "plan.json").is_file():
-                raise UserError(f"{out_dir}: this prune already finished; nothing to resume")
-            raise UserError(f"{work}: no saved progress to resume; run without --resume")
-        return RunState.load(state_path, key=key)
+    if not state_path.is_file():
+        if (Path(out_dir) / "plan.json").is_file():
+            raise UserError(f"{out_dir}: this prune already finished; nothing to resume")
+        raise UserError(f"{work}: no saved progress to resume; run without --resume")
+    return state_path
+
+
+def _clear_work(out_dir: Path, *, force: bool) -> None:
+    """Make way for a fresh prune: refuse over saved progress unless ``force``."""
+    work = work_dir(out_dir)
     check_output_dir(out_dir, force=force)
     if work.exists():
-        if not force:
+        if not force and (work / "state.json").is_file():
             raise UserError(
                 f"{work}: a previous prune into {out_dir} stopped before finishing; add --resume to "
                 "continue it, or --force to start over"
             )
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+        shutil.rmtree(work)  # with no state.json it holds at most a GGUF's unfinished import
+
+
+def import_source(gguf: Path, out_dir: Path, *, resume: bool, force: bool) -> Path:
+    """A GGUF given as MODEL, imported into ``OUT.partial/source`` (kept for --resume, removed with
+    the rest of OUT.partial when the prune completes); its folder."""
+    source = work_dir(out_dir) / SOURCE_NAME
+    if resume:
+        _check_resumable(out_dir)
+        if not (source / "config.json").is_file():
+            raise UserError(f"{source}: the model imported from {gguf} is gone; start over with --force")
+        return source
+    _clear_work(out_dir, force=force)
+    log.info("importing %s into %s", gguf, source)
+    try:
+        import_gguf(gguf_path=gguf, out_dir=source)
+    except BaseException:
+        shutil.rmtree(work_dir(out_dir), ignore_errors=True)  # nothing scored: leave nothing
+        raise
+    return source
+
+
+def _open_state(model_dir: Path, out_dir: Path, key: dict[str, Any], *, resume: bool,
+                force: bool, imported: bool = False) -> RunState:
+    work = work_dir(out_dir)
+    state_path = work / "state.json"
+    if resume:
+        _check_resumable(out_dir)
+        _check_waves(state_path, key)
+        return RunState.load(state_path, key=key)
+    if not imported:  # import_source cleared the way already
+        _clear_work(out_dir, force=force)
+    work.mkdir(parents=True, exist_ok=imported)
+    state = RunState(state_path, key=key)
     try:
         state = RunState.create(state_path, key=key)
     except WriteError:
@@ -132,10 +187,12 @@ def prune_model(
     force: bool = False,
     resume: bool = False,
     progress: Progress | None = None,
+    memory_budget: str = "",
 ) -> dict[str, Any]:
     """Prune ``model_dir`` and write the pruned checkpoint, plan.json, report.json and a figure.
 
     Progress lives in ``OUT.partial/`` until the output is complete; ``resume`` continues it.
+    ``memory_budget`` says where ``profile.memory_gb`` came from (recorded in the report).
     """
     start = time.perf_counter()
     if profile.threads:
@@ -143,42 +200,61 @@ def prune_model(
     out_dir = Path(out_dir)
     check_settings(sparsity=sparsity, method=method)
     resolve_device(profile.device)  # a GPU profile where there is no GPU: refused before any reading
-    ckpt = Checkpoint(model_dir)
-    ids = tokenize_file(load_tokenizer(model_dir), calib)
-    tokens = calibration_tokens(ids, calib, seq_len=profile.seq_len, seqs=profile.calib_seqs)
-    repair_tokens = None
-    if profile.reconstruct != "none":
-        repair_tokens = calibration_tokens(ids, calib, seq_len=profile.reconstruct_seq_len,
-                                           seqs=profile.reconstruct_seqs)
-    settings = {
-        "method": method, "sparsity": sparsity, "seed": seed, "calib": str(calib),
-        "calib_seqs": int(tokens.shape[0]), "profile": {
-            k: getattr(profile, k) for k in profile.__dataclass_fields__},
-    }
-    hashes = source_hashes(model_dir)
-    key = {"source_hashes": hashes, "settings": settings,
-           "calib_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()}
-    state = _open_state(model_dir, out_dir, key, resume=resume, force=force)
+    source = Path(model_dir)
+    imported = is_gguf_model(source)
+    if imported:
+        model_dir = import_source(source, out_dir, resume=resume, force=force)
+    try:
+        ckpt = Checkpoint(model_dir)
+        ids = tokenize_file(load_tokenizer(model_dir), calib)
+        tokens = calibration_tokens(ids, calib, seq_len=profile.seq_len, seqs=profile.calib_seqs)
+        repair_tokens = None
+        if profile.reconstruct != Reconstruct.NONE:
+            repair_tokens = calibration_tokens(ids, calib, seq_len=profile.reconstruct_seq_len,
+                                               seqs=profile.reconstruct_seqs)
+        settings = {
+            "method": method, "sparsity": sparsity, "seed": seed, "calib": str(calib),
+            "calib_seqs": int(tokens.shape[0]), "profile": {
+                k: getattr(profile, k) for k in profile.__dataclass_fields__},
+        }
+        hashes = source_hashes(model_dir)
+        # The budget may come from what the machine has free, which differs between a run and its
+        # resume; what the saved progress depends on is the wave size it bought.
+        key = {"source_hashes": hashes,
+               "settings": {**settings, "profile": {k: v for k, v in settings["profile"].items()
+                                                    if k != "memory_gb"}},
+               "wave_masks": wave_size(ckpt.config, tokens, profile, resolve_device(profile.device)),
+               "calib_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()}
+        state = _open_state(model_dir, out_dir, key, resume=resume, force=force, imported=imported)
+    except BaseException:
+        if imported and not resume:  # nothing scored: the import goes too
+            shutil.rmtree(work_dir(out_dir), ignore_errors=True)
+        raise
+    if memory_budget:
+        settings["memory_budget"] = memory_budget
+        log.info("%s", memory_budget)
+    if imported:
+        settings["imported_from"] = str(source)
     stage = work_dir(out_dir) / "out"
     try:
         result: PruneResult = run_rounds(ckpt, tokens, sparsity=sparsity, profile=profile,
                                          method=method, seed=seed, progress=progress, state=state)
         plan = result.plan
-        plan.meta.update({"method": method, "settings": settings, "source": str(model_dir),
+        plan.meta.update({"method": method, "settings": settings, "source": str(source),
                           "source_hashes": hashes})
         n_layers = ckpt.config.num_hidden_layers
-        source, repair = ckpt, None
+        weights, repair = ckpt, None  # the source, or the source with its repaired tensors
         if repair_tokens is not None:
             t0 = time.perf_counter()
             on_repair = (lambda l: progress("repair", l + 1, n_layers)) if progress else None
             repair = repair_plan(ckpt, plan, repair_tokens, work_dir(out_dir) / "repair", profile,
                                  on_block=on_repair)
-            source = ckpt.with_overlay(repair.files)
+            weights = ckpt.with_overlay(repair.files)
             repair_seconds = time.perf_counter() - t0
         shutil.rmtree(stage, ignore_errors=True)
         stage.mkdir()
         on_write = (lambda l: progress("write", l + 1, n_layers)) if progress else None
-        write_checkpoint(source, plan, stage, model_dir=model_dir, profile=profile, on_block=on_write)
+        write_checkpoint(weights, plan, stage, model_dir=model_dir, profile=profile, on_block=on_write)
         report = build_report(ckpt.config, result, settings=settings,
                               seconds=time.perf_counter() - start)
         if repair is not None:

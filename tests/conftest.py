@@ -18,6 +18,8 @@ from lowmem_bonsai.errors import UserError
 from lowmem_bonsai.llamacpp.from_gguf import import_gguf
 from lowmem_bonsai.model.plan import Plan
 
+from lowmem_bonsai.texts import bundled_path
+
 FAMILIES = {
     # name: (config class, model class, extra config)
     "llama-mha-untied": ("LlamaConfig", "LlamaForCausalLM",
@@ -78,19 +80,14 @@ def write_word_tokenizer(model_dir: Path, text: str, vocab_size: int = 211) -> N
     tok.save(str(Path(model_dir) / "tokenizer.json"))
 
 
-WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+WIKITEXT = bundled_path("wikitext2-valid")  # shipped in the package: nothing outside the repository
 
 
 @pytest.fixture
 def sample_text(tmp_path) -> Path:
-    """A few thousand words of English (the start of WikiText-2 valid, or generated if absent)."""
+    """A few thousand words of English: the start of WikiText-2 valid."""
     path = tmp_path / "sample.txt"
-    if WIKITEXT.is_file():
-        path.write_text(WIKITEXT.read_text(encoding="utf-8")[:40000], encoding="utf-8")
-    else:
-        g = torch.Generator().manual_seed(0)
-        words = [f"w{int(i)}" for i in torch.randint(0, 300, (6000,), generator=g)]
-        path.write_text(" ".join(words), encoding="utf-8")
+    path.write_text(WIKITEXT.read_text(encoding="utf-8")[:40000], encoding="utf-8")
     return path
 
 

@@ -371,8 +371,6 @@ def smollm2_plan(model_dir: Path) -> Plan:
 
 @pytest.fixture(scope="module")
 def smollm2_texts() -> Path:
-    if not WIKITEXT.is_file():
-        pytest.skip(f"{WIKITEXT} not present")
     return WIKITEXT
 
 

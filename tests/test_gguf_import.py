@@ -256,8 +256,6 @@ def test_smollm2_loads_in_transformers_and_answers(smollm2):
 @needs_llama_cpp
 def test_smollm2_tokenizer_matches_llama_cpp(smollm2):
     path, out = smollm2
-    if not WIKITEXT.is_file():
-        pytest.skip(f"{WIKITEXT} not present")
     texts = [WIKITEXT.read_text(encoding="utf-8"), *ODD, *CHAT_ODD, "<repo_name>x<file_sep>y"]
     ref = _llama_cpp_ids(path, texts)
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))

@@ -31,8 +31,9 @@ from lowmem_bonsai.profiles import load_profile  # noqa: E402
 from lowmem_bonsai.method.prior import layer_priors  # noqa: E402
 from lowmem_bonsai.method.prune import mask_set, modules_of, sample_round  # noqa: E402
 from lowmem_bonsai.method.regression import kendall_tau  # noqa: E402
+from lowmem_bonsai.texts import bundled_path  # noqa: E402
 
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
+WIKITEXT = bundled_path("wikitext2-valid")  # shipped in the package (lowmem_bonsai/_texts)
 
 
 class Int8Functional:

@@ -30,8 +30,9 @@ from lowmem_bonsai.pipeline import (  # noqa: E402
     calibration_tokens, prune_model, repair_plan, write_checkpoint)
 from lowmem_bonsai.model.plan import Plan  # noqa: E402
 from lowmem_bonsai.profiles import load_profile  # noqa: E402
+from lowmem_bonsai.texts import bundled_path  # noqa: E402
 
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
+WIKITEXT = bundled_path("wikitext2-valid")  # shipped in the package (lowmem_bonsai/_texts)
 
 
 def main() -> None:

@@ -36,8 +36,9 @@ from lowmem_bonsai.profiles import load_profile  # noqa: E402
 from lowmem_bonsai.method.prior import layer_priors  # noqa: E402
 from lowmem_bonsai.method.prune import design_of, mask_set, modules_of, sample_round  # noqa: E402
 from lowmem_bonsai.method.regression import fit, kendall_tau  # noqa: E402
+from lowmem_bonsai.texts import bundled_path  # noqa: E402
 
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
+WIKITEXT = bundled_path("wikitext2-valid")  # shipped in the package (lowmem_bonsai/_texts)
 
 
 def mean_nll(ckpt, tokens, plan, masks=None, wave=16, soft=None) -> torch.Tensor:

@@ -9,8 +9,8 @@ The same masks on the same tokens of the same checkpoint, each way in its own pr
                 zero-masking forward pre-hooks on o_proj and down_proj;
 - ``accelerate``: transformers + accelerate disk offload (weights paged from an offload folder).
 
-    python tools/make_checkpoint.py tinyllama-1.1b /work/scratch/tinyllama-random
-    python tools/bench_throughput.py /work/scratch/tinyllama-random --masks 8 --out runs/bench_throughput.json
+    python tools/make_checkpoint.py tinyllama-1.1b runs/tinyllama-random
+    python tools/bench_throughput.py runs/tinyllama-random --masks 8 --out runs/bench_throughput.json
 
 On a GPU (tools/check_cuda.sh): ``--device cuda --dtype bfloat16``; every way then computes there.
 ``--op-profile``: where this executor's time goes instead (torch.profiler, GEMM share and rate).

@@ -112,7 +112,7 @@ def plan_memory(config: ModelConfig, profile: Profile, *, storage_bytes: int = 2
         raise UserError(
             f"profile '{profile.name}': {where} is too small: "
             f"{'a block' if on_gpu else 'two blocks'}, activations and 2 masks need {need:.1f} GB for "
-            f"this model; raise {'device_memory_gb' if on_gpu else 'memory_gb'}, or lower prefetch, "
+            f"this model; raise {'device_memory_gb' if on_gpu else 'memory_gb (or --memory)'}, or lower prefetch, "
             "chunk_tokens, calib_seqs or seq_len, or use compute_dtype bfloat16"
         )
     wave = max(2, wave - wave % 2)

@@ -290,6 +290,18 @@ def load_tensor(job: HfTensorJob, *, dtype: torch.dtype) -> torch.Tensor:
     return unpermute_qk(w, job.unpermute_heads) if job.unpermute_heads else w
 
 
+def is_gguf_model(path: Path) -> bool:
+    """Whether a MODEL argument names a GGUF file (to import first) rather than a checkpoint folder."""
+    path = Path(path)
+    return path.suffix.lower() == ".gguf" and not path.is_dir()
+
+
+def gguf_config(*, gguf_path: Path, dtype: str = "float16") -> dict[str, Any]:
+    """The config.json that :func:`import_gguf` would write, from the metadata alone (no tensors read)."""
+    reader = open_gguf(gguf_path)
+    return read_llama_config(reader, source=str(gguf_path)).to_json(dtype=dtype)
+
+
 def import_gguf(*, gguf_path: Path, out_dir: Path, dtype: str = "float16", force: bool = False,
                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write a Hugging Face Llama checkpoint folder (config, shards, tokenizer) from a GGUF."""

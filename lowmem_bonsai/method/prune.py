@@ -155,7 +155,7 @@ def run_rounds(
     if rates:
         log.info("compute dtype %s on %s (measured matmul GFLOP/s: %s)", dtype_name, device,
                  ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
-    wave = _wave_size(cfg, calib, profile, device)  # refuses now, not hours in, if the budget cannot work
+    wave = wave_size(cfg, calib, profile, device)  # refuses now, not hours in, if the budget cannot work
     log.info("waves of %d masks (%d per round)", wave, profile.masks_per_round)
     gen = torch.Generator().manual_seed(seed)
     prior_kind = {"magnitude": "magnitude", "random": "random"}.get(method, profile.prior)
@@ -481,7 +481,7 @@ def _flap_choice(modules: list[Module], scores: list[tuple[torch.Tensor, torch.T
     return drop
 
 
-def _wave_size(cfg: ModelConfig, calib: torch.Tensor, profile: Profile, device: torch.device) -> int:
+def wave_size(cfg: ModelConfig, calib: torch.Tensor, profile: Profile, device: torch.device) -> int:
     """Masks per streamed pass: the profile's, or the largest wave the memory planner fits."""
     fitted = profile.replace(calib_seqs=calib.shape[0], seq_len=calib.shape[1])
     return plan_memory(cfg, fitted, device_free_bytes=free_bytes(device)).wave_masks

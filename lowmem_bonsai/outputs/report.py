@@ -43,6 +43,7 @@ def plot(source: ModelConfig, plan: Plan, report: dict[str, Any], path: Path) ->
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         log.warning("matplotlib is not installed: no figure (pip install matplotlib)")
         return False
@@ -64,6 +65,7 @@ def plot(source: ModelConfig, plan: Plan, report: dict[str, Any], path: Path) ->
         ax2.plot([r["round"] for r in rounds], [r["mask_loss_mean"] for r in rounds], "s--",
                  label="sampled sub-models (mean)")
     ax2.set_xlabel("round")
+    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are 1, 2, ..., never 1.2
     ax2.set_ylabel("calibration NLL (nats/token)")
     ax2.legend()
     ax2.set_title(f"method {report['settings']['method']}")
