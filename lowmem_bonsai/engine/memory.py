@@ -22,6 +22,9 @@ from .device import synchronize
 DTYPE_BYTES = {AUTO: 4, **{name: dt.itemsize for name, dt in DTYPES.items()}}  # auto: the widest
 STORAGE_BYTES = {"F32": 4, "BF16": 2, "F16": 2}
 LOGIT_BUDGET = 1 << 25  # logits the forward holds at once (elements): 128 MB in fp32
+# Reconstruction solves in fp64 up to this many inputs per projection, in fp32 above (a 13B
+# model's 13,824 MLP channels), so that a layer's solve holds two Gram matrices, not five.
+SOLVE_FP64_MAX = 4096
 RUNTIME_GB = 0.35  # python, torch and tokenizers loaded (measured peak_anon of an idle import: 0.14 GiB)
 
 
@@ -145,7 +148,10 @@ def repair_bytes(config: ModelConfig, profile: Profile, *, storage_bytes: int = 
     chunk = max(1, profile.chunk_tokens // t) * t
     qkv = (max(s.num_attention_heads for s in config.layers) + 2 * config.num_key_value_heads) * config.head_dim
     activations = chunk * (qkv + 3 * h + 3 * widest + n) * b  # + the chunk's [z, 1] for the Gram
-    solve = n * n * (4 + 8 + 8) + 3 * h * n * 8  # Gram fp32, its fp64 copy, the system; W G, X, errors
+    # the Gram accumulator (fp32), its fp64 copy and the system; W G, X and the errors (out x in).
+    # Above SOLVE_FP64_MAX inputs the solve is fp32 and works in the accumulator: no copy.
+    s = 8 if n - 1 <= SOLVE_FP64_MAX else 4
+    solve = n * n * (4 + (s if s == 8 else 0) + s) + 3 * h * n * s
     return int(blocks + stream + activations + solve + RUNTIME_GB * 1024**3)
 
 

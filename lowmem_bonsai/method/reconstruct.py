@@ -37,6 +37,7 @@ from safetensors.torch import save
 
 from ..engine.block import attention_heads, head_rows, mlp_channels
 from ..engine.forward import embed_tokens, sliding_mask
+from ..engine.memory import SOLVE_FP64_MAX
 from ..engine.rope import rope_tables
 from ..engine.streamer import BlockStreamer
 from ..model.checkpoint import Checkpoint
@@ -81,11 +82,19 @@ class Moments:
             self.gram.addmm_(zp.T, zp)
 
     def full_gram(self) -> torch.Tensor:
-        """G with the constant's row and column exact (fp64).  # (in + 1, in + 1)"""
-        g = self.gram.double()
-        g[-1, :-1] = g[:-1, -1] = self.sums
+        """G with the constant's row and column exact, in :func:`solve_dtype`.  # (in + 1, in + 1)
+
+        fp64 up to SOLVE_FP64_MAX inputs; wider ones (a 13B model's 13,824 channels) solve in fp32,
+        in place of the accumulator, so a layer's solve holds about two Gram matrices, not five.
+        """
+        g = self.gram.double() if solve_dtype(self.n_in) == torch.float64 else self.gram
+        g[-1, :-1] = g[:-1, -1] = self.sums.to(g.dtype)
         g[-1, -1] = self.tokens
         return g
+
+
+def solve_dtype(n_in: int) -> torch.dtype:
+    return torch.float64 if n_in <= SOLVE_FP64_MAX else torch.float32
 
 
 def _relative_error(w: torch.Tensor, w_new: torch.Tensor, g: torch.Tensor) -> float:
@@ -97,17 +106,17 @@ def _relative_error(w: torch.Tensor, w_new: torch.Tensor, g: torch.Tensor) -> fl
 
 
 def solve(w: torch.Tensor, m: Moments, keep: torch.Tensor, *, mode: str, ridge: float) -> Repair:
-    """The repaired kept columns and bias of ``w`` (out, in) given its input moments.  fp64 math
+    """The repaired kept columns and bias of ``w`` (out, in) given its input moments.
 
-    keep: (|S|,) column indices that stay, in increasing order.
+    keep: (|S|,) column indices that stay, in increasing order. Computes in :func:`solve_dtype`.
     """
-    w = w.double()
     out, n_in = w.shape
+    w = w.to(solve_dtype(n_in))
     gone = torch.ones(n_in, dtype=torch.bool)
     gone[keep] = False
     g = m.full_gram() if m.gram is not None else None  # (in + 1, in + 1) fp64, once
     if mode == Reconstruct.BIAS:
-        mean = m.sums / max(m.tokens, 1)  # (in,)
+        mean = (m.sums / max(m.tokens, 1)).to(w.dtype)  # (in,)
         weight, bias = w[:, keep], w[:, gone] @ mean[gone]
     elif mode == Reconstruct.LSQ:
         sp = torch.cat([keep, torch.tensor([n_in])])  # S+
@@ -121,7 +130,7 @@ def solve(w: torch.Tensor, m: Moments, keep: torch.Tensor, *, mode: str, ridge: 
         raise ValueError(mode)
     errors = (float("nan"), float("nan"))
     if g is not None:
-        new = torch.zeros(out, n_in + 1, dtype=torch.float64)
+        new = torch.zeros(out, n_in + 1, dtype=w.dtype)
         new[:, keep] = w[:, keep]
         before = _relative_error(w, new, g)
         new[:, keep], new[:, -1] = weight, bias
@@ -188,7 +197,7 @@ def reconstruct(
             for c in chunks():
                 m.add(attention_heads(x[c], w, cos, sin, eps=eps, attn_mask=attn_mask))
             r = solve(w.o, m, head_cols, mode=mode, ridge=ridge)
-            o_full = torch.zeros(w.o.shape, dtype=torch.float64)
+            o_full = torch.zeros(w.o.shape, dtype=r.weight.dtype)
             o_full[:, head_cols] = r.weight
             repaired["o"], repaired["o_bias"] = o_full, r.bias
             info["attn_error"] = (r.error_before, r.error_after)
@@ -205,7 +214,7 @@ def reconstruct(
                 m.add(mlp_channels(x[c], w, eps=eps))
         if m is not None:
             r = solve(w.down, m, chans, mode=mode, ridge=ridge)
-            d_full = torch.zeros(w.down.shape, dtype=torch.float64)
+            d_full = torch.zeros(w.down.shape, dtype=r.weight.dtype)
             d_full[:, chans] = r.weight
             repaired["down"], repaired["down_bias"] = d_full, r.bias
             info["mlp_error"] = (r.error_before, r.error_after)
