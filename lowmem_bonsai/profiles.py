@@ -64,7 +64,7 @@ class Profile:
     #                             varied: a random count per module and pair, plus per-module scales
     #                             in the regression, so that layers' sensitivities are identifiable
     # reconstruction, after the units are chosen (reconstruct.py)
-    reconstruct: str = Reconstruct.NONE  # none | bias (FLAP's compensation) | lsq (ridge refit of the kept
+    reconstruct: str = "none"  # none | bias (FLAP's compensation) | lsq (ridge refit of the kept
     #                            columns of o_proj / down_proj and a bias)
     reconstruct_seqs: int = 64  # calibration windows for it (one pass, from the start of the text)
     reconstruct_seq_len: int = 256
