@@ -13,10 +13,12 @@ from .config import DTYPES
 from .device import free_bytes, resolve_device
 from .memory import DTYPE_BYTES, STORAGE_BYTES, measure_matmul_gflops, pick_compute_dtype, plan_memory
 from .profiles import Profile
+from .prune import check_settings
 
 
 def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str = "bonsai",
              measure_seconds: float = 1.0) -> dict[str, Any]:
+    check_settings(sparsity=sparsity, method=method)
     ckpt = Checkpoint(model_dir)
     cfg = ckpt.config
     sample = ckpt.tensors[ckpt.name("down", 0)]

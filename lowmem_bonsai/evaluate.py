@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint
-from .data import load_tokenizer, tokenize_file, windows
+from .data import check_windows, load_tokenizer, tokenize_file, windows
 from .device import resolve_device
+from .errors import UserError
 from .forward import streamed_nll
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,12 @@ def evaluate(
     once, so larger batches mean less I/O per token and a larger hidden-state store.
     """
     start = time.perf_counter()
+    need = check_windows(seq_len=seq_len, max_seqs=max_seqs, skip=skip)
+    if batch_seqs < 1:
+        raise UserError(f"--batch-seqs {batch_seqs}: expected at least 1 window per pass")
     dev = resolve_device(device)
     ckpt = Checkpoint(model_dir)
-    ids = tokenize_file(load_tokenizer(model_dir), data)
+    ids = tokenize_file(load_tokenizer(model_dir), data, max_tokens=need)
     seqs = windows(ids, seq_len=seq_len, max_seqs=max_seqs, skip=skip, source=str(data))
     total = torch.zeros((), dtype=torch.float64)
     for a in range(0, seqs.shape[0], batch_seqs):
@@ -72,6 +76,8 @@ def evaluate(
         if on_batch is not None:
             on_batch(min(a + batch_seqs, seqs.shape[0]), seqs.shape[0])
     tokens = seqs.shape[0] * (seq_len - 1)
+    if not torch.isfinite(total):
+        raise ckpt.nonfinite_error(found="the perplexity")
     ppl, mean = perplexity_of(total, tokens)
     result = EvalResult(
         perplexity=ppl, nll=mean, tokens=tokens, seq_len=seq_len, sequences=seqs.shape[0], skip=skip,

@@ -7,6 +7,7 @@ A profile is parsed into a frozen :class:`Profile`; unknown keys and wrong types
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,10 @@ class Profile:
     #                             in the regression, so that layers' sensitivities are identifiable
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # a budget of inf or nan would plan nothing sensible
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"profile '{self.name}': {f.name} = {value} must be a finite number")
         checks = [
             (self.masks_per_round >= 2 and self.masks_per_round % 2 == 0,
              "masks_per_round must be an even number >= 2 (masks come in antithetic pairs)"),
@@ -119,6 +124,6 @@ def load_profile(spec: str | Path | None) -> Profile:
         raise UserError(f"{path}: profile file not found")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise UserError(f"{path}: not valid TOML ({exc})") from None
     return parse_profile(data, source=str(path), name=path.stem)
