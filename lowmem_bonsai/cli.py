@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,7 +14,7 @@ import torch
 import typer
 
 from .config import DTYPES
-from .errors import UserError
+from .errors import Terminated, UserError
 from .profiles import DEFAULT_PROFILE, load_profile, profile_names
 
 PROFILE_HELP = (f"Profile: one of {', '.join(profile_names())} (default {DEFAULT_PROFILE}), "
@@ -44,9 +46,21 @@ def _run(fn, *args, **kwargs):
             raise
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(exc.exit_code) from None
+    except Terminated:
+        typer.echo("terminated", err=True)
+        raise typer.Exit(Terminated.exit_code) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(130) from None
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def _check_threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads {threads}: expected at least 1")
 
 
 @app.callback()
@@ -55,6 +69,8 @@ def main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
 ) -> None:
     _state["debug"] = debug
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)  # clean up as Ctrl-C does, not die mid-write
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
@@ -100,8 +116,12 @@ def eval_cmd(
     from tqdm import tqdm
 
     from .evaluate import evaluate
-    from .outputs import write_json_atomic
+    from .outputs import check_output_path, make_dirs, write_json_atomic
 
+    _run(_check_threads, threads)
+    if json_out is not None:  # refused before the evaluation, not after it
+        _run(check_output_path, json_out, flag="--json", folder=False)
+        _run(make_dirs, json_out.parent)
     if threads:
         torch.set_num_threads(threads)
     bar = tqdm(desc="eval", unit="seq", disable=None)
@@ -235,7 +255,7 @@ def prune_cmd(
     report.json and pruning.png. Blocks are streamed from disk: memory stays near a few blocks plus
     the hidden states of one wave of masks.
     """
-    from .pipeline import prune_model
+    from .pipeline import prune_model, work_dir
 
     prof = _run(load_profile, profile)
     prof = _run(prof.replace, masks_per_round=masks_per_round, calib_seqs=calib_seqs, seq_len=seq_len,
@@ -248,9 +268,14 @@ def prune_cmd(
                       progress=bars)
     except typer.Exit as exc:
         bars.close()
-        if exc.exit_code == 130:
-            typer.echo(f"progress is saved in {out}.partial; run the same command with --resume to "
-                       "continue", err=True)
+        if exc.exit_code in (130, Terminated.exit_code) and work_dir(out).exists():
+            typer.echo(f"progress is saved in {work_dir(out)}; run the same command with --resume "
+                       "to continue", err=True)
+        raise
+    except Exception:  # a bug: its traceback follows; say what became of the progress
+        if work_dir(out).exists():
+            typer.echo(f"progress is saved in {work_dir(out)}: rerun with --resume to continue, or "
+                       "with --force to start over", err=True)
         raise
     finally:
         bars.close()

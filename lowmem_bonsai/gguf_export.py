@@ -34,7 +34,7 @@ from .config import LayerShape, ModelConfig
 from .errors import UserError, WriteError
 from .gguf_layout import ROPE_FREQS, TENSOR_NAMES, llama3_rope_factors, permute_qk
 from .gguf_vocab_export import vocab_from_checkpoint, write_vocab
-from .outputs import fsync_dir
+from .outputs import check_output_path, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -341,6 +341,7 @@ def export_gguf(*, model_dir: Path, out: Path, type: str = "f16", force: bool = 
         raise UserError(f"--type '{type}' is not supported; expected one of {', '.join(TYPES)}")
     etype = TYPES[type]
     model_dir, out = Path(model_dir), Path(out)
+    check_output_path(out, folder=False, inputs=(model_dir,))
     if out.is_dir():
         raise UserError(f"{out}: is a folder; --out names the .gguf file to write")
     if out.exists() and not force:
