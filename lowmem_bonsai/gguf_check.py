@@ -219,6 +219,12 @@ def check_for_llama(path: Path) -> GgufSummary:
     if n_layers > len(s.tensors):
         raise UserError(f"{s.path}: metadata '{arch}.block_count' is {n_layers} but the file holds "
                         f"{len(s.tensors)} tensors, too few for that many blocks; {_FIX}")
+    for key in ("attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.scaling.factor"):
+        value = s.metadata.get(f"{arch}.{key}")  # a NaN epsilon makes llama.cpp abort (SIGABRT)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                  or not math.isfinite(value) or value <= 0):
+            raise UserError(f"{s.path}: metadata '{arch}.{key}' is {_short(value)}, expected a "
+                            f"positive finite number; {_FIX}")
     hidden = _counts(s, f"{arch}.embedding_length", 1)[0]
     heads = _counts(s, f"{arch}.attention.head_count", n_layers)
     kv = _counts(s, f"{arch}.attention.head_count_kv", n_layers, default=s.metadata.get(

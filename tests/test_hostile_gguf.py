@@ -180,6 +180,7 @@ def test_gguf_metadata_of_the_wrong_type(tmp_path, tiny_gguf_bytes, patch, words
      "tensor 'token_embd.weight' has shape [64, "),
     (dict(key="llama.attention.key_length", value=struct.pack("<I", 15)), "key_length 15 and value_length"),
     (dict(key="general.architecture", kind=U32, value=struct.pack("<Q", 0)[:0]), "truncated or corrupt"),
+    (dict(key="llama.rope.freq_base", value=struct.pack("<f", -1.0)), "'llama.rope.freq_base' is -1.0"),
 ])
 @pytest.mark.parametrize("command", ["eval", "generate"])
 def test_what_llama_cpp_would_abort_on_is_refused_first(tmp_path, tiny_gguf_bytes, sample_text, patch,
@@ -188,6 +189,21 @@ def test_what_llama_cpp_would_abort_on_is_refused_first(tmp_path, tiny_gguf_byte
     args = (["eval", str(src), "--data", str(sample_text), "--seq-len", "16"] if command == "eval"
             else ["generate", str(src), "--prompt", "The"])
     refused(CliRunner().invoke(app, args), str(src), words)
+
+
+@pytest.mark.parametrize("patch, words", [
+    (dict(key="llama.block_count", value=struct.pack("<I", 10**8)), "'llama.block_count' is 100000000"),
+    (dict(key="llama.attention.layer_norm_rms_epsilon", value=struct.pack("<f", float("nan"))),
+     "'llama.attention.layer_norm_rms_epsilon' is nan, expected a positive finite number"),
+])
+def test_files_that_made_llama_cpp_abort(tmp_path, tiny_gguf_bytes, patch, words):
+    """Both made llama-cpp-python 0.3.36 die with SIGABRT and no output; a subprocess, so that a
+    regression fails this test instead of killing the test run."""
+    src = write(tmp_path, patch_kv(tiny_gguf_bytes, **patch))
+    res = subprocess.run([sys.executable, "-m", "lowmem_bonsai.cli", "generate", str(src), "--prompt", "The",
+                          "-n", "2"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()] and words in res.stderr, res.stderr
 
 
 @needs_llama_cpp
