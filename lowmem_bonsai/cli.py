@@ -65,12 +65,14 @@ def _check_threads(threads: int | None) -> None:
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
 ) -> None:
     _state["debug"] = debug
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)  # clean up as Ctrl-C does, not die mid-write
+        previous = signal.signal(signal.SIGTERM, _terminate)  # clean up as Ctrl-C does
+        ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))  # for in-process callers
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
