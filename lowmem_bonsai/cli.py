@@ -12,22 +12,52 @@ from typing import Annotated, Optional
 
 import torch
 import typer
+from typer.core import TyperGroup
 
-from .config import DTYPES
 from .errors import Terminated, UserError
-from .profiles import DEFAULT_PROFILE, load_profile, profile_names
+from .machine import memory_budget, parse_memory
+from .model.config import DTYPES
+from .profiles import DEFAULT_PROFILE, Profile, load_profile, profile_names
+from .settings import Allocation, DType, Estimator, HeadUnit, MaskCounts, Method, Prior, Score, one_of
+from .texts import DEFAULT_CALIB, names_help
 
 PROFILE_HELP = (f"Profile: one of {', '.join(profile_names())} (default {DEFAULT_PROFILE}), "
                 "or the path of a .toml file.")
 
+_state = {"debug": False}
+
+
+class _Commands(TyperGroup):
+    """The app's commands. Every error a user can fix is caught here, once, for all of them: one
+    line ``error: ...`` on stderr and exit status 2 (with --debug, the traceback instead)."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            if _state["debug"]:
+                raise
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated, a KeyboardInterrupt)
+            terminated = isinstance(exc, Terminated)
+            typer.echo("terminated" if terminated else "interrupted", err=True)
+            for note in getattr(exc, "__notes__", ()):  # what the command adds, e.g. how to resume
+                typer.echo(note, err=True)
+            raise typer.Exit(Terminated.exit_code if terminated else 130) from None
+
+
 app = typer.Typer(
+    cls=_Commands,
     add_completion=False,
     no_args_is_help=True,
     help="Structured pruning of LLMs with forward passes only (Bonsai), streamed from disk, "
     "for machines with less memory than the model.",
 )
 
-_state = {"debug": False}
+MEMORY_HELP = ("Memory this run may use, e.g. 6G, 6GB, 6144M or 6.5G (binary: 1G = 2^30 bytes). "
+               "Default: the smaller of {what} and 95 % of what this machine or its container has "
+               "(available memory; cgroup v1/v2 memory limit).")
 
 
 
@@ -37,21 +67,22 @@ def _dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def _run(fn, *args, **kwargs):
-    """Call into the library; a UserError becomes one line on stderr and exit status 2."""
-    try:
-        return fn(*args, **kwargs)
-    except UserError as exc:
-        if _state["debug"]:
-            raise
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
-    except Terminated:
-        typer.echo("terminated", err=True)
-        raise typer.Exit(Terminated.exit_code) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(130) from None
+def _budgeted(prof: Profile, memory: str | None):
+    """The profile with memory_gb set to the budget this run plans for, and that budget."""
+    budget = memory_budget(profile_gb=prof.memory_gb, profile_name=prof.name, memory=memory)
+    return prof.replace(memory_gb=budget.gb), budget
+
+
+def _explained(fn, budget):
+    """``fn``, whose refusal of the memory budget also says where that budget came from."""
+    def call(**kwargs):
+        try:
+            return fn(**kwargs)
+        except UserError as exc:
+            if budget.source in ("flag", "profile") or "memory budget" not in str(exc):
+                raise
+            raise UserError(f"{exc} (the budget is {budget.reason})") from None
+    return call
 
 
 def _terminate(signum, frame) -> None:
@@ -84,7 +115,7 @@ def main(
 def import_gguf_cmd(
     gguf_file: Annotated[Path, typer.Argument(help="A llama.cpp GGUF of a Llama-family model.")],
     out: Annotated[Path, typer.Option("--out", help="Checkpoint folder to create.")],
-    dtype: Annotated[str, typer.Option(help="Storage dtype: float16, bfloat16 or float32.")] = "float16",
+    dtype: Annotated[str, typer.Option(help=f"Storage dtype: {one_of(DType)}.")] = DType.FLOAT16,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")] = False,
 ) -> None:
     """Turn a GGUF into a Hugging Face checkpoint (config.json, safetensors, tokenizer.json).
@@ -92,10 +123,9 @@ def import_gguf_cmd(
     Tensors are dequantized one at a time and llama.cpp's q/k row order is undone, so memory stays
     near the size of the largest tensor.
     """
-    from .gguf_import import import_gguf
+    from .llamacpp.from_gguf import import_gguf
 
-    _dtype(dtype)
-    path = _run(import_gguf, gguf_path=gguf_file, out_dir=out, dtype=dtype, force=force)
+    path = import_gguf(gguf_path=gguf_file, out_dir=out, dtype=dtype, force=force)
     typer.echo(f"wrote {path}")
 
 
@@ -103,27 +133,32 @@ def import_gguf_cmd(
 def eval_cmd(
     model: Annotated[Path, typer.Argument(
         help="Checkpoint folder (config.json + safetensors), or a .gguf file (run by llama.cpp).")],
-    data: Annotated[Path, typer.Option("--data", help="UTF-8 text file to measure perplexity on.")],
+    data: Annotated[Path, typer.Option("--data", help=(
+        "UTF-8 text file to measure perplexity on, or a text shipped with the package: "
+        f"{names_help()}."))],
     seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
     max_seqs: Annotated[Optional[int], typer.Option(help="Use only the first N windows.")] = None,
     skip: Annotated[int, typer.Option(help="Skip the first N windows (e.g. used for calibration).")] = 0,
     batch_seqs: Annotated[int, typer.Option(help="Windows per streamed pass over the blocks.")] = 8,
-    dtype: Annotated[str, typer.Option(help="Compute dtype: float32, bfloat16 or float16.")] = "float32",
+    dtype: Annotated[str, typer.Option(help=f"Compute dtype: {one_of(DType)}.")] = DType.FLOAT32,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: torch's).")] = None,
     device: Annotated[str, typer.Option(help="Where a checkpoint's blocks compute: cpu, cuda or cuda:N.")] = "cpu",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON.")] = None,
+    memory: Annotated[Optional[str], typer.Option(
+        help=MEMORY_HELP.format(what="nothing else") + " Fewer windows go through a pass when "
+        "--batch-seqs would not fit. Checkpoints only: llama.cpp sizes a .gguf itself.")] = None,
 ) -> None:
     """Perplexity: the whole file tokenized once (no BOS), cut into non-overlapping windows of
     --seq-len tokens (the last partial one dropped), exp(mean next-token NLL) over all of them."""
     from tqdm import tqdm
 
     from .evaluate import evaluate
-    from .outputs import check_output_path, make_dirs, write_json_atomic
+    from .outputs.atomic import check_output_path, make_dirs, write_json_atomic
 
-    _run(_check_threads, threads)
+    _check_threads(threads)
     if json_out is not None:  # refused before the evaluation, not after it
-        _run(check_output_path, json_out, flag="--json", folder=False)
-        _run(make_dirs, json_out.parent)
+        check_output_path(json_out, flag="--json", folder=False)
+        make_dirs(json_out.parent)
     if threads:
         torch.set_num_threads(threads)
     bar = tqdm(desc="eval", unit="seq", disable=None)
@@ -133,42 +168,52 @@ def eval_cmd(
         bar.update(done - bar.n)
 
     if model.suffix == ".gguf" and not model.is_dir():  # llama.cpp tokenizes and runs it
-        from .llama_runner import gguf_perplexity
+        from .llamacpp.runner import gguf_perplexity
 
-        result = _run(gguf_perplexity, gguf=model, data=data, seq_len=seq_len, max_seqs=max_seqs,
-                      skip=skip, threads=threads, on_batch=on_batch)
+        if memory is not None:
+            parse_memory(memory)  # a bad value is still refused
+
+        result = gguf_perplexity(gguf=model, data=data, seq_len=seq_len, max_seqs=max_seqs,
+                                 skip=skip, threads=threads, on_batch=on_batch)
     else:
-        result = _run(evaluate, model_dir=model, data=data, seq_len=seq_len, max_seqs=max_seqs,
-                      skip=skip, batch_seqs=batch_seqs, dtype=_run(_dtype, dtype), device=device,
-                      on_batch=on_batch)
+        budget = memory_budget(profile_gb=None, memory=memory)
+        logging.getLogger(__name__).info("%s", budget.line())
+        result = evaluate(model_dir=model, data=data, seq_len=seq_len, max_seqs=max_seqs,
+                          skip=skip, batch_seqs=batch_seqs, dtype=_dtype(dtype), device=device,
+                          on_batch=on_batch, memory_gb=budget.gb)
     bar.close()
     typer.echo(f"perplexity {result.perplexity:.4f}  ({result.tokens} tokens, {result.sequences} x "
                f"{result.seq_len}, {result.seconds:.1f} s)")
     if json_out is not None:
-        _run(write_json_atomic, json_out, result.to_json())
+        write_json_atomic(json_out, result.to_json())
 
 
 @app.command("estimate")
 def estimate_cmd(
-    model: Annotated[Path, typer.Argument(help="Checkpoint folder to prune.")],
+    model: Annotated[Path, typer.Argument(
+        help="Checkpoint folder to prune, or a .gguf (estimated from its metadata, as prune would import it).")],
     profile: Annotated[Optional[str], typer.Option(help=PROFILE_HELP)] = None,
     sparsity: Annotated[float, typer.Option(help="Target sparsity.")] = 0.5,
-    method: Annotated[str, typer.Option(help="bonsai, or a baseline (no masks).")] = "bonsai",
+    method: Annotated[str, typer.Option(
+        help=f"{one_of(Method, helped=True)}; all but bonsai are baselines without masks.")] = Method.BONSAI,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    memory: Annotated[Optional[str], typer.Option(
+        help=MEMORY_HELP.format(what="the profile's memory_gb"))] = None,
 ) -> None:
     """Before any work: peak memory by component, disk needed, forward FLOPs per round and an ETA
     from a matmul rate measured on this machine in about a second."""
     from .estimate import estimate
 
-    prof = _run(load_profile, profile)
-    e = _run(estimate, model_dir=model, profile=prof, sparsity=sparsity, method=method)
+    prof, budget = _budgeted(load_profile(profile), memory)
+    e = _explained(estimate, budget)(model_dir=model, profile=prof, sparsity=sparsity, method=method)
+    e["memory_budget"] = {"gb": budget.gb, "source": budget.source, "reason": budget.reason}
     if as_json:
         typer.echo(json.dumps(e, indent=2))
         return
     m = e["memory"]
     typer.echo(f"model      {e['params_total'] / 1e9:.2f} B params ({e['params_blocks'] / 1e9:.2f} B in blocks)")
-    typer.echo(f"profile    {e['profile']}: budget {m['budget_gb']:.1f} GiB, compute {e['compute_dtype']} "
-               f"on {e['device']}")
+    typer.echo(f"profile    {e['profile']}: compute {e['compute_dtype']} on {e['device']}")
+    typer.echo(f"budget     {budget.line()}")
     parts = ["resident_blocks", "hidden_store", "activations", "head", "runtime", "total"]
     if m["device"] == "cpu":
         typer.echo("memory     " + ", ".join(f"{k.replace('_', ' ')} {m[k + '_gb']:.2f}" for k in parts) + " GiB")
@@ -179,8 +224,17 @@ def estimate_cmd(
                    f"activations {m['activations_gb']:.2f}, head {m['head_gb']:.2f}, total "
                    f"{m['device_total_gb']:.2f} of {m['device_budget_gb']:.1f} GiB")
     typer.echo(f"waves      {m['waves']} x {m['wave_masks']} masks per round")
-    typer.echo(f"disk       {e['disk_output_gb']:.2f} GiB for the pruned model")
-    typer.echo(f"compute    {e['rounds']} rounds, {e['forward_tokens_per_round']:,} forward tokens and "
+    r = e["reconstruction"]
+    if r["mode"] != "none":
+        typer.echo(f"repair     {r['mode']}: {r['forward_tokens']:,} forward tokens, {r['tflops']:.1f} TFLOP, "
+                   f"peak {m['reconstruction_gb']:.2f} GiB (after the rounds; counted in the total)")
+    if e["disk_import_gb"]:
+        typer.echo(f"disk       {e['disk_peak_gb']:.2f} GiB at the peak: {e['disk_import_gb']:.2f} for the GGUF's "
+                   f"import (OUT.partial/source, removed at the end) + {e['disk_output_gb']:.2f} for the pruned model")
+    else:
+        typer.echo(f"disk       {e['disk_output_gb']:.2f} GiB for the pruned model")
+    typer.echo(f"compute    {e['rounds']} round{'' if e['rounds'] == 1 else 's'}, "
+               f"{e['forward_tokens_per_round']:,} forward tokens and "
                f"{e['forward_tflops_per_round'][0]:.1f} TFLOP in the first; {e['forward_tflops_total']:.1f} TFLOP in all")
     if e["eta_hours"] is None:
         typer.echo(f"speed      no {e['device']} device visible here to measure: no ETA")
@@ -193,7 +247,7 @@ class _Bars:
     """tqdm bars, one per stage, fed by the library's progress callback."""
 
     LABELS = {"round": "rounds", "prior": "prior pass (blocks)", "masks": "masked passes (blocks)",
-              "write": "writing shards (blocks)"}
+              "repair": "reconstruction (blocks)", "write": "writing shards (blocks)"}
 
     def __init__(self) -> None:
         from tqdm import tqdm
@@ -219,37 +273,44 @@ class _Bars:
 
 @app.command("prune")
 def prune_cmd(
-    model: Annotated[Path, typer.Argument(help="Checkpoint folder to prune (config.json + safetensors).")],
+    model: Annotated[Path, typer.Argument(
+        help="Checkpoint folder to prune (config.json + safetensors), or a Llama-family .gguf: imported "
+        "into OUT.partial/source first (removed when the prune completes).")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the pruned checkpoint.")],
     calib: Annotated[Path, typer.Option(
-        help="Calibration text (UTF-8); the first calib_seqs windows of seq_len tokens are used.")],
+        help="Calibration text (UTF-8 file, or a text shipped with the package: "
+        f"{names_help()}); the first calib_seqs windows of seq_len tokens are used.")] = Path(DEFAULT_CALIB),
     sparsity: Annotated[float, typer.Option(help="Fraction of non-embedding parameters to remove.")] = 0.5,
     profile: Annotated[Optional[str], typer.Option(
         help=PROFILE_HELP)] = None,
-    method: Annotated[str, typer.Option(
-        help="bonsai (regression on sub-model losses), prior (structured Wanda), magnitude, random.")] = "bonsai",
+    method: Annotated[str, typer.Option(help=f"{one_of(Method, helped=True)}.")] = Method.BONSAI,
     seed: Annotated[int, typer.Option(help="Seed for mask sampling and the random baseline.")] = 0,
+    reconstruct: Annotated[Optional[str], typer.Option(
+        help="Override the profile: repair what is left after the units are chosen: none, bias (the "
+        "removed inputs' mean, as FLAP) or lsq (least-squares refit of o_proj/down_proj and a bias "
+        "from calibration activations).")] = None,
+    reconstruct_seqs: Annotated[Optional[int], typer.Option(
+        help="Override the profile: calibration windows (of reconstruct_seq_len tokens) for the repair.")] = None,
     masks_per_round: Annotated[Optional[int], typer.Option(help="Override the profile.")] = None,
     calib_seqs: Annotated[Optional[int], typer.Option(help="Override the profile.")] = None,
     seq_len: Annotated[Optional[int], typer.Option(help="Override the profile.")] = None,
     prune_frac: Annotated[Optional[float], typer.Option(help="Override the profile.")] = None,
     prior: Annotated[Optional[str], typer.Option(
-        help="Override the profile's prior: wanda, magnitude, fluctuation, random.")] = None,
+        help=f"Override the profile's prior: {one_of(Prior)}.")] = None,
     estimator: Annotated[Optional[str], typer.Option(
-        help="Override the profile: lasso, ridge, or prior (fit only per-kind/per-module scales).")] = None,
+        help=f"Override the profile: {one_of(Estimator, helped=True)}.")] = None,
     allocation: Annotated[Optional[str], typer.Option(
-        help="Override the profile: uniform (every module loses the round's share) or global (units "
-        "ranked by estimated loss per parameter across modules).")] = None,
+        help=f"Override the profile: {one_of(Allocation, helped=True)}.")] = None,
     mask_counts: Annotated[Optional[str], typer.Option(
-        help="Override the profile: fixed (every mask drops half of each module's eligible units) or "
-        "varied (random counts, so layer sensitivities are identifiable).")] = None,
+        help=f"Override the profile: {one_of(MaskCounts, helped=True)}.")] = None,
     score: Annotated[Optional[str], typer.Option(
-        help="Override the profile: nll (calibration text) or kl (to the unpruned model's top-64).")] = None,
+        help=f"Override the profile: {one_of(Score, helped=True)}.")] = None,
     head_unit: Annotated[Optional[str], typer.Option(
-        help="Override the profile: group (whole KV groups) or query (the same query heads from "
-        "every group).")] = None,
+        help=f"Override the profile: {one_of(HeadUnit, helped=True)}.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out (and any saved progress).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a prune that stopped (crash, kill, Ctrl-C).")] = False,
+    memory: Annotated[Optional[str], typer.Option(
+        help=MEMORY_HELP.format(what="the profile's memory_gb"))] = None,
 ) -> None:
     """Prune a model with Bonsai: score sub-models with forward passes, regress, remove, repeat.
 
@@ -259,21 +320,26 @@ def prune_cmd(
     """
     from .pipeline import prune_model, work_dir
 
-    prof = _run(load_profile, profile)
-    prof = _run(prof.replace, masks_per_round=masks_per_round, calib_seqs=calib_seqs, seq_len=seq_len,
-                prune_frac=prune_frac, prior=prior, estimator=estimator, head_unit=head_unit,
-                allocation=allocation, mask_counts=mask_counts, score=score)
+    prof = load_profile(profile).replace(
+        masks_per_round=masks_per_round, calib_seqs=calib_seqs, seq_len=seq_len, prune_frac=prune_frac,
+        prior=prior, estimator=estimator, head_unit=head_unit, allocation=allocation,
+        mask_counts=mask_counts, score=score, reconstruct=reconstruct,
+        reconstruct_seqs=reconstruct_seqs)
+    prof, budget = _budgeted(prof, memory)
     bars = _Bars()
     try:
-        report = _run(prune_model, model_dir=model, out_dir=out, sparsity=sparsity, profile=prof,
-                      calib=calib, method=method, seed=seed, force=force, resume=resume,
-                      progress=bars)
-    except typer.Exit as exc:
+        # The budget is logged when the work starts (-v) and printed at the end: a refusal stays one line.
+        report = _explained(prune_model, budget)(
+            model_dir=model, out_dir=out, sparsity=sparsity, profile=prof, calib=calib, method=method,
+            seed=seed, force=force, resume=resume, progress=bars, memory_budget=budget.line())
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (Terminated)
         bars.close()
-        if exc.exit_code in (130, Terminated.exit_code) and work_dir(out).exists():
-            typer.echo(f"progress is saved in {work_dir(out)}; run the same command with --resume "
-                       "to continue", err=True)
+        if work_dir(out).exists():
+            exc.add_note(f"progress is saved in {work_dir(out)}; run the same command with --resume "
+                         "to continue")
         raise
+    except UserError:
+        raise  # one line; a prune's own refusal says what became of its progress
     except Exception:  # a bug: its traceback follows; say what became of the progress
         if work_dir(out).exists():
             typer.echo(f"progress is saved in {work_dir(out)}: rerun with --resume to continue, or "
@@ -283,9 +349,16 @@ def prune_cmd(
         bars.close()
     typer.echo(
         f"pruned {report['params_before']:,} -> {report['params_after']:,} block parameters "
-        f"(sparsity {report['achieved_sparsity']:.3f}) in {len(report['rounds'])} rounds, "
+        f"(sparsity {report['achieved_sparsity']:.3f}) in {len(report['rounds'])} "
+        f"round{'' if len(report['rounds']) == 1 else 's'}, "
         f"{report['forward_tokens']:,} forward tokens, {report['seconds']:.0f} s -> {out}"
     )
+    last = report["rounds"][-1] if report["rounds"] else None
+    if last and last["params_after"] == last["params_before"]:
+        typer.echo(f"stopped at sparsity {report['achieved_sparsity']:.3f} of the target "
+                   f"{report['target_sparsity']:.3f}: no module could lose another unit (every layer keeps "
+                   "one KV group and `align` MLP channels, and masks perturb only eligible units)")
+    typer.echo(budget.line())
 
 
 @app.command("export-gguf")
@@ -302,9 +375,9 @@ def export_gguf_cmd(
     Tensors are streamed one at a time from the checkpoint's shards; the file appears only when
     complete.
     """
-    from .gguf_export import export_gguf
+    from .llamacpp.to_gguf import export_gguf
 
-    path = _run(export_gguf, model_dir=model, out=out, type=type, force=force)
+    path = export_gguf(model_dir=model, out=out, type=type, force=force)
     typer.echo(f"wrote {path}")
 
 
@@ -319,11 +392,33 @@ def generate_cmd(
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
 ) -> None:
     """Generate text from a GGUF with llama.cpp."""
-    from .llama_runner import generate
+    from .llamacpp.runner import generate
 
-    text = _run(generate, gguf=gguf_file, prompt=prompt, n_tokens=n_tokens, chat=chat, seed=seed,
-                temperature=temperature)
+    text = generate(gguf=gguf_file, prompt=prompt, n_tokens=n_tokens, chat=chat, seed=seed,
+                    temperature=temperature)
     typer.echo(text)
+
+
+@app.command("serve")
+def serve_cmd(
+    gguf_file: Annotated[Path, typer.Argument(help="A .gguf model file (lowmem-bonsai export-gguf makes one).")],
+    host: Annotated[str, typer.Option(
+        help="Address to listen on: 127.0.0.1 is this machine only; 0.0.0.0 every interface.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 8080,
+    ctx: Annotated[int, typer.Option("--ctx", help="Context window in tokens (prompt + answer).")] = 2048,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: half the cores).")] = None,
+) -> None:
+    """Serve a GGUF with llama.cpp's OpenAI-compatible HTTP server until Ctrl-C.
+
+    POST /v1/chat/completions answers with the GGUF's chat template; /v1/completions continues text.
+    Needs llama-cpp-python's server extra (tools/setup.sh installs it).
+    """
+    from .llamacpp.serve import serve
+
+    def started(url: str) -> None:
+        typer.echo(f"serving {gguf_file} at {url} (POST {url}/chat/completions; Ctrl-C stops)", err=True)
+
+    serve(gguf=gguf_file, host=host, port=port, n_ctx=ctx, threads=threads, on_start=started)
 
 
 if __name__ == "__main__":  # pragma: no cover

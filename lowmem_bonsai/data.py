@@ -14,6 +14,7 @@ import torch
 from tokenizers import Tokenizer
 
 from .errors import UserError
+from .texts import BUNDLED, text_file
 
 
 # Reading a text file for a bounded number of tokens: the first piece, then 4x larger ones.
@@ -36,16 +37,22 @@ def load_tokenizer(model_dir: Path) -> Tokenizer:
     return tok
 
 
-def read_text(path: Path, *, max_bytes: int | None = None) -> tuple[str, bool]:
-    """The file's text and True, or (``max_bytes``) about its first ``max_bytes`` bytes and whether
-    that is all of it.
+def read_text(path: Path | str) -> str:
+    """A UTF-8 text file, or a bundled text by name (:mod:`lowmem_bonsai.texts`)."""
+    return read_text_part(path)[0]
+
+
+def read_text_part(path: Path | str, max_bytes: int | None = None) -> tuple[str, bool]:
+    """Like :func:`read_text`: the text and True, or (``max_bytes``) about its first ``max_bytes``
+    bytes and whether that is all of it.
 
     A prefix ends after the last whitespace byte in it (never inside a word or a UTF-8 character),
     so tokenizing it gives the file's first tokens; only that much is read.
     """
-    path = Path(path)
+    path = text_file(path)
     if not path.is_file():
-        raise UserError(f"{path}: data file not found; pass a UTF-8 text file")
+        raise UserError(f"{path}: data file not found; pass a UTF-8 text file, or a bundled "
+                        f"text: {', '.join(BUNDLED)}")
     with open(path, "rb") as f:
         raw = f.read() if max_bytes is None else f.read(max_bytes + 1)
     complete = max_bytes is None or len(raw) <= max_bytes
@@ -69,7 +76,7 @@ def read_text(path: Path, *, max_bytes: int | None = None) -> tuple[str, bool]:
     return text, complete
 
 
-def read_tokens(encode: Callable[[str], list[int]], path: Path, *,
+def read_tokens(encode: Callable[[str], list[int]], path: Path | str, *,
                 max_tokens: int | None = None) -> torch.Tensor:
     """``encode`` of the file's text, or (``max_tokens``) of just enough of it for that many tokens.
 
@@ -78,7 +85,7 @@ def read_tokens(encode: Callable[[str], list[int]], path: Path, *,
     """
     size = None if max_tokens is None else max(_FIRST_PIECE, 8 * (max_tokens + _MARGIN_TOKENS))
     while True:
-        text, complete = read_text(path, max_bytes=size)
+        text, complete = read_text_part(path, max_bytes=size)
         ids = encode(text)
         if complete:
             return torch.tensor(ids, dtype=torch.long)
@@ -87,7 +94,7 @@ def read_tokens(encode: Callable[[str], list[int]], path: Path, *,
         size *= 4
 
 
-def tokenize_file(tokenizer: Tokenizer, path: Path, *, max_tokens: int | None = None) -> torch.Tensor:
+def tokenize_file(tokenizer: Tokenizer, path: Path | str, *, max_tokens: int | None = None) -> torch.Tensor:
     """The file's tokens, no BOS (with ``max_tokens``: its first ones).  # (n_tokens,) int64"""
     def encode(text: str) -> list[int]:
         try:

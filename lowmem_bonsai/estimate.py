@@ -8,22 +8,30 @@ from typing import Any
 
 import torch
 
-from .checkpoint import Checkpoint
-from .config import DTYPES
-from .device import free_bytes, resolve_device
-from .memory import DTYPE_BYTES, STORAGE_BYTES, measure_matmul_gflops, pick_compute_dtype, plan_memory
+from .engine.device import free_bytes, resolve_device
+from .engine.memory import DTYPE_BYTES, STORAGE_BYTES, measure_matmul_gflops, pick_compute_dtype, plan_memory
+from .method.prune import check_settings
+from .model.checkpoint import Checkpoint
+from .model.config import DTYPES, parse_config
+from .llamacpp.from_gguf import gguf_config, is_gguf_model
 from .profiles import Profile
-from .prune import check_settings
+from .settings import AUTO, Method
 
 
-def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str = "bonsai",
+def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str = Method.BONSAI,
              measure_seconds: float = 1.0) -> dict[str, Any]:
+    """A GGUF as ``model_dir`` is estimated from its metadata alone, as the checkpoint `prune` would
+    import it into (float16); the import's size is counted in the disk needed."""
     check_settings(sparsity=sparsity, method=method)
-    ckpt = Checkpoint(model_dir)
-    cfg = ckpt.config
-    sample = ckpt.tensors[ckpt.name("down", 0)]
-    storage = STORAGE_BYTES.get(sample.dtype, 4)
-    if profile.storage_dtype != "auto":
+    if is_gguf_model(model_dir):
+        cfg = parse_config(gguf_config(gguf_path=model_dir, dtype="float16"), source=str(model_dir))
+        storage = import_bytes = DTYPE_BYTES["float16"]
+    else:
+        ckpt = Checkpoint(model_dir)
+        cfg = ckpt.config
+        sample = ckpt.tensors[ckpt.name("down", 0)]
+        storage, import_bytes = STORAGE_BYTES.get(sample.dtype, 4), 0
+    if profile.storage_dtype != AUTO:
         storage = DTYPE_BYTES[profile.storage_dtype]
     # A GPU profile is planned from device_memory_gb where no GPU is visible (the ETA then needs one).
     device = resolve_device(profile.device) if profile.device == "cpu" or torch.cuda.is_available() else None
@@ -31,9 +39,9 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
                       device_free_bytes=free_bytes(device) if device is not None else None)
     total = cfg.non_embedding_params()
     embed = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
-    rounds = math.ceil(sparsity / profile.prune_frac - 1e-9)
+    rounds = profile.rounds_for(sparsity)
     t = profile.seq_len
-    masks = profile.masks_per_round if method == "bonsai" else 0
+    masks = profile.masks_per_round if method == Method.BONSAI else 0
     tokens_per_round = profile.calib_seqs * t * (1 + masks)
     flops = []
     for r in range(rounds):
@@ -41,12 +49,24 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         per_token = 2 * (kept + cfg.vocab_size * cfg.hidden_size)
         attn = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * t  # QK^T + PV, causal
         flops.append(tokens_per_round * (per_token + attn))
+    repair_tokens = repair_flops = 0
+    if profile.reconstruct != "none":
+        # two passes of the dense blocks, the Gram matrices of both projections' inputs, one solve each
+        repair_tokens = 2 * profile.reconstruct_seqs * profile.reconstruct_seq_len
+        grams = sum((s.num_attention_heads * cfg.head_dim + 1) ** 2 + (s.intermediate_size + 1) ** 2
+                    for s in cfg.layers)
+        solves = sum((s.num_attention_heads * cfg.head_dim) ** 3 + s.intermediate_size ** 3 for s in cfg.layers)
+        repair_flops = repair_tokens * 2 * total + repair_tokens * grams + solves
+        flops_repair = [repair_flops]
+    else:
+        flops_repair = []
     if device is not None:
         dtype_name, rates = pick_compute_dtype(profile.compute_dtype, device)
         gflops = measure_matmul_gflops(DTYPES[dtype_name], seconds=measure_seconds, device=device)
     else:
         dtype_name, rates, gflops = profile.compute_dtype, {}, float("nan")
     out_bytes = (total * (1 - sparsity) + embed) * storage
+    imported = (total + embed) * import_bytes  # OUT.partial/source, until the prune completes
     return {
         "model": str(model_dir),
         "profile": profile.name,
@@ -58,13 +78,18 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         "rounds": rounds,
         "memory": mem.to_json(),
         "disk_output_gb": out_bytes / 1024**3,
+        "disk_import_gb": imported / 1024**3,
+        "disk_peak_gb": (out_bytes + imported) / 1024**3,
         "forward_tokens_per_round": tokens_per_round,
         "forward_tflops_per_round": [f / 1e12 for f in flops],
-        "forward_tflops_total": sum(flops) / 1e12,
+        "forward_tflops_total": (sum(flops) + repair_flops) / 1e12,
+        "reconstruction": {"mode": profile.reconstruct, "forward_tokens": repair_tokens,
+                           "tflops": repair_flops / 1e12},
         "compute_dtype": dtype_name,
         "matmul_gflops_by_dtype": rates,
         # The executor reached 85-95% of the matmul rate on SmolLM2 in fp32 (README); ETA assumes 80%.
         # No ETA (null) for a GPU profile where no GPU is visible to measure.
-        "eta_hours": sum(flops) / (0.8 * gflops * 1e9) / 3600 if math.isfinite(gflops) else None,
+        "eta_hours": (sum(flops) + sum(flops_repair)) / (0.8 * gflops * 1e9) / 3600
+        if math.isfinite(gflops) else None,
         "matmul_gflops_measured": gflops if math.isfinite(gflops) else None,
     }

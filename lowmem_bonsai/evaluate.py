@@ -11,11 +11,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint
 from .data import check_windows, load_tokenizer, tokenize_file, windows
-from .device import resolve_device
+from .engine.device import resolve_device
+from .engine.forward import streamed_nll
+from .model.checkpoint import Checkpoint
+from .engine.memory import plan_memory
 from .errors import UserError
-from .forward import streamed_nll
+from .model.config import ModelConfig
+from .profiles import Profile
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,30 @@ def perplexity_of(nll_sum: torch.Tensor, tokens: int) -> tuple[float, float]:
     return math.exp(mean), mean
 
 
+def fit_batch(config: ModelConfig, *, seq_len: int, batch_seqs: int, dtype: torch.dtype, prefetch: int,
+              memory_gb: float) -> int:
+    """The most windows per pass (at most ``batch_seqs``) that the memory planner fits.
+
+    A pass over W windows holds what a prune's wave of W masks over one calibration window holds:
+    the blocks, one hidden row per window, a row chunk's activations and the lm_head range.
+    """
+    name = str(dtype).removeprefix("torch.")
+    if batch_seqs < 1:
+        raise UserError(f"--batch-seqs {batch_seqs}: expected at least 1 window per pass")
+    want = batch_seqs + batch_seqs % 2  # the planner sizes masks in pairs
+    probe = Profile(name="eval", memory_gb=memory_gb, compute_dtype=name, calib_seqs=1, seq_len=seq_len,
+                    masks_per_round=max(2, want), prefetch=prefetch)
+    try:
+        wave = plan_memory(config, probe).wave_masks
+    except UserError:
+        raise UserError(f"memory budget {memory_gb:.1f} GiB is too small to evaluate this model: two "
+                        f"blocks and two windows of {seq_len} tokens do not fit; pass a larger --memory "
+                        "or a smaller --seq-len") from None
+    if wave < batch_seqs:
+        log.info("memory budget %.1f GiB: %d windows per pass instead of %d", memory_gb, wave, batch_seqs)
+    return min(batch_seqs, wave)
+
+
 def evaluate(
     *,
     model_dir: Path,
@@ -55,11 +82,13 @@ def evaluate(
     prefetch: int = 1,
     device: str = "cpu",
     on_batch: Callable[[int, int], None] | None = None,
+    memory_gb: float | None = None,
 ) -> EvalResult:
     """Perplexity of ``model_dir`` on ``data`` (protocol in :mod:`lowmem_bonsai.data`).
 
     Sequences go through the streamed model ``batch_seqs`` at a time: each batch reads every block
-    once, so larger batches mean less I/O per token and a larger hidden-state store.
+    once, so larger batches mean less I/O per token and a larger hidden-state store. With
+    ``memory_gb`` (GiB) the batch shrinks to what the memory planner fits in it (on the CPU).
     """
     start = time.perf_counter()
     need = check_windows(seq_len=seq_len, max_seqs=max_seqs, skip=skip)
@@ -69,6 +98,9 @@ def evaluate(
     ckpt = Checkpoint(model_dir)
     ids = tokenize_file(load_tokenizer(model_dir), data, max_tokens=need)
     seqs = windows(ids, seq_len=seq_len, max_seqs=max_seqs, skip=skip, source=str(data))
+    if memory_gb is not None and dev.type == "cpu":  # on a GPU the host holds only blocks in flight
+        batch_seqs = fit_batch(ckpt.config, seq_len=seq_len, batch_seqs=batch_seqs, dtype=dtype,
+                               prefetch=prefetch, memory_gb=memory_gb)
     total = torch.zeros((), dtype=torch.float64)
     for a in range(0, seqs.shape[0], batch_seqs):
         batch = seqs[a : a + batch_seqs]

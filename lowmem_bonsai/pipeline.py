@@ -12,20 +12,27 @@ from typing import Any
 
 import torch
 
-from .checkpoint import INDEX_NAME, Checkpoint
 from .data import load_tokenizer, tokenize_file, windows
-from .device import resolve_device
+from .engine.device import resolve_device
 from .errors import UserError, WriteError
-from .outputs import (check_output_dir, check_output_path, make_dirs, replace_dir,
-                      write_json_atomic)
+from .method.prune import Progress, PruneResult, check_settings, run_rounds, wave_size
+from .model.checkpoint import INDEX_NAME, Checkpoint
+from .model.config import DTYPES, ModelConfig
+from .outputs.atomic import (check_output_dir, check_output_path, make_dirs, replace_dir,
+                             write_json_atomic)
+from .outputs.report import build_report, plot
+from .outputs.resume import RunState, run_lock
+from .outputs.writer import copy_tokenizer, pruned_config, write_pruned
 from .profiles import Profile
-from .config import DTYPES, ModelConfig
-from .prune import Progress, PruneResult, check_settings, run_rounds
-from .report import build_report, plot
-from .resume import RunState, run_lock
-from .writer import copy_tokenizer, pruned_config, write_pruned
+from .method.reconstruct import RepairReport, reconstruct
+from .model.plan import Plan
+from .settings import AUTO, Method, Reconstruct
+from .texts import text_file
+from .llamacpp.from_gguf import gguf_config, import_gguf, is_gguf_model
 
 log = logging.getLogger(__name__)
+
+SOURCE_NAME = "source"  # OUT.partial/source: the checkpoint imported from a GGUF given as MODEL
 
 
 def source_hashes(model_dir: Path) -> dict[str, str]:
@@ -45,15 +52,36 @@ def source_hashes(model_dir: Path) -> dict[str, str]:
     return out
 
 
-def calibration_tokens(model_dir: Path, calib: Path, profile: Profile) -> torch.Tensor:
+def calibration_tokens(model_dir: Path, calib: Path | str, profile: Profile) -> torch.Tensor:
     """The first calib_seqs windows of seq_len tokens of the calibration text.  # (S, T)"""
+    return calibration_sets(model_dir, calib, profile, repair=False)[0]
+
+
+def calibration_sets(model_dir: Path, calib: Path | str, profile: Profile, *,
+                     repair: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The calibration windows and (``repair``, by default when the profile reconstructs) the
+    reconstruction's, from one reading of the text, only as far as they need.  # (S, T), (S', T')"""
+    if repair is None:
+        repair = profile.reconstruct != Reconstruct.NONE
     need = profile.calib_seqs * profile.seq_len  # a huge file is not read whole for a few windows
+    if repair:
+        need = max(need, profile.reconstruct_seqs * profile.reconstruct_seq_len)
     ids = tokenize_file(load_tokenizer(model_dir), calib, max_tokens=need)
-    seqs = windows(ids, seq_len=profile.seq_len, max_seqs=profile.calib_seqs, source=str(calib))
-    if seqs.shape[0] < profile.calib_seqs:
+    tokens = first_windows(ids, calib, seq_len=profile.seq_len, seqs=profile.calib_seqs)
+    repair_tokens = None
+    if repair:
+        repair_tokens = first_windows(ids, calib, seq_len=profile.reconstruct_seq_len,
+                                      seqs=profile.reconstruct_seqs)
+    return tokens, repair_tokens
+
+
+def first_windows(ids: torch.Tensor, calib: Path | str, *, seq_len: int, seqs: int) -> torch.Tensor:
+    """The first ``seqs`` windows of ``seq_len`` tokens of the tokenized calibration text.  # (S, T)"""
+    out = windows(ids, seq_len=seq_len, max_seqs=seqs, source=str(calib))
+    if out.shape[0] < seqs:
         log.warning("%s gives only %d calibration windows of %d tokens (asked for %d)", calib,
-                    seqs.shape[0], profile.seq_len, profile.calib_seqs)
-    return seqs
+                    out.shape[0], seq_len, seqs)
+    return out
 
 
 def work_dir(out_dir: Path) -> Path:
@@ -77,16 +105,35 @@ def _has_progress(work: Path) -> bool:
         return (work / "state.json").exists()  # unreadable: kept for the user to look at
 
 
-def _open_state(model_dir: Path, out_dir: Path, key: dict[str, Any], *, resume: bool,
-                force: bool, config: ModelConfig) -> RunState:
+def _check_waves(state_path: Path, key: dict[str, Any]) -> None:
+    """Refuse, saying why, a resume whose memory budget now plans other waves than the saved ones."""
+    try:
+        saved = json.loads(state_path.read_text(encoding="utf-8")).get("key")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return  # RunState.load says what is wrong with the file
+    if (isinstance(saved, dict) and saved.get("wave_masks") != key["wave_masks"]
+            and {**saved, "wave_masks": key["wave_masks"]} == key):
+        raise UserError(
+            f"{state_path.parent}: the saved progress was scored in waves of {saved.get('wave_masks')} "
+            f"masks, and this run's memory budget gives waves of {key['wave_masks']}; resume with "
+            "--memory set to the budget the first run printed"
+        )
+
+
+def _check_resumable(out_dir: Path) -> Path:
+    """The saved progress of a prune into ``out_dir``, or a UserError saying why there is none."""
     work = work_dir(out_dir)
     state_path = work / "state.json"
-    if resume:
-        if not state_path.is_file():
-            if (Path(out_dir) / "plan.json").is_file():
-                raise UserError(f"{out_dir}: this prune already finished; nothing to resume")
-            raise UserError(f"{work}: no saved progress to resume; run without --resume")
-        return RunState.load(state_path, key=key, config=config)
+    if not state_path.is_file():
+        if (Path(out_dir) / "plan.json").is_file():
+            raise UserError(f"{out_dir}: this prune already finished; nothing to resume")
+        raise UserError(f"{work}: no saved progress to resume; run without --resume")
+    return state_path
+
+
+def _clear_work(out_dir: Path, *, force: bool) -> None:
+    """Make way for a fresh prune: refuse over saved progress unless ``force``."""
+    work = work_dir(out_dir)
     check_output_dir(out_dir, force=force)
     if work.exists():
         if not force and _has_progress(work):
@@ -95,10 +142,41 @@ def _open_state(model_dir: Path, out_dir: Path, key: dict[str, Any], *, resume: 
                 "continue it, or --force to start over"
             )
         shutil.rmtree(work)  # with --force, or nothing was scored in it: nothing is lost
+
+
+def import_source(gguf: Path, out_dir: Path, *, resume: bool, force: bool) -> Path:
+    """A GGUF given as MODEL, imported into ``OUT.partial/source`` (kept for --resume, removed with
+    the rest of OUT.partial when the prune completes); its folder."""
+    source = work_dir(out_dir) / SOURCE_NAME
+    if resume:
+        _check_resumable(out_dir)
+        if not (source / "config.json").is_file():
+            raise UserError(f"{source}: the model imported from {gguf} is gone; start over with --force")
+        return source
+    _clear_work(out_dir, force=force)
+    log.info("importing %s into %s", gguf, source)
+    try:
+        import_gguf(gguf_path=gguf, out_dir=source)
+    except BaseException:
+        shutil.rmtree(work_dir(out_dir), ignore_errors=True)  # nothing scored: leave nothing
+        raise
+    return source
+
+
+def _open_state(model_dir: Path, out_dir: Path, key: dict[str, Any], *, resume: bool,
+                force: bool, config: ModelConfig, imported: bool = False) -> RunState:
+    work = work_dir(out_dir)
+    state_path = work / "state.json"
+    if resume:
+        _check_resumable(out_dir)
+        _check_waves(state_path, key)
+        return RunState.load(state_path, key=key, config=config)
+    if not imported:  # import_source cleared the way already
+        _clear_work(out_dir, force=force)
     make_dirs(work)
     state = RunState(state_path, key=key)
     try:
-        state._save()
+        state = RunState.create(state_path, key=key)
     except WriteError:
         shutil.rmtree(work)  # else a rerun would be told to resume a run that has no progress
         raise
@@ -119,6 +197,25 @@ def _failed(exc: UserError | None, state: RunState, out_dir: Path) -> UserError 
     return exc
 
 
+def repair_plan(ckpt: Checkpoint, plan: Plan, tokens: torch.Tensor, folder: Path, profile: Profile, *,
+                on_block=None) -> RepairReport:
+    """The profile's reconstruction of ``plan`` on ``tokens``; files in ``folder``."""
+    return reconstruct(ckpt, plan, tokens, folder, mode=profile.reconstruct,
+                       ridge=profile.reconstruct_ridge, sequential=profile.reconstruct_sequential,
+                       dtype=torch.float32, chunk_tokens=profile.chunk_tokens,
+                       prefetch=profile.prefetch, on_block=on_block)
+
+
+def write_checkpoint(source: Checkpoint, plan: Plan, stage: Path, *, model_dir: Path, profile: Profile,
+                     on_block=None) -> None:
+    """The pruned checkpoint (shards, config, tokenizer, plan.json) into ``stage``."""
+    storage = None if profile.storage_dtype == AUTO else DTYPES[profile.storage_dtype]
+    write_pruned(source, plan, stage, dtype=storage, on_block=on_block)
+    write_json_atomic(stage / "config.json", pruned_config(source, plan))
+    copy_tokenizer(model_dir, stage)
+    write_json_atomic(stage / "plan.json", plan.to_json())
+
+
 def prune_model(
     *,
     model_dir: Path,
@@ -126,15 +223,17 @@ def prune_model(
     sparsity: float,
     profile: Profile,
     calib: Path,
-    method: str = "bonsai",
+    method: str = Method.BONSAI,
     seed: int = 0,
     force: bool = False,
     resume: bool = False,
     progress: Progress | None = None,
+    memory_budget: str = "",
 ) -> dict[str, Any]:
     """Prune ``model_dir`` and write the pruned checkpoint, plan.json, report.json and a figure.
 
     Progress lives in ``OUT.partial/`` until the output is complete; ``resume`` continues it.
+    ``memory_budget`` says where ``profile.memory_gb`` came from (recorded in the report).
     """
     start = time.perf_counter()
     if profile.threads:
@@ -143,49 +242,90 @@ def prune_model(
     check_settings(sparsity=sparsity, method=method)
     if not 0 <= seed < 2**64:
         raise UserError(f"--seed {seed}: expected 0 to 2**64 - 1 (the random generator's range)")
-    check_output_path(out_dir, inputs=(Path(model_dir), Path(calib)))
+    source = Path(model_dir)
+    imported = is_gguf_model(source)
+    check_output_path(out_dir, inputs=(source, text_file(calib)))
     resolve_device(profile.device)  # a GPU profile where there is no GPU: refused before any reading
-    ckpt = Checkpoint(model_dir)
-    tokens = calibration_tokens(model_dir, calib, profile)
+    if imported:
+        if not resume:  # (a resume uses the import it made)
+            gguf_config(gguf_path=source)  # a corrupt GGUF is refused before anything is written
+    else:
+        ckpt = Checkpoint(source)
+        tokens, repair_tokens = calibration_sets(source, calib, profile)
     make_dirs(out_dir.parent)
     with run_lock(lock_path(out_dir), out=out_dir):
-        return _prune(ckpt, tokens, out_dir=out_dir, sparsity=sparsity, profile=profile, calib=calib,
-                      method=method, seed=seed, force=force, resume=resume, progress=progress,
+        if imported:  # under the lock: the import goes into OUT.partial
+            model_dir = import_source(source, out_dir, resume=resume, force=force)
+            try:
+                ckpt = Checkpoint(model_dir)
+                tokens, repair_tokens = calibration_sets(model_dir, calib, profile)
+            except BaseException:
+                if not resume:  # nothing scored: the import goes too
+                    shutil.rmtree(work_dir(out_dir), ignore_errors=True)
+                raise
+        return _prune(ckpt, tokens, repair_tokens, source=source, imported=imported, out_dir=out_dir,
+                      sparsity=sparsity, profile=profile, calib=calib, method=method, seed=seed,
+                      force=force, resume=resume, progress=progress, memory_budget=memory_budget,
                       start=start)
 
 
-def _prune(ckpt: Checkpoint, tokens: torch.Tensor, *, out_dir: Path, sparsity: float,
-           profile: Profile, calib: Path, method: str, seed: int, force: bool, resume: bool,
-           progress: Progress | None, start: float) -> dict[str, Any]:
+def _prune(ckpt: Checkpoint, tokens: torch.Tensor, repair_tokens: torch.Tensor | None, *,
+           source: Path, imported: bool, out_dir: Path, sparsity: float, profile: Profile,
+           calib: Path | str, method: str, seed: int, force: bool, resume: bool,
+           progress: Progress | None, memory_budget: str, start: float) -> dict[str, Any]:
     """The prune itself, with the inputs checked and the output locked."""
     model_dir = ckpt.dir
-    settings = {
-        "method": method, "sparsity": sparsity, "seed": seed, "calib": str(calib),
-        "calib_seqs": int(tokens.shape[0]), "profile": {
-            k: getattr(profile, k) for k in profile.__dataclass_fields__},
-    }
-    hashes = source_hashes(model_dir)
-    key = {"source_hashes": hashes, "settings": settings,
-           "calib_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()}
-    state = _open_state(model_dir, out_dir, key, resume=resume, force=force, config=ckpt.config)
+    try:
+        settings = {
+            "method": method, "sparsity": sparsity, "seed": seed, "calib": str(calib),
+            "calib_seqs": int(tokens.shape[0]), "profile": {
+                k: getattr(profile, k) for k in profile.__dataclass_fields__},
+        }
+        hashes = source_hashes(model_dir)
+        # The budget may come from what the machine has free, which differs between a run and its
+        # resume; what the saved progress depends on is the wave size it bought.
+        key = {"source_hashes": hashes,
+               "settings": {**settings, "profile": {k: v for k, v in settings["profile"].items()
+                                                    if k != "memory_gb"}},
+               "wave_masks": wave_size(ckpt.config, tokens, profile, resolve_device(profile.device)),
+               "calib_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()}
+        state = _open_state(model_dir, out_dir, key, resume=resume, force=force, config=ckpt.config,
+                            imported=imported)
+    except BaseException:
+        if imported and not resume:  # nothing scored: the import goes too
+            shutil.rmtree(work_dir(out_dir), ignore_errors=True)
+        raise
+    if memory_budget:
+        settings["memory_budget"] = memory_budget
+        log.info("%s", memory_budget)
+    if imported:
+        settings["imported_from"] = str(source)
     stage = work_dir(out_dir) / "out"
     try:
         result: PruneResult = run_rounds(ckpt, tokens, sparsity=sparsity, profile=profile,
                                          method=method, seed=seed, progress=progress, state=state)
         plan = result.plan
-        plan.meta.update({"method": method, "settings": settings, "source": str(model_dir),
+        plan.meta.update({"method": method, "settings": settings, "source": str(source),
                           "source_hashes": hashes})
+        n_layers = ckpt.config.num_hidden_layers
+        weights, repair = ckpt, None  # the source, or the source with its repaired tensors
+        if repair_tokens is not None:
+            t0 = time.perf_counter()
+            on_repair = (lambda l: progress("repair", l + 1, n_layers)) if progress else None
+            repair = repair_plan(ckpt, plan, repair_tokens, work_dir(out_dir) / "repair", profile,
+                                 on_block=on_repair)
+            weights = ckpt.with_overlay(repair.files)
+            repair_seconds = time.perf_counter() - t0
         shutil.rmtree(stage, ignore_errors=True)
         stage.mkdir()
-        storage = None if profile.storage_dtype == "auto" else DTYPES[profile.storage_dtype]
-        n_layers = ckpt.config.num_hidden_layers
         on_write = (lambda l: progress("write", l + 1, n_layers)) if progress else None
-        write_pruned(ckpt, plan, stage, dtype=storage, on_block=on_write)
-        write_json_atomic(stage / "config.json", pruned_config(ckpt, plan))
-        copy_tokenizer(model_dir, stage)
-        write_json_atomic(stage / "plan.json", plan.to_json())
+        write_checkpoint(weights, plan, stage, model_dir=model_dir, profile=profile, on_block=on_write)
         report = build_report(ckpt.config, result, settings=settings,
                               seconds=time.perf_counter() - start)
+        if repair is not None:
+            report["reconstruction"] = {
+                "mode": repair.mode, "sequential": repair.sequential, "tokens": repair.tokens,
+                "forward_tokens": 2 * repair.tokens, "seconds": repair_seconds, "layers": repair.layers}
         write_json_atomic(stage / "report.json", report)
         plot(ckpt.config, plan, report, stage / "pruning.png")
         # Only a complete output gets the final name; then the progress is no longer needed.

@@ -14,12 +14,21 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .settings import (AUTO, Allocation, DType, Estimator, HeadUnit, MaskCounts, Prior, Reconstruct, Score,
+                       names, one_of)
 
 # An installed wheel carries the profiles in the package (pyproject maps profiles/ to
 # lowmem_bonsai/_profiles); a checkout reads the repository's top-level profiles/.
 _PACKAGED = Path(__file__).resolve().parent / "_profiles"
 PROFILE_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parent.parent / "profiles"
 DEFAULT_PROFILE = "laptop-16gb"
+_DTYPE_OR_AUTO = (AUTO, *names(DType))
+# The profile keys that name a choice, and the names each allows.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "compute_dtype": _DTYPE_OR_AUTO, "storage_dtype": _DTYPE_OR_AUTO, "prior": names(Prior),
+    "estimator": names(Estimator), "head_unit": names(HeadUnit), "allocation": names(Allocation),
+    "mask_counts": names(MaskCounts), "score": names(Score), "reconstruct": names(Reconstruct),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,9 +40,9 @@ class Profile:
     threads: int = 0  # 0: torch's default
     device: str = "cpu"  # cpu | cuda | cuda:N: where the masked forward computes
     device_memory_gb: float = 0.0  # GPU memory the run may use; 0 = 90% of what is free at start
-    compute_dtype: str = "auto"  # auto (fastest matmul, measured) | float32 | bfloat16 | float16;
+    compute_dtype: str = AUTO  # auto (fastest matmul, measured) | float32 | bfloat16 | float16;
     #                              norms, softmax and losses stay fp32 whatever is chosen
-    storage_dtype: str = "auto"  # dtype of the written shards; auto = the source's
+    storage_dtype: str = AUTO  # dtype of the written shards; auto = the source's
     prefetch: int = 1  # blocks loaded ahead of the one computing
     chunk_tokens: int = 4096  # tokens per GEMM row chunk inside a block
     # method
@@ -43,17 +52,25 @@ class Profile:
     seq_len: int = 256
     prune_frac: float = 0.05  # fraction of the original non-embedding params removed per round
     align: int = 32  # kept MLP widths are multiples of this (quantization wants 32 or 256)
-    prior: str = "wanda"  # wanda | magnitude | fluctuation | random
-    estimator: str = "lasso"  # lasso | ridge | prior (no per-unit correction: an ablation)
-    head_unit: str = "group"  # group: a KV head with its query heads; query: the j-th query head of
+    prior: str = Prior.WANDA.value  # see settings.Prior
+    estimator: str = Estimator.LASSO.value  # lasso | ridge | prior (no per-unit correction: an ablation)
+    head_unit: str = HeadUnit.GROUP.value  # group: a KV head with its query heads; query: the j-th query head of
     #                           every group (groups keep equal numbers of query heads)
-    allocation: str = "global"  # global: units ranked by beta per parameter across modules (the
+    allocation: str = Allocation.GLOBAL.value  # global: units ranked by beta per parameter across modules (the
     #                             masks decide how much each layer loses); uniform: every module loses p
-    score: str = "nll"  # what a sub-model is scored by: nll (of the calibration text's next tokens)
+    score: str = Score.NLL.value  # what a sub-model is scored by: nll (of the calibration text's next tokens)
     #                     or kl (cross-entropy to the round's unpruned model's top-k distribution)
-    mask_counts: str = "varied"  # fixed: every mask drops half of each module's eligible units;
+    mask_counts: str = MaskCounts.VARIED.value  # fixed: every mask drops half of each module's eligible units;
     #                             varied: a random count per module and pair, plus per-module scales
     #                             in the regression, so that layers' sensitivities are identifiable
+    # reconstruction, after the units are chosen (reconstruct.py)
+    reconstruct: str = "none"  # none | bias (FLAP's compensation) | lsq (ridge refit of the kept
+    #                            columns of o_proj / down_proj and a bias)
+    reconstruct_seqs: int = 64  # calibration windows for it (one pass, from the start of the text)
+    reconstruct_seq_len: int = 256
+    reconstruct_ridge: float = 1e-3  # lsq's ridge, relative to the mean diagonal of the Gram matrix
+    reconstruct_sequential: bool = True  # inputs from the repaired earlier layers (else one-shot:
+    #                                      statistics of the dense model, as FLAP takes them)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # a budget of inf or nan would plan nothing sensible
@@ -66,26 +83,24 @@ class Profile:
             (0 < self.prune_frac <= 0.5, "prune_frac must be in (0, 0.5]"),
             (self.calib_seqs >= 1 and self.seq_len >= 2, "calib_seqs >= 1 and seq_len >= 2"),
             (self.align >= 1, "align must be >= 1"),
-            (self.compute_dtype in ("auto", "float32", "bfloat16", "float16"),
-             "compute_dtype must be auto, float32, bfloat16 or float16"),
-            (self.storage_dtype in ("auto", "float32", "bfloat16", "float16"),
-             "storage_dtype must be auto, float32, bfloat16 or float16"),
-            (self.prior in ("wanda", "magnitude", "fluctuation", "random"),
-             "prior must be wanda, magnitude, fluctuation or random"),
-            (self.estimator in ("ridge", "lasso", "prior"), "estimator must be ridge, lasso or prior"),
-            (self.head_unit in ("group", "query"), "head_unit must be group or query"),
-            (self.allocation in ("uniform", "global"), "allocation must be uniform or global"),
-            (self.mask_counts in ("fixed", "varied"), "mask_counts must be fixed or varied"),
-            (self.score in ("nll", "kl"), "score must be nll or kl"),
+            *((getattr(self, key) in allowed, f"{key} must be {one_of(allowed)}")
+              for key, allowed in CHOICES.items()),
             (self.device == "cpu" or self.device.split(":")[0] == "cuda",
              "device must be cpu, cuda or cuda:N"),
             (self.device_memory_gb >= 0, "device_memory_gb must be >= 0"),
+            (self.reconstruct_seqs >= 1 and self.reconstruct_seq_len >= 2,
+             "reconstruct_seqs >= 1 and reconstruct_seq_len >= 2"),
+            (self.reconstruct_ridge >= 0, "reconstruct_ridge must be >= 0"),
             (self.memory_gb > 0 and self.prefetch >= 0 and self.threads >= 0 and self.wave_masks >= 0,
              "memory_gb > 0, prefetch >= 0, threads >= 0, wave_masks >= 0"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise UserError(f"profile '{self.name}': {msg}")
+
+    def rounds_for(self, sparsity: float) -> int:
+        """Rounds to reach ``sparsity`` at prune_frac per round (the last one may be smaller)."""
+        return math.ceil(sparsity / self.prune_frac - 1e-9)
 
     def replace(self, **changes: Any) -> Profile:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})

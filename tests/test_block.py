@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from lowmem_bonsai.checkpoint import Checkpoint
-from lowmem_bonsai.forward import MaskSet, streamed_nll
-from lowmem_bonsai.plan import LayerPlan, Plan
-from lowmem_bonsai.streamer import BlockStreamer
+from lowmem_bonsai.model.checkpoint import Checkpoint
+from lowmem_bonsai.engine.forward import MaskSet, streamed_nll
+from lowmem_bonsai.model.plan import LayerPlan, Plan
+from lowmem_bonsai.engine.streamer import BlockStreamer
 
-from .conftest import make_tiny
-from .test_forward import hf_nll
+from .conftest import hf_nll, make_tiny, zero_removed
 
 # Per layer: kept KV groups (query heads follow their group) and kept channels.
 KEEP = [((0,), (1, 5, 7, 30, 95)), ((0, 1), tuple(range(0, 96, 3))), ((1,), (2,))]
@@ -24,17 +23,6 @@ def plan_for(n_heads: int, n_kv: int) -> Plan:
         heads = tuple(h for h in range(n_heads) if h // group in kv)
         layers.append(LayerPlan(heads, kv, ch))
     return Plan(tuple(layers))
-
-
-def zero_removed(model, plan: Plan, head_dim: int) -> None:
-    """Remove units in transformers by zeroing their o_proj / down_proj columns."""
-    with torch.no_grad():
-        for layer, lp in zip(model.model.layers, plan.layers):
-            n_heads = layer.self_attn.o_proj.weight.shape[1] // head_dim
-            for h in set(range(n_heads)) - set(lp.heads):
-                layer.self_attn.o_proj.weight[:, h * head_dim:(h + 1) * head_dim] = 0
-            gone = sorted(set(range(layer.mlp.down_proj.weight.shape[1])) - set(lp.channels))
-            layer.mlp.down_proj.weight[:, gone] = 0
 
 
 def test_sliced_forward_equals_removed_units(tmp_path, family):

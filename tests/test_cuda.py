@@ -11,15 +11,14 @@ import os
 import pytest
 import torch
 
-from lowmem_bonsai.checkpoint import Checkpoint
+from lowmem_bonsai.model.checkpoint import Checkpoint
 from lowmem_bonsai.evaluate import evaluate
-from lowmem_bonsai.forward import MaskSet, streamed_nll
+from lowmem_bonsai.engine.forward import MaskSet, streamed_nll
 from lowmem_bonsai.pipeline import prune_model
-from lowmem_bonsai.plan import Plan
+from lowmem_bonsai.model.plan import Plan
 from lowmem_bonsai.profiles import load_profile
 
-from .conftest import make_tiny, write_word_tokenizer
-from .test_forward import hf_nll
+from .conftest import hf_nll, make_tiny, write_word_tokenizer
 
 CUDA = torch.device(os.environ.get("LOWMEM_BONSAI_TEST_DEVICE", "cuda"))
 pytestmark = pytest.mark.skipif(CUDA.type == "cuda" and not torch.cuda.is_available(),

@@ -10,8 +10,7 @@ from lowmem_bonsai.cli import app
 from lowmem_bonsai.data import load_tokenizer, tokenize_file, windows
 from lowmem_bonsai.evaluate import evaluate
 
-from .conftest import make_tiny, write_word_tokenizer
-from .test_forward import hf_nll
+from .conftest import hf_nll, make_tiny, write_word_tokenizer
 
 
 def test_eval_perplexity_equals_transformers(tmp_path, sample_text):

@@ -2,18 +2,10 @@ from __future__ import annotations
 
 import torch
 
-from lowmem_bonsai.checkpoint import Checkpoint
-from lowmem_bonsai.forward import streamed_nll
+from lowmem_bonsai.model.checkpoint import Checkpoint
+from lowmem_bonsai.engine.forward import streamed_nll
 
-from .conftest import make_tiny
-
-
-def hf_nll(model, tokens: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(tokens).logits.float()  # (S, T, V)
-    loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
-    return loss.view(tokens.shape[0], -1).sum(1).double()
+from .conftest import hf_nll, make_tiny
 
 
 def test_streamed_matches_transformers(tmp_path, family):
@@ -32,7 +24,7 @@ def test_soft_targets_against_transformers(tmp_path):
     ckpt = Checkpoint(tmp_path)
     teacher = []
     # Tiny LOGIT_BUDGET chunks: the vocab arrives in many ranges, so the running top-k is exercised.
-    import lowmem_bonsai.forward as fw
+    import lowmem_bonsai.engine.forward as fw
     old, fw.LOGIT_BUDGET = fw.LOGIT_BUDGET, 2000
     try:
         hard = streamed_nll(ckpt, tokens, chunk_tokens=64, teacher=teacher, top_k=8)[0]

@@ -21,23 +21,21 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from typer.testing import CliRunner
 
-from lowmem_bonsai import gguf_export
-from lowmem_bonsai.checkpoint import Checkpoint
+from lowmem_bonsai.llamacpp import to_gguf
+from lowmem_bonsai.model.checkpoint import Checkpoint
 from lowmem_bonsai.cli import app
 from lowmem_bonsai.errors import UserError
 from lowmem_bonsai.evaluate import evaluate
-from lowmem_bonsai.forward import streamed_nll
-from lowmem_bonsai.gguf_export import export_gguf
-from lowmem_bonsai.gguf_import import import_gguf
-from lowmem_bonsai.gguf_vocab_export import PROBE_TEXT, vocab_from_checkpoint
-from lowmem_bonsai.llama_runner import generate, gguf_perplexity
-from lowmem_bonsai.outputs import write_json_atomic
-from lowmem_bonsai.plan import LayerPlan, Plan
-from lowmem_bonsai.writer import copy_tokenizer, pruned_config, write_pruned
+from lowmem_bonsai.engine.forward import streamed_nll
+from lowmem_bonsai.llamacpp.to_gguf import export_gguf
+from lowmem_bonsai.llamacpp.from_gguf import import_gguf
+from lowmem_bonsai.llamacpp.vocab_to_gguf import PROBE_TEXT, vocab_from_checkpoint
+from lowmem_bonsai.llamacpp.runner import generate, gguf_perplexity
+from lowmem_bonsai.outputs.atomic import write_json_atomic
+from lowmem_bonsai.model.plan import LayerPlan, Plan
+from lowmem_bonsai.outputs.writer import copy_tokenizer, pruned_config, write_pruned
 
-from .conftest import WIKITEXT, make_tiny
-from .test_block import zero_removed
-from .test_gguf_import import CHAT_ODD, CORPUS, ODD, byte_level_vocab, write_gguf
+from .conftest import CHAT_ODD, CORPUS, ODD, WIKITEXT, byte_level_vocab, make_tiny, write_gguf, zero_removed
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                                 reason="llama-cpp-python not installed")
@@ -70,9 +68,15 @@ def plan_of(keep, *, n_heads: int, n_kv: int) -> Plan:
     return Plan(tuple(layers))
 
 
-def prune_by_plan(src: Path, dst: Path, plan: Plan) -> Path:
-    """A pruned checkpoint folder, as `lowmem-bonsai prune` writes it, from a hand-made plan."""
+def prune_by_plan(src: Path, dst: Path, plan: Plan, *, repair_on: torch.Tensor | None = None) -> Path:
+    """A pruned checkpoint folder, as `lowmem-bonsai prune` writes it, from a hand-made plan
+    (repaired by lsq reconstruction on the token windows ``repair_on``, if given)."""
+    from lowmem_bonsai.method.reconstruct import reconstruct
+
     ckpt = Checkpoint(src)
+    if repair_on is not None:
+        ckpt = ckpt.with_overlay(reconstruct(ckpt, plan, repair_on, dst.with_name(dst.name + "-repair"),
+                                             mode="lsq").files)
     dst.mkdir(parents=True)
     write_pruned(ckpt, plan, dst)
     write_json_atomic(dst / "config.json", pruned_config(ckpt, plan))
@@ -258,13 +262,13 @@ def test_existing_output_needs_force_and_failures_leave_nothing(tmp_path, monkey
             raise OSError(28, "No space left on device")
         return real(ckpt, job)
 
-    real = gguf_export.tensor_data
-    monkeypatch.setattr(gguf_export, "tensor_data", broken)
+    real = to_gguf.tensor_data
+    monkeypatch.setattr(to_gguf, "tensor_data", broken)
     with pytest.raises(UserError, match="disk is full.*free disk space"):
         export_gguf(model_dir=tmp_path / "m", out=out, force=True)
     assert out.read_bytes() == b"precious"
     assert_no_partials(tmp_path)
-    monkeypatch.setattr(gguf_export, "tensor_data", real)
+    monkeypatch.setattr(to_gguf, "tensor_data", real)
     export_gguf(model_dir=tmp_path / "m", out=out, force=True)
     assert out.read_bytes()[:4] == b"GGUF"
 
@@ -367,8 +371,6 @@ def smollm2_plan(model_dir: Path) -> Plan:
 
 @pytest.fixture(scope="module")
 def smollm2_texts() -> Path:
-    if not WIKITEXT.is_file():
-        pytest.skip(f"{WIKITEXT} not present")
     return WIKITEXT
 
 
@@ -383,7 +385,12 @@ def test_smollm2_dense_and_pruned_perplexity_match_ours(smollm2, smollm2_f16, sm
     _, hf = smollm2
     pruned = prune_by_plan(hf, tmp_path / "pruned", smollm2_plan(hf))
     pruned_gguf = export_gguf(model_dir=pruned, out=tmp_path / "pruned.gguf")
-    for model_dir, path, arch in ((hf, smollm2_f16, "llama"), (pruned, pruned_gguf, "deci")):
+    calib = torch.randint(0, 49152, (4, 64), generator=torch.Generator().manual_seed(0))
+    repaired = prune_by_plan(hf, tmp_path / "repaired", smollm2_plan(hf), repair_on=calib)
+    repaired_gguf = export_gguf(model_dir=repaired, out=tmp_path / "repaired.gguf")
+    assert "blk.16.attn_output.bias" in fields(repaired_gguf)["tensors"]
+    for model_dir, path, arch in ((hf, smollm2_f16, "llama"), (pruned, pruned_gguf, "deci"),
+                                  (repaired, repaired_gguf, "deci")):
         assert fields(path)["general.architecture"] == arch
         # threads=1: llama.cpp's spinning threads crawl when the 2 cores here are shared
         ref = gguf_perplexity(gguf=path, data=smollm2_texts, seq_len=128, max_seqs=6, threads=1)
@@ -429,3 +436,32 @@ def test_cli_export_generate_and_eval(tmp_path, sample_text):
     (tmp_path / "bad.gguf").write_bytes(b"nope")
     res = runner.invoke(app, ["generate", str(tmp_path / "bad.gguf"), "--prompt", "x"])
     assert res.exit_code == 2 and "not a GGUF file" in res.output
+
+
+@pytest.mark.parametrize("plan_kind", ["uniform", "uneven"])
+def test_reconstruction_biases_travel_to_llama_cpp(tmp_path, plan_kind):
+    """A repaired model (o_proj / down_proj biases) gives llama.cpp our streamed eval's NLL."""
+    from lowmem_bonsai.method.reconstruct import reconstruct
+
+    tiny(tmp_path / "m", "llama-gqa-tied")
+    ckpt = Checkpoint(tmp_path / "m")
+    keep = UNEVEN if plan_kind == "uneven" else [((1,), tuple(range(0, 96, 2)))] * 3
+    plan = plan_of(keep, n_heads=4, n_kv=2)
+    calib = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(5))
+    rep = reconstruct(ckpt, plan, calib, tmp_path / "repair", mode="lsq")
+    fixed = ckpt.with_overlay(rep.files)
+    pruned = tmp_path / "p"
+    pruned.mkdir()
+    write_pruned(fixed, plan, pruned)
+    write_json_atomic(pruned / "config.json", pruned_config(fixed, plan))
+    copy_tokenizer(tmp_path / "m", pruned)
+    out = export_gguf(model_dir=pruned, out=tmp_path / "p.gguf", type="f32")
+    f = fields(out)
+    assert f["general.architecture"] == ("llama" if plan_kind == "uniform" else "deci")
+    assert f["tensors"]["blk.0.attn_output.bias"] == ((64,), "F32")
+    assert f["tensors"]["blk.2.ffn_down.bias"] == ((64,), "F32")
+    got = nll_sum(llama_logits(out, IDS), IDS)
+    ours = float(streamed_nll(Checkpoint(pruned), torch.tensor([IDS]))[0, 0])
+    plain = float(streamed_nll(ckpt, torch.tensor([IDS]), plan=plan)[0, 0])
+    assert abs(got - ours) < 1e-4 * abs(ours), (got, ours)
+    assert abs(ours - plain) > 1e-3 * abs(plain)  # the biases and refit weights were used

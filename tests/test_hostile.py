@@ -26,17 +26,15 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import lowmem_bonsai
-from lowmem_bonsai import prune as prune_module
-from lowmem_bonsai import shards
+from lowmem_bonsai.method import prune as prune_module
+from lowmem_bonsai.outputs import shards
 from lowmem_bonsai.cli import app
 from lowmem_bonsai.pipeline import prune_model, work_dir
-from lowmem_bonsai.plan import Plan
+from lowmem_bonsai.model.plan import Plan
 from lowmem_bonsai.profiles import load_profile
 
-from .conftest import make_tiny, refused, write_word_tokenizer
-from .test_checkpoint import CASES as BROKEN_CHECKPOINTS
-from .test_checkpoint import truncate
-from .test_gguf_import import _refused, write_gguf
+from .conftest import (BROKEN_CHECKPOINTS, make_tiny, refused, refused_import, truncate, write_gguf,
+                       write_word_tokenizer)
 
 PROFILE = """# lowmem-bonsai prune M --out O --profile THIS.toml
 compute_dtype = "float32"
@@ -325,7 +323,7 @@ def test_gguf_with_impossible_tensor_sizes(tmp_path, dims, offset):
     if offset is not None:
         struct.pack_into("<Q", data, at + 4 + 8 * n_dims + 4, offset)
     (tmp_path / "bad.gguf").write_bytes(bytes(data))
-    _refused(tmp_path, tmp_path / "bad.gguf", "truncated or corrupt, re-download it")
+    refused_import(tmp_path, tmp_path / "bad.gguf", "truncated or corrupt, re-download it")
 
 
 # --- nothing is ever unpickled --------------------------------------------------------------------

@@ -18,16 +18,16 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lowmem_bonsai import shards
-from lowmem_bonsai.checkpoint import Checkpoint
 from lowmem_bonsai.cli import app
 from lowmem_bonsai.data import load_tokenizer
-from lowmem_bonsai.gguf_import import import_gguf
+from lowmem_bonsai.llamacpp.from_gguf import import_gguf
+from lowmem_bonsai.model.checkpoint import Checkpoint
+from lowmem_bonsai.outputs import shards
 from lowmem_bonsai.pipeline import calibration_tokens
 from lowmem_bonsai.profiles import load_profile
 
-from .conftest import refused, sample_words
-from .test_gguf_import import needs_llama_cpp, write_gguf
+from .conftest import refused, sample_words, write_gguf
+from .test_gguf_import import needs_llama_cpp
 
 # GGUF value types (gguf-py's GGUFValueType)
 U32, I32, F32, STRING, ARRAY, U64 = 4, 5, 6, 8, 9, 10

@@ -19,13 +19,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lowmem_bonsai import prune as prune_module
+from lowmem_bonsai.method import prune as prune_module
 from lowmem_bonsai.cli import app
 from lowmem_bonsai.pipeline import lock_path, prune_model, work_dir
 from lowmem_bonsai.profiles import load_profile
 
-from .conftest import refused
-from .test_gguf_import import write_gguf
+from .conftest import refused, write_gguf
 
 PROFILE = """# lowmem-bonsai prune M --out O --profile THIS.toml
 compute_dtype = "float32"

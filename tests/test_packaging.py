@@ -1,4 +1,4 @@
-"""A wheel, installed without the repository around it, still finds its profiles."""
+"""A wheel, installed without the repository around it, still finds its profiles and texts."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import sys
 import zipfile
 from pathlib import Path
 
+from .conftest import WIKITEXT
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_wheel_carries_profiles(tmp_path):
+def test_wheel_carries_profiles_and_texts(tmp_path):
     # Build from a copy of the sources: setuptools reuses a build/ folder left in the checkout.
     src = tmp_path / "src"
     src.mkdir()
@@ -31,10 +33,15 @@ def test_wheel_carries_profiles(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
                     str(wheel)], check=True, capture_output=True)
     # Run from an empty folder with only the installed copy importable first.
-    code = ("import lowmem_bonsai.profiles as p; from pathlib import Path; "
+    # The bundled text too: read by name from the installed copy, its sha256 checked on the way.
+    code = ("import lowmem_bonsai.profiles as p, lowmem_bonsai.texts as t; from pathlib import Path; "
+            "from lowmem_bonsai.data import read_text; "
             f"assert Path(p.__file__).is_relative_to({str(site)!r}), p.__file__; "
-            "print(p.load_profile(None).name, p.load_profile('quick').masks_per_round)")
+            f"assert t.bundled_path('wikitext2-valid').is_relative_to({str(site)!r}); "
+            "print(p.load_profile(None).name, p.load_profile('quick').masks_per_round, "
+            "len(read_text('wikitext2-valid')))")
     env = dict(os.environ, PYTHONPATH=str(site))
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True,
                          capture_output=True, text=True).stdout
-    assert out.split() == ["laptop-16gb", "32"]
+    assert out.split() == ["laptop-16gb", "32", str(len(WIKITEXT.read_text(encoding="utf-8")))]
+    assert {"lowmem_bonsai/_texts/wikitext2-valid.txt", "lowmem_bonsai/_texts/README.md"} <= names

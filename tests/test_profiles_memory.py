@@ -6,9 +6,9 @@ import pytest
 from typer.testing import CliRunner
 
 from lowmem_bonsai.cli import app
-from lowmem_bonsai.config import parse_config
+from lowmem_bonsai.model.config import parse_config
 from lowmem_bonsai.errors import UserError
-from lowmem_bonsai.memory import plan_memory
+from lowmem_bonsai.engine.memory import plan_memory
 from lowmem_bonsai.profiles import PROFILE_DIR, load_profile
 
 from .conftest import make_tiny, write_word_tokenizer
@@ -88,7 +88,7 @@ def test_gpu_profile_plans_the_device_and_the_host_apart():
 def test_gpu_profile_without_a_gpu_is_refused_before_any_work(tmp_path, monkeypatch, sample_text):
     import torch
 
-    from lowmem_bonsai.device import resolve_device
+    from lowmem_bonsai.engine.device import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="sees no CUDA GPU here"):

@@ -6,17 +6,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lowmem_bonsai.checkpoint import Checkpoint
+from lowmem_bonsai.model.checkpoint import Checkpoint
 from lowmem_bonsai.cli import app
 from lowmem_bonsai.evaluate import evaluate
-from lowmem_bonsai.forward import streamed_nll
+from lowmem_bonsai.engine.forward import streamed_nll
 from lowmem_bonsai.pipeline import prune_model
-from lowmem_bonsai.plan import Plan
+from lowmem_bonsai.model.plan import Plan
 from lowmem_bonsai.profiles import load_profile
 
-from .conftest import make_tiny, write_word_tokenizer
-from .test_block import zero_removed
-from .test_forward import hf_nll
+from .conftest import hf_nll, make_tiny, write_word_tokenizer, zero_removed
 
 TINY = dict(layers=4, intermediate_size=256, num_attention_heads=8, num_key_value_heads=4)
 
@@ -134,8 +132,8 @@ def test_cli_prune_and_its_refusals(tmp_path, tiny, sample_text):
 
 def test_coarse_modules_are_neither_perturbed_nor_pruned():
     """3 KV groups at p = 0.1: round(0.3) = 0 groups would go, so the masks leave them alone too."""
-    from lowmem_bonsai.masks import Module
-    from lowmem_bonsai.prune import sample_round
+    from lowmem_bonsai.method.masks import Module
+    from lowmem_bonsai.method.prune import sample_round
 
     g = torch.Generator().manual_seed(0)
     mods = [Module(0, "attn", 3, 1000, 1), Module(0, "mlp", 96, 10, 8), Module(1, "attn", 12, 1000, 1)]
@@ -147,3 +145,16 @@ def test_coarse_modules_are_neither_perturbed_nor_pruned():
     assert rounds[2].eligible.numel() == 3  # round(1.2) = 1 group may go: perturbed
     every = sample_round(mods, priors, 0.1, 16, g, skip_coarse=False)
     assert every[0].eligible.numel() == 2
+
+
+def test_unreachable_sparsity_stops_with_a_reason_and_exit_0(tmp_path, sample_text, sparsity=0.9):
+    """A round where no module has eligible units used to crash in design_of (torch.cat of [])."""
+    make_tiny(tmp_path / "m", "llama-gqa-tied")
+    write_word_tokenizer(tmp_path / "m", sample_text.read_text())
+    res = CliRunner().invoke(app, ["prune", str(tmp_path / "m"), "--out", str(tmp_path / "o"),
+                                   "--calib", str(sample_text), "--sparsity", str(sparsity),
+                                   "--profile", "quick", "--masks-per-round", "8", "--seq-len", "32"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert 0.3 < report["achieved_sparsity"] < sparsity
+    assert f"of the target {sparsity:.3f}: no module could lose another unit" in res.output

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import torch
 
-from lowmem_bonsai.masks import eligible_units, sample_masks
-from lowmem_bonsai.regression import fit, kendall_tau
+from lowmem_bonsai.method.masks import eligible_units, sample_masks
+from lowmem_bonsai.method.regression import fit, kendall_tau
 
 
 def planted(seed: int, d: int = 120, m: int = 96, noise: float = 0.01):

@@ -15,7 +15,6 @@ from .conftest import WIKITEXT
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python missing"),
-    pytest.mark.skipif(not WIKITEXT.is_file(), reason="WikiText-2 not present"),
 ]
 
 

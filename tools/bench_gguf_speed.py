@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lowmem_bonsai.gguf_export import export_gguf  # noqa: E402
+from lowmem_bonsai.llamacpp.to_gguf import export_gguf  # noqa: E402
 
 PROMPT_TOKENS = 256
 GEN_TOKENS = 64

@@ -22,16 +22,18 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import lowmem_bonsai.block as block_module  # noqa: E402
-from lowmem_bonsai.checkpoint import Checkpoint  # noqa: E402
+import lowmem_bonsai.engine.block as block_module  # noqa: E402
+from lowmem_bonsai.model.checkpoint import Checkpoint  # noqa: E402
 from lowmem_bonsai.data import load_tokenizer, tokenize_file, windows  # noqa: E402
-from lowmem_bonsai.forward import streamed_nll  # noqa: E402
-from lowmem_bonsai.plan import Plan  # noqa: E402
+from lowmem_bonsai.engine.forward import streamed_nll  # noqa: E402
+from lowmem_bonsai.model.plan import Plan  # noqa: E402
 from lowmem_bonsai.profiles import load_profile  # noqa: E402
-from lowmem_bonsai.prune import _priors, mask_set, modules_of, sample_round  # noqa: E402
-from lowmem_bonsai.regression import kendall_tau  # noqa: E402
+from lowmem_bonsai.method.prior import layer_priors  # noqa: E402
+from lowmem_bonsai.method.prune import mask_set, modules_of, sample_round  # noqa: E402
+from lowmem_bonsai.method.regression import kendall_tau  # noqa: E402
+from lowmem_bonsai.texts import bundled_path  # noqa: E402
 
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
+WIKITEXT = bundled_path("wikitext2-valid")  # shipped in the package (lowmem_bonsai/_texts)
 
 
 class Int8Functional:
@@ -87,7 +89,7 @@ def main() -> None:
     plan = Plan.dense(ckpt.config)
     stats: list = []
     streamed_nll(ckpt, calib, plan=plan, stats=stats)
-    priors = _priors(ckpt, stats, prof.prior, torch.Generator().manual_seed(0), prof.head_unit)
+    priors = layer_priors(ckpt, stats, prof.prior, torch.Generator().manual_seed(0), prof.head_unit)
     modules = modules_of(ckpt.config, plan, prof.align, prof.head_unit)
     per_module = sample_round(modules, priors, prof.prune_frac, a.masks, torch.Generator().manual_seed(0),
                               varied=True, skip_coarse=True)

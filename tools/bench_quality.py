@@ -5,6 +5,11 @@ them (never seen by the pruner). Writes JSON, a PNG plot and a Markdown table.
 
     python tools/bench_quality.py --model runs/smollm2 --out runs/bench_quality \
         --sparsity 0.2 0.5 --methods bonsai prior random --profile quick
+
+With ``--split tune`` or ``--split test`` the evaluation windows are fixed at the end of the file:
+``test`` is the last --eval-seqs windows, ``tune`` the --eval-seqs windows before them. Settings
+are chosen on ``tune``; ``test`` reports what no choice has seen. Calibration (the masks' and the
+reconstruction's) must end before ``tune`` begins; the tool refuses otherwise.
 """
 
 from __future__ import annotations
@@ -18,11 +23,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lowmem_bonsai.data import load_tokenizer, tokenize_file  # noqa: E402
+from lowmem_bonsai.model.checkpoint import Checkpoint  # noqa: E402
 from lowmem_bonsai.evaluate import evaluate  # noqa: E402
-from lowmem_bonsai.pipeline import prune_model  # noqa: E402
+from lowmem_bonsai.pipeline import (  # noqa: E402
+    calibration_tokens, prune_model, repair_plan, write_checkpoint)
+from lowmem_bonsai.model.plan import Plan  # noqa: E402
 from lowmem_bonsai.profiles import load_profile  # noqa: E402
+from lowmem_bonsai.texts import bundled_path  # noqa: E402
 
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
+WIKITEXT = bundled_path("wikitext2-valid")  # shipped in the package (lowmem_bonsai/_texts)
 
 
 def main() -> None:
@@ -35,7 +45,14 @@ def main() -> None:
     ap.add_argument("--profile", default="quick")
     ap.add_argument("--set", nargs="*", default=[], help="profile overrides, key=value")
     ap.add_argument("--label", default="", help="suffix for method names in the table")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, nargs="+", default=[0], help="one run per seed")
+    ap.add_argument("--repairs", nargs="*", default=[],
+                    help="after each prune (made with reconstruct = none), also evaluate these "
+                    "reconstructions of the same plan: bias, lsq, bias-oneshot, lsq-oneshot (the profile's "
+                    "reconstruct_seqs / _seq_len / _ridge apply); rows are labelled METHOD+REPAIR")
+    ap.add_argument("--split", choices=["after-calib", "tune", "test"], default="after-calib",
+                    help="evaluation windows: just after the calibration (the earlier protocol), or "
+                    "the held-out tune / test windows at the end of the file")
     ap.add_argument("--eval-seq-len", type=int, default=256)
     ap.add_argument("--eval-seqs", type=int, default=32)
     ap.add_argument("--eval-skip", type=int, default=None,
@@ -47,16 +64,38 @@ def main() -> None:
     for kv in a.set:
         k, v = kv.split("=", 1)
         cur = getattr(profile, k)
-        profile = profile.replace(**{k: type(cur)(v)})
+        if isinstance(cur, bool):
+            if v.lower() not in ("true", "false"):
+                ap.error(f"--set {kv}: expected true or false")
+            profile = profile.replace(**{k: v.lower() == "true"})
+        else:
+            profile = profile.replace(**{k: type(cur)(v)})
     a.out.mkdir(parents=True, exist_ok=True)
     results_path = a.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else []
     # Evaluation starts after every window the calibration could have read.
-    skip = math.ceil(profile.calib_seqs * profile.seq_len / a.eval_seq_len)
-    if a.eval_skip is not None:
+    calib_tokens = max(profile.calib_seqs * profile.seq_len,
+                       profile.reconstruct_seqs * profile.reconstruct_seq_len
+                       if profile.reconstruct != "none" or a.repairs else 0)
+    skip = math.ceil(calib_tokens / a.eval_seq_len)
+    if a.split != "after-calib":
+        n_windows = len(tokenize_file(load_tokenizer(a.model), a.data)) // a.eval_seq_len
+        tune = n_windows - 2 * a.eval_seqs
+        if tune < skip:
+            ap.error(f"calibration ({calib_tokens} tokens) reaches into the tune windows (from window "
+                     f"{tune} of {a.eval_seq_len} tokens)")
+        skip = tune if a.split == "tune" else tune + a.eval_seqs
+    elif a.eval_skip is not None:
         if a.eval_skip < skip:
             ap.error(f"--eval-skip {a.eval_skip} would evaluate on calibration text (need >= {skip})")
         skip = a.eval_skip
+    if a.repairs:
+        for r in a.repairs:
+            if r.split("-")[0] not in ("bias", "lsq") or r.split("-")[1:] not in ([], ["oneshot"]):
+                ap.error(f"--repairs {r}: expected bias, lsq, bias-oneshot or lsq-oneshot")
+        # the prune itself is made without repair; calibration must still end before evaluation
+        repair_profile = profile.replace(reconstruct="lsq") if profile.reconstruct == "none" else profile
+        profile = profile.replace(reconstruct="none")
     settings = {k: getattr(profile, k) for k in profile.__dataclass_fields__}
 
     def record(row: dict) -> None:
@@ -64,26 +103,67 @@ def main() -> None:
         results_path.write_text(json.dumps(results, indent=2))
         logging.info("%s", row)
 
-    if not any(r["method"] == "dense" and r["eval_skip"] == skip for r in results):
+    if not any(r["method"] == "dense" and r["eval_skip"] == skip and r.get("eval_seqs", a.eval_seqs) == a.eval_seqs
+               for r in results):
         ev = evaluate(model_dir=a.model, data=a.data, seq_len=a.eval_seq_len, max_seqs=a.eval_seqs, skip=skip)
         record({"method": "dense", "sparsity": 0.0, "achieved": 0.0, "perplexity": ev.perplexity,
-                "forward_tokens": 0, "prune_seconds": 0.0, "eval_tokens": ev.tokens, "eval_skip": skip})
+                "forward_tokens": 0, "prune_seconds": 0.0, "eval_tokens": ev.tokens, "eval_skip": skip,
+                "eval_seqs": a.eval_seqs, "split": a.split})
     for sparsity in a.sparsity:
         for method in a.methods:
-            name = method + a.label
-            out = a.out / f"{name}-{sparsity}"
-            t = time.perf_counter()
-            rep = prune_model(model_dir=a.model, out_dir=out, sparsity=sparsity, profile=profile,
-                              calib=a.data, method=method, seed=a.seed, force=True)
-            seconds = time.perf_counter() - t
-            ev = evaluate(model_dir=out, data=a.data, seq_len=a.eval_seq_len, max_seqs=a.eval_seqs, skip=skip)
-            record({"method": name, "sparsity": sparsity, "achieved": rep["achieved_sparsity"],
-                    "perplexity": ev.perplexity, "forward_tokens": rep["forward_tokens"],
-                    "prune_seconds": seconds, "eval_tokens": ev.tokens, "eval_skip": skip,
-                    "rounds": len(rep["rounds"]),
-                    "cv_tau": [r["cv_tau"] for r in rep["rounds"]], "settings": settings,
-                    "layers": rep["layers"]})
+            for seed in a.seed:
+                name = method + a.label
+                out = a.out / f"{name}-{sparsity}-s{seed}"
+                t = time.perf_counter()
+                rep = prune_model(model_dir=a.model, out_dir=out, sparsity=sparsity, profile=profile,
+                                  calib=a.data, method=method, seed=seed, force=True)
+                seconds = time.perf_counter() - t
+                ev = evaluate(model_dir=out, data=a.data, seq_len=a.eval_seq_len, max_seqs=a.eval_seqs,
+                              skip=skip)
+                repair = rep.get("reconstruction") or {}
+                record({"method": name, "sparsity": sparsity, "seed": seed,
+                        "achieved": rep["achieved_sparsity"], "perplexity": ev.perplexity,
+                        "forward_tokens": rep["forward_tokens"] + repair.get("forward_tokens", 0),
+                        "prune_seconds": seconds, "eval_tokens": ev.tokens, "eval_skip": skip,
+                        "eval_seqs": a.eval_seqs, "split": a.split, "rounds": len(rep["rounds"]),
+                        "reconstruction": {k: v for k, v in repair.items() if k != "layers"},
+                        "cv_tau": [r["cv_tau"] for r in rep["rounds"]], "settings": settings,
+                        "layers": rep["layers"]})
+                for r in a.repairs:
+                    mode, oneshot = r.split("-")[0], r.endswith("-oneshot")
+                    prof = repair_profile.replace(reconstruct=mode, reconstruct_sequential=not oneshot)
+                    fixed_dir = a.out / f"{name}+{r}-{sparsity}-s{seed}"
+                    t = time.perf_counter()
+                    info = repair_existing(a.model, out, fixed_dir, prof, a.data)
+                    rseconds = time.perf_counter() - t
+                    ev = evaluate(model_dir=fixed_dir, data=a.data, seq_len=a.eval_seq_len,
+                                  max_seqs=a.eval_seqs, skip=skip)
+                    record({"method": f"{name}+{r}", "sparsity": sparsity, "seed": seed,
+                            "achieved": rep["achieved_sparsity"], "perplexity": ev.perplexity,
+                            "forward_tokens": rep["forward_tokens"] + info["forward_tokens"],
+                            "prune_seconds": seconds + rseconds, "eval_tokens": ev.tokens,
+                            "eval_skip": skip, "eval_seqs": a.eval_seqs, "split": a.split,
+                            "reconstruction": info, "settings": {
+                                k: getattr(prof, k) for k in prof.__dataclass_fields__}})
     write_table(results, a.out)
+
+
+def repair_existing(model: Path, pruned: Path, out: Path, profile, data: Path) -> dict:
+    """Reconstruct the plan of an existing prune (``pruned/plan.json``) into ``out``."""
+    import shutil
+    import tempfile
+
+    ckpt = Checkpoint(model)
+    plan = Plan.load(pruned / "plan.json")
+    ids = tokenize_file(load_tokenizer(model), data)
+    tokens = calibration_tokens(ids, data, seq_len=profile.reconstruct_seq_len, seqs=profile.reconstruct_seqs)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        rep = repair_plan(ckpt, plan, tokens, Path(tmp), profile)
+        write_checkpoint(ckpt.with_overlay(rep.files), plan, out, model_dir=model, profile=profile)
+    return {"mode": rep.mode, "sequential": rep.sequential, "tokens": rep.tokens,
+            "forward_tokens": 2 * rep.tokens, "ridge": profile.reconstruct_ridge}
 
 
 def write_table(results: list[dict], out: Path) -> None:

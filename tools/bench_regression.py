@@ -28,15 +28,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lowmem_bonsai.checkpoint import Checkpoint  # noqa: E402
+from lowmem_bonsai.model.checkpoint import Checkpoint  # noqa: E402
 from lowmem_bonsai.data import load_tokenizer, tokenize_file, windows  # noqa: E402
-from lowmem_bonsai.forward import streamed_nll  # noqa: E402
-from lowmem_bonsai.plan import Plan  # noqa: E402
+from lowmem_bonsai.engine.forward import streamed_nll  # noqa: E402
+from lowmem_bonsai.model.plan import Plan  # noqa: E402
 from lowmem_bonsai.profiles import load_profile  # noqa: E402
-from lowmem_bonsai.prune import _priors, design_of, mask_set, modules_of, sample_round  # noqa: E402
-from lowmem_bonsai.regression import fit, kendall_tau  # noqa: E402
+from lowmem_bonsai.method.prior import layer_priors  # noqa: E402
+from lowmem_bonsai.method.prune import design_of, mask_set, modules_of, sample_round  # noqa: E402
+from lowmem_bonsai.method.regression import fit, kendall_tau  # noqa: E402
+from lowmem_bonsai.texts import bundled_path  # noqa: E402
 
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
+WIKITEXT = bundled_path("wikitext2-valid")  # shipped in the package (lowmem_bonsai/_texts)
 
 
 def mean_nll(ckpt, tokens, plan, masks=None, wave=16, soft=None) -> torch.Tensor:
@@ -82,7 +84,7 @@ def main() -> None:
     stats, teacher = [], []
     streamed_nll(ckpt, calib, plan=plan, stats=stats, teacher=teacher)
     gen = torch.Generator().manual_seed(a.seed)
-    priors = _priors(ckpt, stats, prof.prior, gen, prof.head_unit)
+    priors = layer_priors(ckpt, stats, prof.prior, gen, prof.head_unit)
     modules = modules_of(ckpt.config, plan, prof.align, prof.head_unit)
     results_path = a.out / "results.json"
     rows = json.loads(results_path.read_text()) if results_path.is_file() else []

@@ -9,8 +9,8 @@ The same masks on the same tokens of the same checkpoint, each way in its own pr
                 zero-masking forward pre-hooks on o_proj and down_proj;
 - ``accelerate``: transformers + accelerate disk offload (weights paged from an offload folder).
 
-    python tools/make_checkpoint.py tinyllama-1.1b /work/scratch/tinyllama-random
-    python tools/bench_throughput.py /work/scratch/tinyllama-random --masks 8 --out runs/bench_throughput.json
+    python tools/make_checkpoint.py tinyllama-1.1b runs/tinyllama-random
+    python tools/bench_throughput.py runs/tinyllama-random --masks 8 --out runs/bench_throughput.json
 
 On a GPU (tools/check_cuda.sh): ``--device cuda --dtype bfloat16``; every way then computes there.
 ``--op-profile``: where this executor's time goes instead (torch.profiler, GEMM share and rate).
@@ -31,10 +31,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from lowmem_bonsai.checkpoint import Checkpoint  # noqa: E402
-from lowmem_bonsai.forward import MaskSet, streamed_nll  # noqa: E402
-from lowmem_bonsai.device import resolve_device, synchronize  # noqa: E402
-from lowmem_bonsai.memory import measure_matmul_gflops  # noqa: E402
+from lowmem_bonsai.model.checkpoint import Checkpoint  # noqa: E402
+from lowmem_bonsai.engine.forward import MaskSet, streamed_nll  # noqa: E402
+from lowmem_bonsai.engine.device import resolve_device, synchronize  # noqa: E402
+from lowmem_bonsai.engine.memory import measure_matmul_gflops  # noqa: E402
 
 MEMCAP = ROOT.parent / "shared" / "bin" / "memcap"
 

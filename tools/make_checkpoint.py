@@ -3,7 +3,7 @@
 For memory, I/O and speed work only (quality needs a real model). Weights are drawn from a seeded
 normal with std 0.02 (norms at 1), in bf16 by default; at most one shard is held in memory.
 
-    python tools/make_checkpoint.py llama2-13b /data/llama2-13b-random
+    python tools/make_checkpoint.py llama2-13b runs/llama2-13b-random
     python tools/make_checkpoint.py tinyllama-1.1b /tmp/tl --dtype bfloat16
 """
 
@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lowmem_bonsai.outputs import staged_dir  # noqa: E402
-from lowmem_bonsai.shards import ShardWriter  # noqa: E402
+from lowmem_bonsai.outputs.atomic import staged_dir  # noqa: E402
+from lowmem_bonsai.outputs.shards import ShardWriter  # noqa: E402
+from lowmem_bonsai.texts import bundled_path  # noqa: E402
 
 SHAPES = {
     # name: hidden, layers, heads, kv heads, ffn, vocab, tied
@@ -29,7 +30,7 @@ SHAPES = {
     "llama3-8b": (4096, 32, 32, 8, 14336, 128256, False),
     "smollm2-135m": (576, 30, 9, 3, 1536, 49152, True),
 }
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
+WIKITEXT = bundled_path("wikitext2-valid")  # shipped in the package (lowmem_bonsai/_texts)
 
 
 def config_for(name: str) -> dict:
@@ -47,7 +48,7 @@ def word_tokenizer(path: Path, vocab: int) -> None:
     """A word-level tokenizer over WikiText-2 words, so `eval` and `prune` have text to run on."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    text = WIKITEXT.read_text(encoding="utf-8") if WIKITEXT.is_file() else "the a of and"
+    text = WIKITEXT.read_text(encoding="utf-8")
     words = [w for w, _ in Counter(text.split()).most_common(min(vocab, 30000) - 1)]
     tok = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}},
                                      unk_token="[UNK]"))

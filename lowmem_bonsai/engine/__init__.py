@@ -1,0 +1,1 @@
+"""How it runs: blocks streamed from disk through a batched, masked forward, sized to the memory."""

@@ -1,0 +1,1 @@
+"""llama.cpp interop: GGUF to a checkpoint folder and back, tokenizers both ways, and running a GGUF."""

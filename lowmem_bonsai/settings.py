@@ -1,0 +1,90 @@
+"""Every choice a user names (a method, a prior, a dtype, ...), defined once.
+
+Profile validation, the library's checks and the CLI's help all read these: a new choice is one
+more member here. Members are strings (``StrEnum``), so profiles and flags use the plain names.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Setting(StrEnum):
+    """A named choice; each member may carry a few words of help for ``--help``."""
+
+    def __new__(cls, value: str, help: str = "") -> Setting:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.help = help
+        return member
+
+
+class Method(Setting):
+    BONSAI = "bonsai", "regression on sub-model losses"
+    PRIOR = "prior", "structured Wanda"
+    MAGNITUDE = "magnitude"
+    RANDOM = "random"
+    FLAP = "flap", "FLAP's fluctuation scores ranked across all layers, one pass"
+
+
+class Reconstruct(Setting):
+    """What repairs the kept weights once the units are chosen (reconstruct.py)."""
+
+    NONE = "none"
+    BIAS = "bias", "the removed inputs' mean as a bias, FLAP's compensation"
+    LSQ = "lsq", "ridge least-squares refit of o_proj / down_proj and a bias"
+
+
+class Prior(Setting):
+    WANDA = "wanda"
+    MAGNITUDE = "magnitude"
+    FLUCTUATION = "fluctuation"
+    RANDOM = "random"
+
+
+class Estimator(Setting):
+    RIDGE = "ridge"
+    LASSO = "lasso"
+    PRIOR = "prior", "fit only per-kind/per-module scales"
+
+
+class HeadUnit(Setting):
+    GROUP = "group", "whole KV groups"
+    QUERY = "query", "the same query heads from every group"
+
+
+class Allocation(Setting):
+    UNIFORM = "uniform", "every module loses the round's share"
+    GLOBAL = "global", "units ranked by estimated loss per parameter across modules"
+
+
+class MaskCounts(Setting):
+    FIXED = "fixed", "every mask drops half of each module's eligible units"
+    VARIED = "varied", "random counts, so layer sensitivities are identifiable"
+
+
+class Score(Setting):
+    NLL = "nll", "calibration text"
+    KL = "kl", "to the unpruned model's top-64"
+
+
+class DType(Setting):
+    """Compute and storage dtypes by the names config.json, profiles and flags use."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+AUTO = "auto"  # a profile's compute_dtype (fastest measured) or storage_dtype (the source's)
+
+
+def names(kind: type[Setting]) -> tuple[str, ...]:
+    """The members' names, in definition order."""
+    return tuple(m.value for m in kind)
+
+
+def one_of(kind: type[Setting] | tuple[str, ...], *, helped: bool = False) -> str:
+    """"a, b or c" (with ``helped``, each followed by its help in parentheses)."""
+    items = [f"{m} ({m.help})" if helped and getattr(m, "help", "") else str(m) for m in kind]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]

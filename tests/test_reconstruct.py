@@ -1,0 +1,176 @@
+"""Reconstruction against references: transformers' own activations and torch's least squares."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowmem_bonsai.engine.forward import streamed_nll
+from lowmem_bonsai.method.reconstruct import Moments, reconstruct, solve
+from lowmem_bonsai.model.checkpoint import Checkpoint
+from lowmem_bonsai.model.plan import LayerPlan, Plan
+
+from .conftest import make_tiny
+
+TINY = dict(layers=3, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
+
+
+def _plan(cfg) -> Plan:
+    """Layer 0 loses a KV group and 40 channels, layer 1 only channels, layer 2 nothing."""
+    keep_ch = tuple(c for c in range(96) if c % 5 not in (1, 3))
+    return Plan((
+        LayerPlan(heads=(2, 3), kv_heads=(1,), channels=keep_ch),
+        LayerPlan(heads=(0, 1, 2, 3), kv_heads=(0, 1), channels=tuple(range(8, 96))),
+        LayerPlan(heads=(0, 1, 2, 3), kv_heads=(0, 1), channels=tuple(range(96))),
+    ))
+
+
+def _captured_inputs(model, tokens) -> dict[str, torch.Tensor]:
+    """Inputs of every o_proj and down_proj of the dense transformers model.  name -> (tokens, in)"""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if name.endswith(("o_proj", "down_proj")):
+            hooks.append(mod.register_forward_pre_hook(
+                lambda m, args, name=name: seen.__setitem__(name, args[0].reshape(-1, args[0].shape[-1]))))
+    with torch.no_grad():
+        model(tokens)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_solve_matches_torch_least_squares():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(500, 12, generator=g, dtype=torch.float64)
+    z[:, 3] += 2.0  # a column with a mean, so the bias matters
+    w = torch.randn(7, 12, generator=g, dtype=torch.float64)
+    m = Moments(12, full=True)
+    m.add(z)
+    keep = torch.tensor([0, 2, 4, 5, 7, 9, 11])
+    r = solve(w, m, keep, mode="lsq", ridge=0.0)
+    zp = torch.cat([z[:, keep], torch.ones(500, 1, dtype=torch.float64)], 1)
+    ref = torch.linalg.lstsq(zp, z @ w.T).solution.T  # (7, |S| + 1)
+    torch.testing.assert_close(r.weight, ref[:, :-1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r.bias, ref[:, -1], rtol=1e-5, atol=1e-5)
+    assert 0 < r.error_after < r.error_before
+    resid = ((z @ w.T - zp @ ref.T) ** 2).sum() / ((z @ w.T) ** 2).sum()
+    assert r.error_after == pytest.approx(float(resid), rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["bias", "lsq"])
+def test_one_shot_repair_equals_the_formula_on_transformers_activations(tmp_path, mode):
+    model = make_tiny(tmp_path / "m", "llama-gqa-tied", **TINY)
+    ckpt = Checkpoint(tmp_path / "m")
+    plan = _plan(ckpt.config)
+    # 384 tokens for at most 89 unknowns per output: a well-posed fit, so fp32 noise stays small
+    tokens = torch.randint(0, 211, (8, 48), generator=torch.Generator().manual_seed(1))
+    rep = reconstruct(ckpt, plan, tokens, tmp_path / "repair", mode=mode, ridge=1e-2, sequential=False)
+    assert [f.name for f in rep.files] == ["layer-0000.safetensors", "layer-0001.safetensors"]
+    fixed = ckpt.with_overlay(rep.files)
+    z = _captured_inputs(model, tokens)
+    sd = model.state_dict()
+    checks = [(0, "self_attn.o_proj", torch.arange(32, 64)), (0, "mlp.down_proj", torch.tensor(plan.layers[0].channels)),
+              (1, "mlp.down_proj", torch.arange(8, 96))]
+    for layer, mod, keep in checks:
+        name = f"model.layers.{layer}.{mod}"
+        w, x = sd[f"{name}.weight"].double(), z[name].double()
+        gone = torch.ones(w.shape[1], dtype=torch.bool)
+        gone[keep] = False
+        if mode == "bias":
+            want_w, want_b = w[:, keep], w[:, gone] @ x[:, gone].mean(0)
+        else:
+            xp = torch.cat([x[:, keep], torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
+            a = xp.T @ xp
+            a.diagonal()[:-1] += 1e-2 * a.diagonal()[:-1].mean()
+            sol = torch.linalg.solve(a, xp.T @ (x @ w.T)).T
+            want_w, want_b = sol[:, :-1], sol[:, -1]
+        got_w = fixed.get(f"{name}.weight").double()
+        torch.testing.assert_close(got_w[:, keep], want_w, rtol=1e-4, atol=1e-5)
+        assert not got_w[:, gone].any()
+        torch.testing.assert_close(fixed.get(f"{name}.bias").double(), want_b, rtol=1e-4, atol=1e-5)
+    assert not fixed.has("model.layers.2.mlp.down_proj.bias")  # nothing removed, nothing repaired
+
+
+def test_sequential_lsq_brings_the_pruned_model_closest_to_dense(tmp_path):
+    make_tiny(tmp_path / "m", "llama-gqa-tied", **TINY)
+    ckpt = Checkpoint(tmp_path / "m")
+    plan = _plan(ckpt.config)
+    calib = torch.randint(0, 211, (8, 32), generator=torch.Generator().manual_seed(2))
+    held = torch.randint(0, 211, (8, 32), generator=torch.Generator().manual_seed(3))
+    dense = streamed_nll(ckpt, held)[0]
+
+    def gap(c: Checkpoint) -> float:  # mean |NLL change| per held-out sequence
+        return float((streamed_nll(c, held, plan=plan)[0] - dense).abs().mean())
+
+    gaps = {"none": gap(ckpt)}
+    for mode, seq in (("bias", False), ("lsq", False), ("lsq", True)):
+        rep = reconstruct(ckpt, plan, calib, tmp_path / f"r-{mode}-{seq}", mode=mode, sequential=seq)
+        gaps[f"{mode}-{seq}"] = gap(ckpt.with_overlay(rep.files))
+        if mode == "lsq":
+            for info in rep.layers:
+                for key in ("attn_error", "mlp_error"):
+                    if key in info:
+                        before, after = info[key]
+                        assert after < before, (info, key)
+    assert gaps["lsq-True"] < gaps["none"], gaps
+    assert gaps["lsq-True"] < gaps["bias-False"], gaps
+
+
+def test_flap_selection_equals_the_papers_rule_on_transformers_activations(tmp_path):
+    """--method flap against FLAP's adaptive structure computed from transformers' own activations."""
+    from lowmem_bonsai.profiles import load_profile
+    from lowmem_bonsai.method.prune import run_rounds
+
+    model = make_tiny(tmp_path / "m", "llama-mha-untied", layers=3, intermediate_size=96)
+    ckpt = Checkpoint(tmp_path / "m")
+    calib = torch.randint(0, 211, (6, 32), generator=torch.Generator().manual_seed(4))
+    profile = load_profile(None).replace(calib_seqs=6, seq_len=32, align=1, compute_dtype="float32")
+    plan = run_rounds(ckpt, calib, sparsity=0.3, profile=profile, method="flap").plan
+
+    z, sd = _captured_inputs(model, calib), model.state_dict()
+    std = lambda x: (x - x.mean()) / x.std()  # noqa: E731
+    units = []  # (score, layer, kind, unit, params)
+    for layer in range(3):
+        pre = f"model.layers.{layer}."
+        x, w = z[pre + "self_attn.o_proj"].double(), sd[pre + "self_attn.o_proj.weight"].double()
+        cols = std((x.var(0, unbiased=False) * w.pow(2).sum(0)) ** 2)
+        units += [(float(v), layer, "attn", h, 4 * 16 * 64) for h, v in enumerate(cols.view(4, 16).mean(1))]
+        x, w = z[pre + "mlp.down_proj"].double(), sd[pre + "mlp.down_proj.weight"].double()
+        units += [(float(v), layer, "mlp", c, 3 * 64) for c, v in enumerate(std(x.var(0, unbiased=False)
+                                                                             * w.pow(2).sum(0)))]
+    units.sort()
+    total = 3 * (4 * 64 * 64 + 3 * 64 * 96)
+    cum = torch.tensor([u[4] for u in units], dtype=torch.float64).cumsum(0)
+    k = int((cum - 0.3 * total).abs().argmin()) + 1  # FLAP's threshold: closest cumulative count
+    gone = {(u[1], u[2], u[3]) for u in units[:k]}
+    for layer, lp in enumerate(plan.layers):
+        assert set(lp.kv_heads) == {h for h in range(4) if (layer, "attn", h) not in gone}
+        assert set(lp.channels) == {c for c in range(96) if (layer, "mlp", c) not in gone}
+
+
+def test_prune_with_reconstruction_writes_biases_and_a_report(tmp_path, sample_text):
+    from lowmem_bonsai.evaluate import evaluate
+    from lowmem_bonsai.pipeline import prune_model
+    from lowmem_bonsai.profiles import load_profile
+    from .conftest import write_word_tokenizer
+
+    make_tiny(tmp_path / "m", "llama-gqa-tied", layers=3, intermediate_size=128,
+              num_attention_heads=8, num_key_value_heads=4)
+    write_word_tokenizer(tmp_path / "m", sample_text.read_text())
+    base = load_profile(None).replace(seq_len=32, calib_seqs=4, masks_per_round=8, align=8,
+                                      prune_frac=0.2, reconstruct_seqs=8, reconstruct_seq_len=32)
+    ppl = {}
+    for mode in ("none", "lsq"):
+        out = tmp_path / mode
+        rep = prune_model(model_dir=tmp_path / "m", out_dir=out, sparsity=0.3, calib=sample_text, seed=1,
+                          profile=base.replace(reconstruct=mode), method="prior")
+        ckpt = Checkpoint(out)
+        assert ckpt.has("model.layers.0.mlp.down_proj.bias") is (mode == "lsq")
+        assert ("reconstruction" in rep) is (mode == "lsq")
+        ppl[mode] = evaluate(model_dir=out, data=sample_text, seq_len=32, max_seqs=8, skip=8).perplexity
+        assert not (tmp_path / f"{mode}.partial").exists()
+    assert Plan.load(tmp_path / "none" / "plan.json").layers == Plan.load(tmp_path / "lsq" / "plan.json").layers
+    layers = rep["reconstruction"]["layers"]
+    assert all(err[1] < err[0] for info in layers for key, err in info.items() if key != "layer")
+    assert ppl["lsq"] != ppl["none"]

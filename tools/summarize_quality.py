@@ -1,0 +1,82 @@
+"""Summarize bench_quality.py results: mean and range over seeds, and perplexity against forward tokens.
+
+    python tools/summarize_quality.py runs/bq/results.json --out tools/results/quality_smollm2_repair
+
+Writes OUT.md (a table per sparsity: method, seeds, perplexity mean [min-max], x dense, forward
+tokens) and OUT.png (perplexity against forward tokens, one marker per method and sparsity).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+
+def summarize(rows: list[dict]) -> tuple[float, list[dict]]:
+    dense = [r["perplexity"] for r in rows if r["method"] == "dense"]
+    if len({round(d, 6) for d in dense}) > 1:
+        raise SystemExit(f"several dense rows with different perplexities ({dense}): mixed windows?")
+    groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["method"] != "dense":
+            groups[(r["method"], r["sparsity"])].append(r)
+    out = []
+    for (method, sparsity), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        ppl = [r["perplexity"] for r in rs]
+        out.append({"method": method, "sparsity": sparsity, "seeds": sorted(r.get("seed", 0) for r in rs),
+                    "perplexity_mean": statistics.fmean(ppl), "perplexity_min": min(ppl),
+                    "perplexity_max": max(ppl), "x_dense": statistics.fmean(ppl) / dense[0],
+                    "forward_tokens": int(statistics.fmean(r["forward_tokens"] for r in rs)),
+                    "achieved": statistics.fmean(r["achieved"] for r in rs)})
+    return dense[0], out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", type=Path, nargs="+", help="results.json files of bench_quality.py")
+    ap.add_argument("--out", type=Path, required=True, help="output prefix (.md, .png, .json)")
+    a = ap.parse_args()
+    rows = [r for path in a.results for r in json.loads(path.read_text())]
+    dense, summary = summarize(rows)
+    lines = [f"dense: {dense:.2f}", "",
+             "| sparsity | method | seeds | perplexity (mean [min-max]) | x dense | forward tokens |",
+             "|---|---|---|---|---|---|"]
+    for s in summary:
+        spread = (f" [{s['perplexity_min']:.2f}-{s['perplexity_max']:.2f}]" if len(s["seeds"]) > 1 else "")
+        lines.append(f"| {s['sparsity']:.0%} | {s['method']} | {','.join(map(str, s['seeds']))} | "
+                     f"{s['perplexity_mean']:.2f}{spread} | {s['x_dense']:.2f} | {s['forward_tokens']:,} |")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    a.out.with_suffix(".json").write_text(json.dumps({"dense": dense, "rows": summary, "raw": rows}, indent=1))
+    print("\n".join(lines))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    methods = sorted({s["method"] for s in summary})
+    markers = dict(zip(sorted({s["sparsity"] for s in summary}), "osD^v"))
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    for s in summary:
+        ax.errorbar(s["forward_tokens"], s["perplexity_mean"], fmt=markers[s["sparsity"]], color=colors[s["method"]],
+                    yerr=[[s["perplexity_mean"] - s["perplexity_min"]], [s["perplexity_max"] - s["perplexity_mean"]]])
+    for m in methods:
+        ax.plot([], [], "s", color=colors[m], label=m)
+    for sp, mk in markers.items():
+        ax.plot([], [], mk, color="gray", label=f"{sp:.0%}")
+    ax.axhline(dense, color="k", lw=0.8, ls="--", label="dense")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("forward tokens (prior passes, masks, reconstruction)")
+    ax.set_ylabel("WikiText-2 perplexity (held-out test windows)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(a.out.with_suffix(".png"), dpi=110)
+
+
+if __name__ == "__main__":
+    main()
