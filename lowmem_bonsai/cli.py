@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,7 +14,7 @@ import torch
 import typer
 from typer.core import TyperGroup
 
-from .errors import UserError
+from .errors import Terminated, UserError
 from .machine import memory_budget, parse_memory
 from .model.config import DTYPES
 from .profiles import DEFAULT_PROFILE, Profile, load_profile, profile_names
@@ -37,11 +39,12 @@ class _Commands(TyperGroup):
                 raise
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt as exc:
-            typer.echo("interrupted", err=True)
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated, a KeyboardInterrupt)
+            terminated = isinstance(exc, Terminated)
+            typer.echo("terminated" if terminated else "interrupted", err=True)
             for note in getattr(exc, "__notes__", ()):  # what the command adds, e.g. how to resume
                 typer.echo(note, err=True)
-            raise typer.Exit(130) from None
+            raise typer.Exit(Terminated.exit_code if terminated else 130) from None
 
 
 app = typer.Typer(
@@ -82,12 +85,25 @@ def _explained(fn, budget):
     return call
 
 
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def _check_threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads {threads}: expected at least 1")
+
+
 @app.callback()
 def main(
+    ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
 ) -> None:
     _state["debug"] = debug
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)  # clean up as Ctrl-C does
+        ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))  # for in-process callers
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
@@ -137,8 +153,12 @@ def eval_cmd(
     from tqdm import tqdm
 
     from .evaluate import evaluate
-    from .outputs.atomic import write_json_atomic
+    from .outputs.atomic import check_output_path, make_dirs, write_json_atomic
 
+    _check_threads(threads)
+    if json_out is not None:  # refused before the evaluation, not after it
+        check_output_path(json_out, flag="--json", folder=False)
+        make_dirs(json_out.parent)
     if threads:
         torch.set_num_threads(threads)
     bar = tqdm(desc="eval", unit="seq", disable=None)
@@ -298,7 +318,7 @@ def prune_cmd(
     report.json and pruning.png. Blocks are streamed from disk: memory stays near a few blocks plus
     the hidden states of one wave of masks.
     """
-    from .pipeline import prune_model
+    from .pipeline import prune_model, work_dir
 
     prof = load_profile(profile).replace(
         masks_per_round=masks_per_round, calib_seqs=calib_seqs, seq_len=seq_len, prune_frac=prune_frac,
@@ -312,9 +332,18 @@ def prune_cmd(
         report = _explained(prune_model, budget)(
             model_dir=model, out_dir=out, sparsity=sparsity, profile=prof, calib=calib, method=method,
             seed=seed, force=force, resume=resume, progress=bars, memory_budget=budget.line())
-    except KeyboardInterrupt as exc:
-        exc.add_note(f"progress is saved in {out}.partial; run the same command with --resume to "
-                     "continue")
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (Terminated)
+        bars.close()
+        if work_dir(out).exists():
+            exc.add_note(f"progress is saved in {work_dir(out)}; run the same command with --resume "
+                         "to continue")
+        raise
+    except UserError:
+        raise  # one line; a prune's own refusal says what became of its progress
+    except Exception:  # a bug: its traceback follows; say what became of the progress
+        if work_dir(out).exists():
+            typer.echo(f"progress is saved in {work_dir(out)}: rerun with --resume to continue, or "
+                       "with --force to start over", err=True)
         raise
     finally:
         bars.close()

@@ -36,3 +36,10 @@ class WriteError(UserError):
         """The same failure, named at ``path`` and with another way to continue."""
         return WriteError(self.path if path is None else path, self.error,
                           then=self.then if then is None else then)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same clean-up runs (temporary files removed,
+    a prune's progress saved); the CLI installs the handler and exits with status 143."""
+
+    exit_code = 143

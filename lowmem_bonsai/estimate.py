@@ -20,9 +20,9 @@ from .settings import AUTO, Method
 
 def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str = Method.BONSAI,
              measure_seconds: float = 1.0) -> dict[str, Any]:
-    check_settings(sparsity=sparsity, method=method)
     """A GGUF as ``model_dir`` is estimated from its metadata alone, as the checkpoint `prune` would
     import it into (float16); the import's size is counted in the disk needed."""
+    check_settings(sparsity=sparsity, method=method)
     if is_gguf_model(model_dir):
         cfg = parse_config(gguf_config(gguf_path=model_dir, dtype="float16"), source=str(model_dir))
         storage = import_bytes = DTYPE_BYTES["float16"]

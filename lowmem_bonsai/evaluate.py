@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .data import load_tokenizer, tokenize_file, windows
+from .data import check_windows, load_tokenizer, tokenize_file, windows
 from .engine.device import resolve_device
 from .engine.forward import streamed_nll
 from .model.checkpoint import Checkpoint
@@ -91,9 +91,12 @@ def evaluate(
     ``memory_gb`` (GiB) the batch shrinks to what the memory planner fits in it (on the CPU).
     """
     start = time.perf_counter()
+    need = check_windows(seq_len=seq_len, max_seqs=max_seqs, skip=skip)
+    if batch_seqs < 1:
+        raise UserError(f"--batch-seqs {batch_seqs}: expected at least 1 window per pass")
     dev = resolve_device(device)
     ckpt = Checkpoint(model_dir)
-    ids = tokenize_file(load_tokenizer(model_dir), data)
+    ids = tokenize_file(load_tokenizer(model_dir), data, max_tokens=need)
     seqs = windows(ids, seq_len=seq_len, max_seqs=max_seqs, skip=skip, source=str(data))
     if memory_gb is not None and dev.type == "cpu":  # on a GPU the host holds only blocks in flight
         batch_seqs = fit_batch(ckpt.config, seq_len=seq_len, batch_seqs=batch_seqs, dtype=dtype,
@@ -105,6 +108,8 @@ def evaluate(
         if on_batch is not None:
             on_batch(min(a + batch_seqs, seqs.shape[0]), seqs.shape[0])
     tokens = seqs.shape[0] * (seq_len - 1)
+    if not torch.isfinite(total):
+        raise ckpt.nonfinite_error(found="the perplexity")
     ppl, mean = perplexity_of(total, tokens)
     result = EvalResult(
         perplexity=ppl, nll=mean, tokens=tokens, seq_len=seq_len, sequences=seqs.shape[0], skip=skip,

@@ -17,16 +17,18 @@ from .engine.device import resolve_device
 from .errors import UserError, WriteError
 from .method.prune import Progress, PruneResult, check_settings, run_rounds, wave_size
 from .model.checkpoint import INDEX_NAME, Checkpoint
-from .model.config import DTYPES
-from .outputs.atomic import check_output_dir, commit_dir, write_json_atomic
+from .model.config import DTYPES, ModelConfig
+from .outputs.atomic import (check_output_dir, check_output_path, make_dirs, replace_dir,
+                             write_json_atomic)
 from .outputs.report import build_report, plot
-from .outputs.resume import RunState
+from .outputs.resume import RunState, run_lock
 from .outputs.writer import copy_tokenizer, pruned_config, write_pruned
 from .profiles import Profile
 from .method.reconstruct import RepairReport, reconstruct
 from .model.plan import Plan
 from .settings import AUTO, Method, Reconstruct
-from .llamacpp.from_gguf import import_gguf, is_gguf_model
+from .texts import text_file
+from .llamacpp.from_gguf import gguf_config, import_gguf, is_gguf_model
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,30 @@ def source_hashes(model_dir: Path) -> dict[str, str]:
     return out
 
 
-def calibration_tokens(ids: torch.Tensor, calib: Path, *, seq_len: int, seqs: int) -> torch.Tensor:
+def calibration_tokens(model_dir: Path, calib: Path | str, profile: Profile) -> torch.Tensor:
+    """The first calib_seqs windows of seq_len tokens of the calibration text.  # (S, T)"""
+    return calibration_sets(model_dir, calib, profile, repair=False)[0]
+
+
+def calibration_sets(model_dir: Path, calib: Path | str, profile: Profile, *,
+                     repair: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The calibration windows and (``repair``, by default when the profile reconstructs) the
+    reconstruction's, from one reading of the text, only as far as they need.  # (S, T), (S', T')"""
+    if repair is None:
+        repair = profile.reconstruct != Reconstruct.NONE
+    need = profile.calib_seqs * profile.seq_len  # a huge file is not read whole for a few windows
+    if repair:
+        need = max(need, profile.reconstruct_seqs * profile.reconstruct_seq_len)
+    ids = tokenize_file(load_tokenizer(model_dir), calib, max_tokens=need)
+    tokens = first_windows(ids, calib, seq_len=profile.seq_len, seqs=profile.calib_seqs)
+    repair_tokens = None
+    if repair:
+        repair_tokens = first_windows(ids, calib, seq_len=profile.reconstruct_seq_len,
+                                      seqs=profile.reconstruct_seqs)
+    return tokens, repair_tokens
+
+
+def first_windows(ids: torch.Tensor, calib: Path | str, *, seq_len: int, seqs: int) -> torch.Tensor:
     """The first ``seqs`` windows of ``seq_len`` tokens of the tokenized calibration text.  # (S, T)"""
     out = windows(ids, seq_len=seq_len, max_seqs=seqs, source=str(calib))
     if out.shape[0] < seqs:
@@ -65,11 +90,26 @@ def work_dir(out_dir: Path) -> Path:
     return out_dir.with_name(f"{out_dir.name}.partial")
 
 
+def lock_path(out_dir: Path) -> Path:
+    """The lock naming the prune that writes ``out_dir`` (beside it, like the work folder)."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(f"{out_dir.name}.lock")
+
+
+def _has_progress(work: Path) -> bool:
+    """Whether ``work`` holds scored rounds or waves (a folder without them loses nothing)."""
+    try:
+        data = json.loads((work / "state.json").read_text(encoding="utf-8"))
+        return bool(data.get("rounds") or data.get("waves"))
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return (work / "state.json").exists()  # unreadable: kept for the user to look at
+
+
 def _check_waves(state_path: Path, key: dict[str, Any]) -> None:
     """Refuse, saying why, a resume whose memory budget now plans other waves than the saved ones."""
     try:
         saved = json.loads(state_path.read_text(encoding="utf-8")).get("key")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return  # RunState.load says what is wrong with the file
     if (isinstance(saved, dict) and saved.get("wave_masks") != key["wave_masks"]
             and {**saved, "wave_masks": key["wave_masks"]} == key):
@@ -96,12 +136,12 @@ def _clear_work(out_dir: Path, *, force: bool) -> None:
     work = work_dir(out_dir)
     check_output_dir(out_dir, force=force)
     if work.exists():
-        if not force and (work / "state.json").is_file():
+        if not force and _has_progress(work):
             raise UserError(
                 f"{work}: a previous prune into {out_dir} stopped before finishing; add --resume to "
                 "continue it, or --force to start over"
             )
-        shutil.rmtree(work)  # with no state.json it holds at most a GGUF's unfinished import
+        shutil.rmtree(work)  # with --force, or nothing was scored in it: nothing is lost
 
 
 def import_source(gguf: Path, out_dir: Path, *, resume: bool, force: bool) -> Path:
@@ -124,16 +164,16 @@ def import_source(gguf: Path, out_dir: Path, *, resume: bool, force: bool) -> Pa
 
 
 def _open_state(model_dir: Path, out_dir: Path, key: dict[str, Any], *, resume: bool,
-                force: bool, imported: bool = False) -> RunState:
+                force: bool, config: ModelConfig, imported: bool = False) -> RunState:
     work = work_dir(out_dir)
     state_path = work / "state.json"
     if resume:
         _check_resumable(out_dir)
         _check_waves(state_path, key)
-        return RunState.load(state_path, key=key)
+        return RunState.load(state_path, key=key, config=config)
     if not imported:  # import_source cleared the way already
         _clear_work(out_dir, force=force)
-    work.mkdir(parents=True, exist_ok=imported)
+    make_dirs(work)
     state = RunState(state_path, key=key)
     try:
         state = RunState.create(state_path, key=key)
@@ -143,8 +183,9 @@ def _open_state(model_dir: Path, out_dir: Path, key: dict[str, Any], *, resume: 
     return state
 
 
-def _failed(exc: UserError, state: RunState, out_dir: Path) -> UserError:
-    """Clean up after a prune stopped by ``exc``: keep its saved progress, or leave nothing."""
+def _failed(exc: UserError | None, state: RunState, out_dir: Path) -> UserError | None:
+    """Clean up after a prune stopped by ``exc`` (None: not a UserError): keep its saved progress,
+    or leave nothing."""
     work = work_dir(out_dir)
     if not state.has_progress:
         shutil.rmtree(work, ignore_errors=True)  # nothing scored yet: a plain rerun loses nothing
@@ -199,19 +240,42 @@ def prune_model(
         torch.set_num_threads(profile.threads)
     out_dir = Path(out_dir)
     check_settings(sparsity=sparsity, method=method)
-    resolve_device(profile.device)  # a GPU profile where there is no GPU: refused before any reading
+    if not 0 <= seed < 2**64:
+        raise UserError(f"--seed {seed}: expected 0 to 2**64 - 1 (the random generator's range)")
     source = Path(model_dir)
     imported = is_gguf_model(source)
+    check_output_path(out_dir, inputs=(source, text_file(calib)))
+    resolve_device(profile.device)  # a GPU profile where there is no GPU: refused before any reading
     if imported:
-        model_dir = import_source(source, out_dir, resume=resume, force=force)
+        if not resume:  # (a resume uses the import it made)
+            gguf_config(gguf_path=source)  # a corrupt GGUF is refused before anything is written
+    else:
+        ckpt = Checkpoint(source)
+        tokens, repair_tokens = calibration_sets(source, calib, profile)
+    make_dirs(out_dir.parent)
+    with run_lock(lock_path(out_dir), out=out_dir):
+        if imported:  # under the lock: the import goes into OUT.partial
+            model_dir = import_source(source, out_dir, resume=resume, force=force)
+            try:
+                ckpt = Checkpoint(model_dir)
+                tokens, repair_tokens = calibration_sets(model_dir, calib, profile)
+            except BaseException:
+                if not resume:  # nothing scored: the import goes too
+                    shutil.rmtree(work_dir(out_dir), ignore_errors=True)
+                raise
+        return _prune(ckpt, tokens, repair_tokens, source=source, imported=imported, out_dir=out_dir,
+                      sparsity=sparsity, profile=profile, calib=calib, method=method, seed=seed,
+                      force=force, resume=resume, progress=progress, memory_budget=memory_budget,
+                      start=start)
+
+
+def _prune(ckpt: Checkpoint, tokens: torch.Tensor, repair_tokens: torch.Tensor | None, *,
+           source: Path, imported: bool, out_dir: Path, sparsity: float, profile: Profile,
+           calib: Path | str, method: str, seed: int, force: bool, resume: bool,
+           progress: Progress | None, memory_budget: str, start: float) -> dict[str, Any]:
+    """The prune itself, with the inputs checked and the output locked."""
+    model_dir = ckpt.dir
     try:
-        ckpt = Checkpoint(model_dir)
-        ids = tokenize_file(load_tokenizer(model_dir), calib)
-        tokens = calibration_tokens(ids, calib, seq_len=profile.seq_len, seqs=profile.calib_seqs)
-        repair_tokens = None
-        if profile.reconstruct != Reconstruct.NONE:
-            repair_tokens = calibration_tokens(ids, calib, seq_len=profile.reconstruct_seq_len,
-                                               seqs=profile.reconstruct_seqs)
         settings = {
             "method": method, "sparsity": sparsity, "seed": seed, "calib": str(calib),
             "calib_seqs": int(tokens.shape[0]), "profile": {
@@ -225,7 +289,8 @@ def prune_model(
                                                     if k != "memory_gb"}},
                "wave_masks": wave_size(ckpt.config, tokens, profile, resolve_device(profile.device)),
                "calib_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()}
-        state = _open_state(model_dir, out_dir, key, resume=resume, force=force, imported=imported)
+        state = _open_state(model_dir, out_dir, key, resume=resume, force=force, config=ckpt.config,
+                            imported=imported)
     except BaseException:
         if imported and not resume:  # nothing scored: the import goes too
             shutil.rmtree(work_dir(out_dir), ignore_errors=True)
@@ -263,10 +328,13 @@ def prune_model(
                 "forward_tokens": 2 * repair.tokens, "seconds": repair_seconds, "layers": repair.layers}
         write_json_atomic(stage / "report.json", report)
         plot(ckpt.config, plan, report, stage / "pruning.png")
+        # Only a complete output gets the final name; then the progress is no longer needed.
+        replace_dir(stage, out_dir)
     except UserError as exc:
         raise _failed(exc, state, out_dir) from None
-    # Only a complete output gets the final name; then the progress is no longer needed.
-    commit_dir(stage, out_dir)
-    shutil.rmtree(work_dir(out_dir))
+    except BaseException:  # Ctrl-C, SIGTERM or a bug: keep what was scored, else leave nothing
+        _failed(None, state, out_dir)
+        raise
+    shutil.rmtree(work_dir(out_dir), ignore_errors=True)
     log.info("pruned %s -> %s: sparsity %.4f", model_dir, out_dir, report["achieved_sparsity"])
     return report

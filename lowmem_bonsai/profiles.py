@@ -73,6 +73,10 @@ class Profile:
     #                                      statistics of the dense model, as FLAP takes them)
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # a budget of inf or nan would plan nothing sensible
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"profile '{self.name}': {f.name} = {value} must be a finite number")
         checks = [
             (self.masks_per_round >= 2 and self.masks_per_round % 2 == 0,
              "masks_per_round must be an even number >= 2 (masks come in antithetic pairs)"),
@@ -135,6 +139,6 @@ def load_profile(spec: str | Path | None) -> Profile:
         raise UserError(f"{path}: profile file not found")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise UserError(f"{path}: not valid TOML ({exc})") from None
     return parse_profile(data, source=str(path), name=path.stem)

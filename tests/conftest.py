@@ -4,6 +4,7 @@ transformers), their reference losses, and tiny GGUFs laid out as llama.cpp's co
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import gguf
@@ -83,12 +84,58 @@ def write_word_tokenizer(model_dir: Path, text: str, vocab_size: int = 211) -> N
 WIKITEXT = bundled_path("wikitext2-valid")  # shipped in the package: nothing outside the repository
 
 
+def sample_words() -> str:
+    """A few thousand words of English (the start of WikiText-2 valid, or generated if absent)."""
+    if WIKITEXT.is_file():
+        return WIKITEXT.read_text(encoding="utf-8")[:40000]
+    g = torch.Generator().manual_seed(0)
+    return " ".join(f"w{int(i)}" for i in torch.randint(0, 300, (6000,), generator=g))
+
+
 @pytest.fixture
 def sample_text(tmp_path) -> Path:
-    """A few thousand words of English: the start of WikiText-2 valid."""
+    """:func:`sample_words` in a file."""
     path = tmp_path / "sample.txt"
-    path.write_text(WIKITEXT.read_text(encoding="utf-8")[:40000], encoding="utf-8")
+    path.write_text(sample_words(), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def _tiny_llama(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny") / "m"
+    make_tiny(d, "llama-gqa-tied", layers=2)
+    write_word_tokenizer(d, sample_words())
+    return d
+
+
+@pytest.fixture
+def tiny_llama(tmp_path, _tiny_llama) -> Path:
+    """A fresh copy of one tiny Llama (GQA, tied, 2 layers) with a word tokenizer, built once."""
+    return Path(shutil.copytree(_tiny_llama, tmp_path / "m"))
+
+
+def refused(res, *words: str) -> str:
+    """A CliRunner result that ended with exit status 2 and one line saying ``words``; the line."""
+    assert res.exit_code == 2, (res.output, res.exception)
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+def edit_json(path: Path, **changes) -> None:
+    """Set keys of a JSON object file (a value of ``DELETE`` removes the key)."""
+    obj = json.loads(Path(path).read_text())
+    for k, v in changes.items():
+        if v is DELETE:
+            obj.pop(k, None)
+        else:
+            obj[k] = v
+    Path(path).write_text(json.dumps(obj))
+
+
+DELETE = object()
 
 
 @pytest.fixture(scope="session")

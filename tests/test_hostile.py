@@ -33,7 +33,7 @@ from lowmem_bonsai.pipeline import prune_model, work_dir
 from lowmem_bonsai.model.plan import Plan
 from lowmem_bonsai.profiles import load_profile
 
-from .conftest import (BROKEN_CHECKPOINTS, make_tiny, refused_import, truncate, write_gguf,
+from .conftest import (BROKEN_CHECKPOINTS, make_tiny, refused, refused_import, truncate, write_gguf,
                        write_word_tokenizer)
 
 PROFILE = """# lowmem-bonsai prune M --out O --profile THIS.toml
@@ -76,16 +76,6 @@ def prune(model_dir: Path, out: Path, calib: Path, profile: Path, *extra: str):
     if not any(a.startswith("--sparsity") for a in extra):
         args.append("--sparsity=0.4")
     return CliRunner().invoke(app, [*args, *extra])
-
-
-def refused(res, *words: str) -> str:
-    """The run ended with exit status 2 and one line saying ``words``; returns the line."""
-    assert res.exit_code == 2, (res.output, res.exception)
-    lines = [line for line in res.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
 
 
 def nothing_left(out: Path) -> None:

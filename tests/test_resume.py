@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import subprocess
@@ -108,8 +109,15 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, setup):
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     state = tmp_path / "out.partial" / "state.json"
     deadline = time.time() + 60
-    # Interrupt as soon as the prune has saved its first state, early in round 1.
-    while time.time() < deadline and not state.is_file() and proc.poll() is None:
+
+    def scored() -> bool:  # a Ctrl-C before the first scored wave leaves nothing to resume
+        try:
+            data = json.loads(state.read_text())
+            return bool(data["waves"] or data["rounds"])
+        except (OSError, ValueError, KeyError):
+            return False
+    # Interrupt as soon as the prune has saved its first wave, early in round 1.
+    while time.time() < deadline and not scored() and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)

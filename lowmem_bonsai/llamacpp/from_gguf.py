@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +26,11 @@ from ..engine.rope import llama3_rope_factors
 from ..errors import UserError
 from ..model.config import DTYPES
 from ..model.tensors import LAYER_TENSORS, SPECS, TENSORS, Dim, TensorSpec, dim_sizes
-from ..outputs.atomic import check_output_dir, staged_dir, write_bytes_atomic, write_json_atomic
+from ..outputs.atomic import (check_output_dir, check_output_path, staged_dir, write_bytes_atomic,
+                              write_json_atomic)
 from ..outputs.shards import DEFAULT_SHARD_BYTES, ShardWriter
-from .layout import ROPE_FREQS, check_gguf_file, unpermute_qk
+from .check import scan_gguf
+from .layout import ROPE_FREQS, unpermute_qk
 from .vocab_from_gguf import tokenizer_from_gguf
 
 log = logging.getLogger(__name__)
@@ -95,14 +98,15 @@ class HfTensorJob:
 
 def open_gguf(path: Path) -> gguf.GGUFReader:
     """Memory-map ``path`` as GGUF, turning every way that fails into a one-line UserError."""
-    path = check_gguf_file(path)
+    summary = scan_gguf(path)  # counts bounded by the file size before gguf-py believes them
     try:
-        return gguf.GGUFReader(path)
+        reader = gguf.GGUFReader(summary.path)
     except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError) as exc:
         # gguf-py reads through a memmap: a short file shows up as arrays that are too small.
         why = " ".join(str(exc).split())
         raise UserError(f"{path}: GGUF header or tensor table could not be read ({why}); the "
                         "file is truncated or corrupt, re-download it") from None
+    return reader
 
 
 def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
@@ -110,18 +114,24 @@ def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
     return default if field is None else field.contents()
 
 
-def _scalar(reader: gguf.GGUFReader, key: str, source: str, default: Any = None) -> Any:
+def _scalar(reader: gguf.GGUFReader, key: str, source: str, default: Any = None, *,
+            real: bool = False) -> Any:
+    """A positive count (``real``: a positive finite number) from the metadata."""
     value = _field(reader, key, default)
     if value is None:
         raise UserError(f"{source}: metadata key '{key}' is missing; a llama GGUF from "
                         "llama.cpp's converter has it; re-convert the model")
     if isinstance(value, list):
         # llama.cpp allows per-layer arrays; a Hugging Face Llama needs one width for all layers.
-        if len(set(value)) != 1:
+        if not value or len(set(value)) != 1:
             raise UserError(f"{source}: '{key}' differs between layers ({value}); expected one "
                             "value for all layers (LlamaForCausalLM); such a model cannot be "
                             "imported")
         value = value[0]
+    number = isinstance(value, (int, float) if real else int) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value <= 0:
+        raise UserError(f"{source}: metadata '{key}' is {value!r}, expected a positive "
+                        f"{'number' if real else 'integer'}; the file is corrupt, re-convert it")
     return value
 
 
@@ -172,7 +182,12 @@ def read_llama_config(reader: gguf.GGUFReader, *, source: str) -> GgufLlamaConfi
         raise UserError(f"{source}: {n_heads} query heads for {n_kv} KV heads; expected a "
                         "positive multiple; the metadata is corrupt, re-convert the model")
     head_dim = int(_scalar(reader, f"{arch}.attention.key_length", source, hidden // n_heads))
-    theta = _f32(_scalar(reader, f"{arch}.rope.freq_base", source, 10000.0))
+    theta = _f32(_scalar(reader, f"{arch}.rope.freq_base", source, 10000.0, real=True))
+    n_layers = int(_scalar(reader, f"{arch}.block_count", source))
+    if n_layers > len(reader.tensors):
+        raise UserError(f"{source}: metadata '{arch}.block_count' is {n_layers} but the file holds "
+                        f"{len(reader.tensors)} tensors, too few for that many blocks; the file is "
+                        "corrupt, re-convert it")
     names = {t.name for t in reader.tensors}
     templates = {_template(n) for n in names}
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
@@ -180,14 +195,18 @@ def read_llama_config(reader: gguf.GGUFReader, *, source: str) -> GgufLlamaConfi
         raise UserError(f"{source}: tensor token_embd.weight is missing; expected it in a llama "
                         "GGUF; the file is corrupt, re-download it")
     tok = {k: _field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
+    for k, v in tok.items():
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise UserError(f"{source}: metadata 'tokenizer.ggml.{k}_token_id' is {v!r}, expected "
+                            "a token id; the file is corrupt, re-convert it")
     return GgufLlamaConfig(
         hidden_size=hidden,
         intermediate_size=int(_scalar(reader, f"{arch}.feed_forward_length", source)),
-        num_hidden_layers=int(_scalar(reader, f"{arch}.block_count", source)),
+        num_hidden_layers=n_layers,
         num_attention_heads=n_heads,
         num_key_value_heads=n_kv,
         head_dim=head_dim,
-        rms_norm_eps=_f32(_scalar(reader, f"{arch}.attention.layer_norm_rms_epsilon", source)),
+        rms_norm_eps=_f32(_scalar(reader, f"{arch}.attention.layer_norm_rms_epsilon", source, real=True)),
         rope_theta=theta,
         rope_scaling=_rope_scaling(reader, arch, head_dim=head_dim, theta=theta, source=source),
         max_position_embeddings=int(_scalar(reader, f"{arch}.context_length", source)),
@@ -308,6 +327,7 @@ def import_gguf(*, gguf_path: Path, out_dir: Path, dtype: str = "float16", force
     if dtype not in DTYPES:
         raise UserError(f"dtype '{dtype}' is not supported; expected one of {', '.join(DTYPES)}")
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    check_output_path(out_dir, inputs=(gguf_path,))
     check_output_dir(out_dir, force=force)  # before the slow parts, so a refusal is immediate
     source = str(gguf_path)
     reader = open_gguf(gguf_path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -18,30 +19,34 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data import read_text, windows
+from ..data import check_windows, read_text_part, read_tokens, windows
 from ..errors import UserError
 from ..evaluate import EvalResult, perplexity_of
+from .check import check_for_llama
 from .layout import check_gguf_file
 
 log = logging.getLogger(__name__)
+
+LLAMA_SEED_LIMIT = 2**32 - 1  # llama.cpp's seeds are uint32; 0xFFFFFFFF asks it for a random one
 
 
 @contextlib.contextmanager
 def open_llama(gguf: Path, *, n_ctx: int, logits_all: bool = False, seed: int = 0,
                threads: int | None = None) -> Iterator[Any]:
     """A ``llama_cpp.Llama`` on ``gguf``, closed afterwards; load failures become UserErrors."""
+    check_gguf_file(gguf, hint="pass a llama.cpp .gguf model (lowmem-bonsai export-gguf makes one)")
+    path = check_for_llama(gguf).path  # what would make llama.cpp abort the process is refused here
     try:
         import llama_cpp
     except ImportError:
         raise UserError("running a GGUF needs llama-cpp-python; pip install llama-cpp-python") from None
-    path = check_gguf_file(gguf, hint="pass a llama.cpp .gguf model (lowmem-bonsai export-gguf makes one)")
     # Default: half the CPUs (llama-cpp-python's choice for generation, here for prompts too).
     # llama.cpp's threads spin while they wait: on a busy machine, all cores can be 10x slower.
     n = threads or max(1, (os.cpu_count() or 2) // 2)
     try:
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
                               logits_all=logits_all, seed=seed, n_threads=n, n_threads_batch=n,
-                              verbose=False)
+                              verbose=log.isEnabledFor(logging.DEBUG))  # --debug: llama.cpp's log
     except ValueError as exc:  # llama-cpp-python's wording for every load failure
         raise UserError(f"{path}: llama.cpp could not load it ({exc}); run with --debug to see "
                         "llama.cpp's log, or re-export the model") from None
@@ -59,6 +64,13 @@ def generate(*, gguf: Path, prompt: str, n_tokens: int = 64, chat: bool = False,
     """
     if n_tokens < 1:
         raise UserError(f"-n {n_tokens}: expected at least 1 token to generate")
+    if not prompt:
+        raise UserError("--prompt is empty; pass some text to continue (or, with --chat, to answer)")
+    if not 0 <= seed < LLAMA_SEED_LIMIT:
+        raise UserError(f"--seed {seed}: expected 0 to {LLAMA_SEED_LIMIT - 1} (llama.cpp seeds are "
+                        "32-bit, and its largest value means 'random')")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"--temperature {temperature}: expected 0 (greedy) or a positive number")
     # UTF-8 bytes bound the prompt's tokens; 256 more for a chat template's wrapping.
     n_ctx = max(512, len(prompt.encode("utf-8")) + n_tokens + 256)
     with open_llama(gguf, n_ctx=n_ctx, seed=seed, threads=threads) as llm:
@@ -90,9 +102,11 @@ def gguf_perplexity(*, gguf: Path, data: Path, seq_len: int = 512, max_seqs: int
                     on_batch: Callable[[int, int], None] | None = None) -> EvalResult:
     """Perplexity of a GGUF under llama.cpp, protocol of :mod:`lowmem_bonsai.data`."""
     start = time.perf_counter()
-    text = read_text(data)
+    need = check_windows(seq_len=seq_len, max_seqs=max_seqs, skip=skip)
+    read_text_part(data, max_bytes=1 << 16)  # a missing or binary file is refused before llama.cpp loads
     with open_llama(gguf, n_ctx=seq_len, logits_all=True, threads=threads) as llm:
-        ids = torch.tensor(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+        ids = read_tokens(lambda text: llm.tokenize(text.encode("utf-8"), add_bos=False, special=True),
+                          data, max_tokens=need)
         seqs = windows(ids, seq_len=seq_len, max_seqs=max_seqs, skip=skip, source=str(data))
         total = 0.0
         for i, window in enumerate(seqs.tolist()):
@@ -101,6 +115,10 @@ def gguf_perplexity(*, gguf: Path, data: Path, seq_len: int = 512, max_seqs: int
                 on_batch(i + 1, seqs.shape[0])
         file_type = llm.metadata.get("general.file_type", "?")
     tokens = seqs.shape[0] * (seq_len - 1)
+    if not math.isfinite(total):
+        raise UserError(f"{gguf}: llama.cpp's perplexity is NaN or Inf: the model's weights hold NaN "
+                        "or Inf or its computation overflows; re-export it from a checkpoint whose "
+                        "eval is finite")
     ppl, mean = perplexity_of(torch.tensor(total, dtype=torch.float64), tokens)
     result = EvalResult(perplexity=ppl, nll=mean, tokens=tokens, seq_len=seq_len,
                         sequences=seqs.shape[0], skip=skip, seconds=time.perf_counter() - start,

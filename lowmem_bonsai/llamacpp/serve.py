@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import UserError
+from .check import check_for_llama
 from .layout import check_gguf_file
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ def serve(*, gguf: Path, host: str = "127.0.0.1", port: int = 8080, n_ctx: int =
           threads: int | None = None, on_start: Callable[[str], None] | None = None) -> None:
     """Serve ``gguf`` over HTTP until interrupted (Ctrl-C); ``on_start`` gets the base URL once
     the model is loaded, just before the server listens."""
-    path = check_gguf_file(gguf, hint="pass a llama.cpp .gguf model (lowmem-bonsai export-gguf makes one)")
+    check_gguf_file(gguf, hint="pass a llama.cpp .gguf model (lowmem-bonsai export-gguf makes one)")
+    path = check_for_llama(gguf).path  # what would make llama.cpp abort the process is refused here
     if n_ctx < 16:
         raise UserError(f"--ctx {n_ctx}: expected at least 16 tokens of context")
     try:

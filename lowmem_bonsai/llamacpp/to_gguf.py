@@ -36,7 +36,7 @@ from ..model.adapters import Adapter
 from ..model.checkpoint import Checkpoint
 from ..model.config import LayerShape, ModelConfig
 from ..model.tensors import LAYER_TENSORS, SPECS, Dim, Presence, TensorSpec, dim_sizes
-from ..outputs.atomic import fsync_dir
+from ..outputs.atomic import check_output_path, fsync_dir
 from .layout import ROPE_FREQS, permute_qk
 from .vocab_to_gguf import vocab_from_checkpoint, write_vocab
 
@@ -345,6 +345,7 @@ def export_gguf(*, model_dir: Path, out: Path, type: str = "f16", force: bool = 
         raise UserError(f"--type '{type}' is not supported; expected one of {', '.join(TYPES)}")
     etype = TYPES[type]
     model_dir, out = Path(model_dir), Path(out)
+    check_output_path(out, folder=False, inputs=(model_dir,))
     if out.is_dir():
         raise UserError(f"{out}: is a folder; --out names the .gguf file to write")
     if out.exists() and not force:

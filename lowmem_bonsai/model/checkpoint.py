@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +20,15 @@ from safetensors import SafetensorError, safe_open
 from ..errors import UserError
 from .adapters import Adapter, adapter_for
 from .config import ModelConfig, load_config
+from .tensors import USED, Presence, dim_sizes
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# Weights are floating point; integer or boolean tensors are refused, never cast.
+WEIGHT_DTYPES = ("F32", "F16", "BF16")
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +36,10 @@ class TensorInfo:
     shard: Path
     shape: tuple[int, ...]
     dtype: str
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _read_header(path: Path) -> dict[str, TensorInfo]:
@@ -45,10 +54,12 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
             if n <= 0 or 8 + n > size:
                 raise ValueError(f"header length {n} does not fit in a file of {size} bytes")
             header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise UserError(
             f"{path}: not a readable safetensors file ({exc}); re-download or re-create it"
         ) from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: the safetensors header is not a JSON object; re-create the file")
     data_size = size - 8 - n
     out: dict[str, TensorInfo] = {}
     for name, meta in header.items():
@@ -56,10 +67,13 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
             continue
         try:
             begin, end = meta["data_offsets"]
-            shape = tuple(int(d) for d in meta["shape"])
-            dtype = str(meta["dtype"])
+            shape, dtype = tuple(meta["shape"]), meta["dtype"]
+            if not (_is_count(begin) and _is_count(end) and all(_is_count(d) for d in shape)
+                    and isinstance(dtype, str)):
+                raise TypeError
         except (KeyError, TypeError, ValueError):
-            raise UserError(f"{path}: corrupt header entry for '{name}'; re-create the file") from None
+            raise UserError(f"{path}: corrupt header entry for '{name}' (data_offsets, shape and "
+                            "dtype must be integers, integers and a string); re-create the file") from None
         if end > data_size or begin > end:
             raise UserError(
                 f"{path}: tensor '{name}' ends at byte {end} but the file holds {data_size} data "
@@ -78,6 +92,7 @@ class Checkpoint:
         self.adapter: Adapter = adapter_for(self.config.architecture,
                                             source=str(self.dir / "config.json"))
         self.tensors = self._index()
+        self._check_tensors()
         self._handles: dict[Path, object] = {}
         self._lock = threading.Lock()
 
@@ -87,8 +102,13 @@ class Checkpoint:
         if index_path.is_file():
             try:
                 weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
                 raise UserError(f"{index_path}: not a valid index (needs a 'weight_map' object)") from None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) and v and Path(v).name == v
+                    for k, v in weight_map.items()):
+                raise UserError(f"{index_path}: 'weight_map' must map tensor names to shard file "
+                                "names in the same folder; re-download the index")
             shards = sorted(set(weight_map.values()))
         elif single.is_file():
             weight_map, shards = None, [SINGLE_NAME]
@@ -111,6 +131,54 @@ class Checkpoint:
                         "the index and shards disagree (re-download them together)"
                     )
         return tensors
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every weight config.json implies, by tensor name, with its shape (from the tensor table;
+        OPTIONAL ones are not implied, :meth:`_check_tensors` checks their shape when present)."""
+        return {name: shape for name, (shape, required) in self._table_shapes().items() if required}
+
+    def _table_shapes(self) -> dict[str, tuple[tuple[int, ...], bool]]:
+        """Each tensor of the table this model may hold: its shape and whether it must be there."""
+        cfg = self.config
+        out: dict[str, tuple[tuple[int, ...], bool]] = {}
+        for spec in USED:
+            required = spec.required(attention_bias=cfg.attention_bias)
+            if spec.presence is Presence.ATTENTION_BIAS and not required:
+                continue  # a bias the config says there is not: left to the executor, as before
+            layers = list(enumerate(cfg.layers)) if spec.per_layer else [(None, cfg.layers[0])]
+            for i, s in layers:
+                sizes = dim_sizes(vocab=cfg.vocab_size, hidden=cfg.hidden_size,
+                                  heads=s.num_attention_heads, kv_heads=s.num_key_value_heads,
+                                  head_dim=cfg.head_dim, channels=s.intermediate_size)
+                out[self.name(spec.key, i)] = (spec.shape(sizes), required)
+        return out
+
+    def _check_tensors(self) -> None:
+        """Before any work: the weights are the ones config.json describes, and floating point."""
+        cfg, config_path = self.config, self.dir / "config.json"
+        for name, info in self.tensors.items():
+            if info.dtype not in WEIGHT_DTYPES:
+                raise UserError(f"{info.shard}: tensor '{name}' is stored as {info.dtype}; expected "
+                                f"floating-point weights ({', '.join(WEIGHT_DTYPES)}); a quantized "
+                                "or corrupt checkpoint cannot be read (convert it to float16 first)")
+            m = _LAYER_NAME.match(name)
+            if m and int(m.group(1)) >= cfg.num_hidden_layers:
+                raise UserError(f"{info.shard}: holds '{name}' but {config_path} has "
+                                f"num_hidden_layers={cfg.num_hidden_layers}; the config and the "
+                                "weights belong to different models")
+        lm_head = self.name("lm_head")
+        for name, (shape, required) in self._table_shapes().items():
+            info = self.tensors.get(name)
+            if info is None:
+                if not required or (name == lm_head and cfg.tie_word_embeddings):
+                    continue
+                raise UserError(f"{self.dir}: tensor '{name}' is missing from the checkpoint "
+                                f"({config_path} implies it); re-download or re-create the weights")
+            if info.shape != shape:
+                raise UserError(
+                    f"{info.shard}: tensor '{name}' has shape {list(info.shape)} but config.json "
+                    f"implies {list(shape)}; the config and the weights belong to different models"
+                )
 
     def with_overlay(self, files: list[Path]) -> Checkpoint:
         """This checkpoint with the tensors of more safetensors files laid over its own (a repair).

@@ -13,6 +13,7 @@ Without them every layer has the scalar widths.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,86 +99,170 @@ class ModelConfig:
         return dict(self.raw)
 
 
-def _need(cfg: dict[str, Any], key: str, kind: type, source: str) -> Any:
-    if key not in cfg:
-        raise UserError(f"{source}: key '{key}' is missing; a Llama-family config.json has it")
-    value = cfg[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise UserError(f"{source}: '{key}' is {value!r}, expected {kind.__name__}")
+# Sizes beyond these are not a model but a corrupt or hostile config.json (and would make the
+# per-layer table below, or the plan built from it, absurdly large).
+MAX_LAYERS = 4096
+MAX_WIDTH = 2**31 - 1
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _int(cfg: dict[str, Any], key: str, source: str, *, default: int | None = None,
+         maximum: int = MAX_WIDTH) -> int:
+    """A positive integer at ``key`` (absent or null: ``default``; no default: required)."""
+    value = cfg.get(key)
+    if value is None:
+        if default is None:
+            raise UserError(f"{source}: key '{key}' is missing; a Llama-family config.json has it")
+        return default
+    if not _is_int(value):
+        raise UserError(f"{source}: '{key}' is {value!r}, expected a positive integer")
+    if not 1 <= value <= maximum:
+        raise UserError(f"{source}: '{key}' is {value}, expected a positive integer of at most "
+                        f"{maximum}; the config is corrupt")
     return value
 
 
-def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+def _positive(cfg: dict[str, Any], key: str, source: str, *, default: float) -> float:
+    """A positive finite number at ``key`` (absent or null: ``default``)."""
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        raise UserError(f"{source}: '{key}' is {value!r}, expected a positive finite number")
+    return float(value)
+
+
+def _bool(cfg: dict[str, Any], key: str, source: str, *, default: bool) -> bool:
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise UserError(f"{source}: '{key}' is {value!r}, expected true or false")
+    return value
+
+
+def _dict(cfg: dict[str, Any], key: str, source: str) -> dict[str, Any] | None:
+    value = cfg.get(key)
+    if value is not None and not isinstance(value, dict):
+        raise UserError(f"{source}: '{key}' is {value!r}, expected an object or null")
+    return value
+
+
+def _rope(cfg: dict[str, Any], source: str) -> tuple[float, dict[str, Any] | None]:
     """rope_theta and the scaling dict, from either the classic keys or transformers 5's rope_parameters."""
-    params = cfg.get("rope_parameters")
-    scaling = cfg.get("rope_scaling")
-    theta = cfg.get("rope_theta")
-    if isinstance(params, dict):
-        theta = params.get("rope_theta", theta)
+    params = _dict(cfg, "rope_parameters", source)
+    scaling = _dict(cfg, "rope_scaling", source)
+    theta = _positive(cfg, "rope_theta", source, default=10000.0)
+    if params is not None:
+        theta = _positive(params, "rope_theta", f"{source}: rope_parameters", default=theta)
         if scaling is None and params.get("rope_type", "default") != "default":
             scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-    if theta is None:
-        theta = 10000.0
-    if isinstance(scaling, dict):
+    if scaling is not None:
         scaling = dict(scaling)
         scaling.setdefault("rope_type", scaling.get("type", "default"))
+        if not isinstance(scaling["rope_type"], str):
+            raise UserError(f"{source}: rope_scaling's 'rope_type' is {scaling['rope_type']!r}, "
+                            "expected a string such as \"llama3\"")
         if scaling["rope_type"] == "default":
-            scaling = None
-    return float(theta), scaling
+            return theta, None
+    return theta, scaling
+
+
+def _check_scaling(scaling: dict[str, Any] | None, source: str) -> None:
+    """The numbers of a supported rope scaling (linear, llama3) are positive and finite."""
+    for key, value in (scaling or {}).items():
+        if key not in ("rope_type", "type") and (not _is_number(value) or not math.isfinite(value)
+                                                 or value <= 0):
+            raise UserError(f"{source}: rope_scaling's '{key}' is {value!r}, expected a positive "
+                            "finite number")
+
+
+def _per_layer(cfg: dict[str, Any], n_layers: int, source: str) -> list[list[int]] | None:
+    """The three per-layer width lists of a pruned checkpoint, checked; None when absent."""
+    lists = [cfg.get(k) for k in PER_LAYER_KEYS]
+    if all(v is None for v in lists):
+        return None
+    for key, value in zip(PER_LAYER_KEYS, lists):
+        if not isinstance(value, list) or len(value) != n_layers:
+            raise UserError(f"{source}: '{key}' must be a list of {n_layers} integers "
+                            f"(num_hidden_layers), like the other per-layer keys "
+                            f"{', '.join(k for k in PER_LAYER_KEYS if k != key)}")
+        for i, v in enumerate(value):  # 0: the prune removed the whole module
+            if not _is_int(v) or not 0 <= v <= MAX_WIDTH:
+                raise UserError(f"{source}: '{key}'[{i}] is {v!r}, expected an integer >= 0")
+    return lists
 
 
 def parse_config(cfg: dict[str, Any], *, source: str) -> ModelConfig:
-    archs = cfg.get("architectures") or []
-    if not isinstance(archs, list) or not archs:
-        raise UserError(f"{source}: 'architectures' is missing; expected e.g. [\"LlamaForCausalLM\"]")
-    hidden = _need(cfg, "hidden_size", int, source)
-    n_layers = _need(cfg, "num_hidden_layers", int, source)
-    n_heads = _need(cfg, "num_attention_heads", int, source)
-    n_kv = cfg.get("num_key_value_heads") or n_heads
-    head_dim = cfg.get("head_dim") or hidden // n_heads
-    ffn = _need(cfg, "intermediate_size", int, source)
+    """Every value the executor uses, type- and range-checked once; a bad one is a UserError naming it."""
+    archs = cfg.get("architectures")
+    if not isinstance(archs, list) or not archs or not all(isinstance(a, str) for a in archs):
+        raise UserError(f"{source}: 'architectures' is {archs!r}; expected e.g. [\"LlamaForCausalLM\"]")
+    model_type = cfg.get("model_type", "")
+    if not isinstance(model_type, str):
+        raise UserError(f"{source}: 'model_type' is {model_type!r}, expected a string")
+    hidden = _int(cfg, "hidden_size", source)
+    n_layers = _int(cfg, "num_hidden_layers", source, maximum=MAX_LAYERS)
+    n_heads = _int(cfg, "num_attention_heads", source, maximum=hidden)
+    n_kv = _int(cfg, "num_key_value_heads", source, default=n_heads, maximum=n_heads)
     if n_heads % n_kv:
         raise UserError(
             f"{source}: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}"
         )
-    theta, scaling = _rope(cfg)
-    per_layer = [cfg.get(k) for k in PER_LAYER_KEYS]
-    if any(v is not None for v in per_layer):
-        if any(not isinstance(v, list) or len(v) != n_layers for v in per_layer):
-            raise UserError(
-                f"{source}: {', '.join(PER_LAYER_KEYS)} must all be lists of {n_layers} integers"
-            )
-        layers = tuple(LayerShape(int(a), int(b), int(c)) for a, b, c in zip(*per_layer))
+    if cfg.get("head_dim") is None and hidden % n_heads:
+        raise UserError(f"{source}: hidden_size={hidden} is not a multiple of num_attention_heads="
+                        f"{n_heads} and there is no 'head_dim'; the config is corrupt")
+    head_dim = _int(cfg, "head_dim", source, default=hidden // n_heads)
+    if head_dim % 2:
+        raise UserError(f"{source}: 'head_dim' is {head_dim}, expected an even number (rotary "
+                        "embeddings rotate pairs)")
+    ffn = _int(cfg, "intermediate_size", source)
+    vocab = _int(cfg, "vocab_size", source)
+    theta, scaling = _rope(cfg, source)
+    per_layer = _per_layer(cfg, n_layers, source)
+    if per_layer is not None:
+        layers = tuple(LayerShape(a, b, c) for a, b, c in zip(*per_layer))
     else:
         layers = tuple(LayerShape(n_heads, n_kv, ffn) for _ in range(n_layers))
     for i, s in enumerate(layers):
-        if s.num_key_value_heads and s.num_attention_heads % s.num_key_value_heads:
+        if s.num_key_value_heads == 0 and s.num_attention_heads or (
+                s.num_key_value_heads and s.num_attention_heads % s.num_key_value_heads):
             raise UserError(
                 f"{source}: layer {i} has {s.num_attention_heads} query heads for "
                 f"{s.num_key_value_heads} KV heads; the first must be a multiple of the second"
             )
+    for key in ("attention_bias", "use_sliding_window"):
+        _bool(cfg, key, source, default=False)
+    if cfg.get("sliding_window") is not None:
+        _int(cfg, "sliding_window", source)
     from .adapters import adapter_for, check_rope  # adapters import this module
 
-    adapter = adapter_for(str(archs[0]), source=source)
+    adapter = adapter_for(archs[0], source=source)
     check_rope(scaling, source=source)
+    _check_scaling(scaling, source)
     window = adapter.sliding_window(cfg)
     return ModelConfig(
-        architecture=str(archs[0]),
-        model_type=str(cfg.get("model_type", "")),
+        architecture=archs[0],
+        model_type=model_type,
         hidden_size=hidden,
         num_hidden_layers=n_layers,
         num_attention_heads=n_heads,
         num_key_value_heads=n_kv,
-        head_dim=int(head_dim),
+        head_dim=head_dim,
         intermediate_size=ffn,
-        vocab_size=_need(cfg, "vocab_size", int, source),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        vocab_size=vocab,
+        rms_norm_eps=_positive(cfg, "rms_norm_eps", source, default=1e-6),
         rope_theta=theta,
         rope_scaling=scaling,
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_position_embeddings=_int(cfg, "max_position_embeddings", source, default=2048),
+        tie_word_embeddings=_bool(cfg, "tie_word_embeddings", source, default=False),
         attention_bias=adapter.attention_bias(cfg),
         sliding_window=window,
         layers=layers,
@@ -196,7 +281,7 @@ def load_config(model_dir: Path) -> ModelConfig:
         )
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise UserError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(cfg, dict):
         raise UserError(f"{path}: expected a JSON object")

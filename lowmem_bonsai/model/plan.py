@@ -88,5 +88,5 @@ class Plan:
     def load(cls, path: Path) -> Plan:
         try:
             return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")), source=str(path))
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise UserError(f"{path}: cannot read plan ({exc})") from None

@@ -47,6 +47,50 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+def check_output_path(out: Path, *, flag: str = "--out", folder: bool = True,
+                      inputs: tuple[Path, ...] = ()) -> None:
+    """Before any work: refuse an output that could not be put in place, or whose replacement
+    would destroy the current folder or an input.
+
+    Refused: '.', '..' and the like; a symbolic link (the result is renamed into place, which
+    would replace the link, not fill its target); a path under a file; a folder that is read-only
+    or on a read-only file system; the current folder, an input or a folder holding either.
+    """
+    out = Path(out)
+    if out.name in ("", ".", ".."):
+        raise UserError(f"{flag} {out}: names the current or a parent folder; pass the path of a "
+                        f"new {'folder' if folder else 'file'} (e.g. {flag} result)")
+    if out.is_symlink():
+        raise UserError(f"{out}: is a symbolic link (to {os.readlink(out)}); pass the real path "
+                        f"as {flag}")
+    parent = out.absolute().parent
+    while not parent.exists() and not parent.is_symlink():  # the nearest existing folder
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{out}: cannot be created: {parent} is not a folder; pick another {flag}")
+    read_only = bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
+    if read_only or not os.access(parent, os.W_OK | os.X_OK):
+        why = "is on a read-only file system" if read_only else "is not writable"
+        raise UserError(f"{out}: cannot be written: {parent} {why}; pick another {flag}")
+    target = out.resolve()
+    for other in (Path.cwd(), *inputs):
+        other = Path(other).resolve()
+        if target == other or target in other.parents:
+            what = "the current folder" if other == Path.cwd().resolve() else f"the input {other}"
+            raise UserError(f"{flag} {out}: would replace {what} or a folder holding it; pick "
+                            f"another {flag}")
+    if not folder and out.is_dir():
+        raise UserError(f"{out}: is a folder; {flag} names the file to write")
+
+
+def make_dirs(path: Path) -> None:
+    """``mkdir -p``, an OSError becoming a one-line WriteError."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteError(path, exc) from None
+
+
 def check_output_dir(out: Path, *, force: bool) -> None:
     """Refuse to overwrite a non-empty folder unless ``force``."""
     out = Path(out)
@@ -60,26 +104,33 @@ def check_output_dir(out: Path, *, force: bool) -> None:
 def staged_dir(out: Path, *, force: bool) -> Iterator[Path]:
     """Yield a staging folder that becomes ``out`` only if the block finishes without error."""
     out = Path(out)
+    check_output_path(out)
     check_output_dir(out, force=force)
-    out.parent.mkdir(parents=True, exist_ok=True)
     stage = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir()
+    except OSError as exc:
+        raise WriteError(out, exc) from None
     try:
         yield stage
+        replace_dir(stage, out)
     except WriteError as exc:
         shutil.rmtree(stage, ignore_errors=True)
         raise exc.again(path=out) from None  # the staging name means nothing to the user
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    commit_dir(stage, out)
     log.info("wrote %s", out)
 
 
-def commit_dir(stage: Path, out: Path) -> None:
-    """Put a complete staging folder in the place of ``out`` (replacing what was there)."""
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(stage, out)
-    fsync_dir(out.parent)
+def replace_dir(src: Path, dst: Path) -> None:
+    """Put the complete folder ``src`` in the place of ``dst`` (replacing it), durably."""
+    try:
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(src, dst)
+        fsync_dir(dst.parent)
+    except OSError as exc:
+        raise WriteError(dst, exc) from None
