@@ -28,6 +28,7 @@ BAD = {  # command: (arguments with one bad flag value, words of the error)
               "estimator must be ridge, lasso or prior"),
     "export-gguf": (["{model}", "--out", "{tmp}/x.gguf", "--type", "q3"], "--type 'q3' is not supported"),
     "generate": (["{gguf}", "--prompt", "hi", "-n", "0"], "-n 0: expected at least 1 token"),
+    "serve": (["{gguf}", "--port", "70000"], "--port 70000: expected a port number from 1 to 65535"),
 }
 
 

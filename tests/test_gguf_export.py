@@ -70,13 +70,15 @@ def plan_of(keep, *, n_heads: int, n_kv: int) -> Plan:
 
 def prune_by_plan(src: Path, dst: Path, plan: Plan, *, repair_on: torch.Tensor | None = None) -> Path:
     """A pruned checkpoint folder, as `lowmem-bonsai prune` writes it, from a hand-made plan
-    (repaired by lsq reconstruction on the token windows ``repair_on``, if given)."""
+    (repaired by bias reconstruction on the token windows ``repair_on``, if given: FLAP's
+    compensation adds o_proj / down_proj biases without refitting weights, so a few random windows
+    cannot overfit it)."""
     from lowmem_bonsai.method.reconstruct import reconstruct
 
     ckpt = Checkpoint(src)
     if repair_on is not None:
         ckpt = ckpt.with_overlay(reconstruct(ckpt, plan, repair_on, dst.with_name(dst.name + "-repair"),
-                                             mode="lsq").files)
+                                             mode="bias").files)
     dst.mkdir(parents=True)
     write_pruned(ckpt, plan, dst)
     write_json_atomic(dst / "config.json", pruned_config(ckpt, plan))

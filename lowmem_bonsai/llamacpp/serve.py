@@ -44,10 +44,11 @@ def serve(*, gguf: Path, host: str = "127.0.0.1", port: int = 8080, n_ctx: int =
           threads: int | None = None, on_start: Callable[[str], None] | None = None) -> None:
     """Serve ``gguf`` over HTTP until interrupted (Ctrl-C); ``on_start`` gets the base URL once
     the model is loaded, just before the server listens."""
+    if n_ctx < 16:  # the flags first: they cost nothing to check
+        raise UserError(f"--ctx {n_ctx}: expected at least 16 tokens of context")
+    check_address(host, port)
     check_gguf_file(gguf, hint="pass a llama.cpp .gguf model (lowmem-bonsai export-gguf makes one)")
     path = check_for_llama(gguf).path  # what would make llama.cpp abort the process is refused here
-    if n_ctx < 16:
-        raise UserError(f"--ctx {n_ctx}: expected at least 16 tokens of context")
     try:
         import uvicorn
         from llama_cpp.server.app import create_app
@@ -55,7 +56,6 @@ def serve(*, gguf: Path, host: str = "127.0.0.1", port: int = 8080, n_ctx: int =
     except ImportError as exc:
         raise UserError(f"serving needs llama-cpp-python's server extra ({exc.name} is missing); "
                         "pip install 'llama-cpp-python[server]', or bash tools/setup.sh") from None
-    check_address(host, port)
     # Half the cores, as for generate: llama.cpp's threads spin while they wait.
     n = threads or max(1, (os.cpu_count() or 2) // 2)
     model = ModelSettings(model=str(path), model_alias=path.stem, n_ctx=n_ctx, n_threads=n,
