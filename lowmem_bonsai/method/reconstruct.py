@@ -191,18 +191,23 @@ def reconstruct(
         chans = torch.tensor(lp.channels, dtype=torch.long)
         repaired: dict[str, torch.Tensor] = {}
         info: dict = {"layer": w.layer}
+
+        def repair(key: str, error_key: str, weight: torch.Tensor, m: Moments, keep: torch.Tensor):
+            """Solve one projection, record its full-width tensors; with ``sequential``, how the
+            stream advances through it: (kept-column weight, bias, kept columns)."""
+            r = solve(weight, m, keep, mode=mode, ridge=ridge)
+            full = torch.zeros(weight.shape, dtype=r.weight.dtype)
+            full[:, keep] = r.weight
+            repaired[key], repaired[f"{key}_bias"] = full, r.bias
+            info[error_key] = (r.error_before, r.error_after)
+            return (r.weight.to(dtype), r.bias.to(dtype), keep) if sequential else None
+
         o_w, o_b, o_cols = w.o, w.o_bias, None  # how the stream advances through o_proj
         if w.n_heads and len(lp.heads) < w.n_heads:
             m = Moments(w.o.shape[1], full=mode == Reconstruct.LSQ)
             for c in chunks():
                 m.add(attention_heads(x[c], w, cos, sin, eps=eps, attn_mask=attn_mask))
-            r = solve(w.o, m, head_cols, mode=mode, ridge=ridge)
-            o_full = torch.zeros(w.o.shape, dtype=r.weight.dtype)
-            o_full[:, head_cols] = r.weight
-            repaired["o"], repaired["o_bias"] = o_full, r.bias
-            info["attn_error"] = (r.error_before, r.error_after)
-            if sequential:
-                o_w, o_b, o_cols = r.weight.to(dtype), r.bias.to(dtype), head_cols
+            o_w, o_b, o_cols = repair("o", "attn_error", w.o, m, head_cols) or (o_w, o_b, o_cols)
         d_w, d_b, d_cols = w.down, w.down_bias, None
         needs_mlp = len(lp.channels) < w.n_channels
         m = Moments(w.down.shape[1], full=mode == Reconstruct.LSQ) if needs_mlp else None
@@ -213,13 +218,7 @@ def reconstruct(
             if m is not None:
                 m.add(mlp_channels(x[c], w, eps=eps))
         if m is not None:
-            r = solve(w.down, m, chans, mode=mode, ridge=ridge)
-            d_full = torch.zeros(w.down.shape, dtype=r.weight.dtype)
-            d_full[:, chans] = r.weight
-            repaired["down"], repaired["down_bias"] = d_full, r.bias
-            info["mlp_error"] = (r.error_before, r.error_after)
-            if sequential:
-                d_w, d_b, d_cols = r.weight.to(dtype), r.bias.to(dtype), chans
+            d_w, d_b, d_cols = repair("down", "mlp_error", w.down, m, chans) or (d_w, d_b, d_cols)
         for c in chunks():  # advance through the MLP
             act = mlp_channels(x[c], w, eps=eps)  # (rows, T, F)
             x[c] += F.linear(act if d_cols is None else act[..., d_cols], d_w, d_b)
