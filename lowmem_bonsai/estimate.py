@@ -57,9 +57,6 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
                     for s in cfg.layers)
         solves = sum((s.num_attention_heads * cfg.head_dim) ** 3 + s.intermediate_size ** 3 for s in cfg.layers)
         repair_flops = repair_tokens * 2 * total + repair_tokens * grams + solves
-        flops_repair = [repair_flops]
-    else:
-        flops_repair = []
     if device is not None:
         dtype_name, rates = pick_compute_dtype(profile.compute_dtype, device)
         gflops = measure_matmul_gflops(DTYPES[dtype_name], seconds=measure_seconds, device=device)
@@ -89,7 +86,7 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         "matmul_gflops_by_dtype": rates,
         # The executor reached 85-95% of the matmul rate on SmolLM2 in fp32 (README); ETA assumes 80%.
         # No ETA (null) for a GPU profile where no GPU is visible to measure.
-        "eta_hours": (sum(flops) + sum(flops_repair)) / (0.8 * gflops * 1e9) / 3600
+        "eta_hours": (sum(flops) + repair_flops) / (0.8 * gflops * 1e9) / 3600
         if math.isfinite(gflops) else None,
         "matmul_gflops_measured": gflops if math.isfinite(gflops) else None,
     }
