@@ -15,7 +15,7 @@ import torch
 from ..engine.block import head_rows
 from ..model.checkpoint import Checkpoint
 from ..model.plan import Plan
-from ..model.tensors import LAYER_TENSORS, Dim, Presence
+from ..model.tensors import LAYER_TENSORS, Dim
 from .atomic import write_bytes_atomic
 from .shards import DEFAULT_SHARD_BYTES, ShardWriter
 
@@ -36,7 +36,32 @@ def pruned_config(ckpt: Checkpoint, plan: Plan) -> dict:
         raw["num_attention_heads"] = s.num_attention_heads
         raw["num_key_value_heads"] = s.num_key_value_heads
         raw["intermediate_size"] = s.intermediate_size
+        for module, key in _HF_BIAS_FLAGS.items():
+            if biased_modules(ckpt, plan)[module]:
+                raw[key] = True
     return raw
+
+
+# transformers' Llama gives every projection of a module a bias, or none: attention_bias (q, k, v,
+# o) and mlp_bias (gate, up, down). A reconstruction adds only o_proj / down_proj biases.
+_HF_BIAS_FLAGS = {"attn": "attention_bias", "mlp": "mlp_bias"}
+
+
+def biased_modules(ckpt: Checkpoint, plan: Plan) -> dict[str, bool]:
+    """Per module ("attn", "mlp"): whether the output of a uniform-width plan gives all of its
+    projections biases (zeros where the source has none), so that transformers loads it.
+
+    False everywhere for uneven widths (transformers cannot load those; our executor and llama.cpp
+    take the biases that exist).
+    """
+    out = {m: False for m in _HF_BIAS_FLAGS}
+    if not ckpt.config.with_layers(plan.shapes()).is_uniform:
+        return out
+    for module in out:
+        out[module] = any(ckpt.has(ckpt.name(spec.key, layer))
+                          for spec in LAYER_TENSORS if spec.is_bias and spec.module == module
+                          for layer in range(len(plan.layers)))
+    return out
 
 
 def copy_tokenizer(src: Path, dst: Path) -> list[str]:
@@ -55,6 +80,7 @@ def write_pruned(ckpt: Checkpoint, plan: Plan, stage: Path, *, dtype: torch.dtyp
     cfg = ckpt.config
     hd = cfg.head_dim
     writer = ShardWriter(stage, max_shard_bytes=max_shard_bytes)
+    zero_biases = biased_modules(ckpt, plan)
 
     def put(name: str, t: torch.Tensor) -> None:
         writer.add(name, t.to(dtype) if dtype is not None else t)
@@ -67,10 +93,12 @@ def write_pruned(ckpt: Checkpoint, plan: Plan, stage: Path, *, dtype: torch.dtyp
             Dim.CHANNELS: torch.tensor(keep.channels, dtype=torch.long),
         }
         for spec in LAYER_TENSORS:
-            if spec.presence is Presence.IMPORT_ONLY:
-                continue
             name = ckpt.name(spec.key, layer)
             if not ckpt.has(name):
+                if spec.is_bias and zero_biases[spec.module]:  # see biased_modules
+                    like = ckpt.get(ckpt.name("attn_norm", layer))  # (H,): the source's dtype
+                    put(name, like.new_zeros(len(index[spec.unit]) if spec.unit else like.numel()))
+                    continue
                 if not spec.required(attention_bias=cfg.attention_bias):
                     continue
                 ckpt.get(name)  # raises a UserError naming the missing tensor
