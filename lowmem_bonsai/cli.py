@@ -317,7 +317,11 @@ def prune_cmd(
     Writes OUT/config.json (with per-layer widths), safetensors shards, tokenizer files, plan.json,
     report.json and pruning.png. Blocks are streamed from disk: memory stays near a few blocks plus
     the hidden states of one wave of masks.
+
+    Started by torchrun (``torchrun ... -m lowmem_bonsai prune ...``), the ranks share one prune:
+    rank 0 writes OUT; see the README's "Distributed pruning".
     """
+    from .engine.ranks import join
     from .pipeline import prune_model, work_dir
 
     prof = load_profile(profile).replace(
@@ -326,12 +330,14 @@ def prune_cmd(
         mask_counts=mask_counts, score=score, reconstruct=reconstruct,
         reconstruct_seqs=reconstruct_seqs)
     prof, budget = _budgeted(prof, memory)
+    ranks = join(timeout_s=prof.dist_timeout_s, device=prof.device)
     bars = _Bars()
     try:
         # The budget is logged when the work starts (-v) and printed at the end: a refusal stays one line.
         report = _explained(prune_model, budget)(
             model_dir=model, out_dir=out, sparsity=sparsity, profile=prof, calib=calib, method=method,
-            seed=seed, force=force, resume=resume, progress=bars, memory_budget=budget.line())
+            seed=seed, force=force, resume=resume, progress=bars if ranks.main else None,
+            memory_budget=budget.line(), ranks=ranks)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (Terminated)
         bars.close()
         if work_dir(out).exists():
@@ -347,6 +353,10 @@ def prune_cmd(
         raise
     finally:
         bars.close()
+        ranks.close()
+    if report is None:  # another rank than 0: rank 0 says what was written
+        typer.echo(f"rank {ranks.rank} of {ranks.world}: done; rank 0 writes {out}")
+        return
     typer.echo(
         f"pruned {report['params_before']:,} -> {report['params_after']:,} block parameters "
         f"(sparsity {report['achieved_sparsity']:.3f}) in {len(report['rounds'])} "

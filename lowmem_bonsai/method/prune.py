@@ -13,15 +13,16 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from ..engine.block import ColumnStats
+from ..engine.block import ColumnStats, UnitStats
 from ..engine.device import free_bytes, resolve_device
 from ..engine.forward import MaskSet, SoftTargets, streamed_nll, streamed_pass
 from ..engine.memory import pick_compute_dtype, plan_memory
+from ..engine.ranks import SINGLE, Ranks
 from ..errors import UserError
 from ..model.checkpoint import Checkpoint
 from ..model.config import DTYPES, ModelConfig
@@ -70,6 +71,7 @@ class RoundReport:
 class PruneResult:
     plan: Plan
     rounds: tuple[RoundReport, ...] = ()
+    rank_tokens: tuple[int, ...] = ()  # forward tokens each rank computed in this run (not resumed work)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +111,7 @@ class PriorPass:
     stats: tuple[ColumnStats, ...]
     priors: Priors
     teacher: SoftTargets | None
+    tokens: int  # forward tokens this rank computed
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +133,7 @@ class Choice:
     drop: Drop
     masks: int = 0  # sub-models scored (0: a method without masks)
     fit: FitSummary | None = None
+    tokens: int = 0  # forward tokens this rank computed for the masks
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +141,7 @@ class MaskScores:
     """The losses of a round's masks."""
 
     loss: torch.Tensor  # (M,) fp64 mean next-token NLL per mask
+    tokens: int  # forward tokens this rank computed
 
 
 def check_settings(*, sparsity: float, method: str) -> None:
@@ -156,14 +161,21 @@ def run_rounds(
     seed: int = 0,
     progress: Progress | None = None,
     state: RunState | None = None,
+    ranks: Ranks = SINGLE,
 ) -> PruneResult:
     """Prune ``ckpt`` to ``sparsity`` (fraction of non-embedding params removed); returns the plan.
 
     With ``state``, progress is checkpointed after every wave and round, and a state holding
-    earlier progress is continued from where it stopped.
+    earlier progress is continued from where it stopped. With several ``ranks``, every rank calls
+    this with the same arguments (only rank 0's ``state`` writes): the prior pass splits the
+    calibration sequences, the waves of masks are shared out whole, and every rank ends with rank
+    0's plan.
     """
     check_settings(sparsity=sparsity, method=method)
     cfg = ckpt.config
+    if calib.shape[0] < ranks.world:
+        raise UserError(f"{ranks.world} ranks need at least as many calibration windows; the profile "
+                        f"gives {calib.shape[0]} (raise calib_seqs, or start fewer ranks)")
     fwd = forward_settings(profile)
     wave = wave_size(cfg, calib, profile, fwd.device)  # refuses now, not hours in, if the budget cannot work
     log.info("waves of %d masks (%d per round)", wave, profile.masks_per_round)
@@ -177,6 +189,7 @@ def run_rounds(
         state.restore_generator(gen)
         log.info("resuming after round %d", len(rounds))
     expected_rounds = profile.rounds_for(sparsity)
+    tokens = 0  # computed by this rank
     # A round that removed nothing ends the prune; so it does when resuming right after it.
     while not (rounds and rounds[-1].params_after == rounds[-1].params_before):
         start = next_round(cfg, plan, number=len(rounds) + 1, sparsity=sparsity, profile=profile,
@@ -191,10 +204,11 @@ def run_rounds(
         on_prior = (lambda l: progress("prior", l + 1, cfg.num_hidden_layers)) if progress else None
         prior = prior_pass(ckpt, calib, plan, kind=prior_kind, gen=gen, head_unit=profile.head_unit,
                            teacher=method == Method.BONSAI and profile.score == "kl", fwd=fwd,
-                           on_block=on_prior)
+                           on_block=on_prior, ranks=ranks)
         choice = choose(ckpt, calib, plan, start, prior, method=method, profile=profile, gen=gen,
-                        fwd=fwd, wave=wave, state=state, progress=progress)
-        plan = plan.without(cfg, choice.drop)
+                        fwd=fwd, wave=wave, state=state, progress=progress, ranks=ranks)
+        tokens += prior.tokens + choice.tokens
+        plan = agree(plan.without(cfg, choice.drop), gen, ranks, round_number=start.number)
         report = record(start, prior, choice, params_after=plan.params(cfg),
                         pass_tokens=calib.numel(), seconds=time.perf_counter() - t0)
         rounds.append(report)
@@ -206,7 +220,18 @@ def run_rounds(
             log.warning("round %d removed nothing (units too coarse for the budget); stopping", report.round)
     if progress:
         progress("round", len(rounds), len(rounds))
-    return PruneResult(plan, tuple(rounds))
+    rank_tokens = ranks.gather(tokens, what="the end of the rounds")
+    return PruneResult(plan, tuple(rounds), tuple(rank_tokens))
+
+
+def agree(plan: Plan, gen: torch.Generator, ranks: Ranks, *, round_number: int) -> Plan:
+    """Rank 0's plan and generator on every rank (they compute the same; this makes it certain)."""
+    if ranks.world == 1:
+        return plan
+    plan_json, gen_state = ranks.broadcast((plan.to_json(), gen.get_state()),
+                                           what=f"the end of round {round_number}")
+    gen.set_state(gen_state)
+    return plan if ranks.main else Plan.from_json(plan_json, source="rank 0's plan")
 
 
 def forward_settings(profile: Profile) -> Forward:
@@ -239,26 +264,58 @@ def next_round(cfg: ModelConfig, plan: Plan, *, number: int, sparsity: float, pr
 
 def prior_pass(ckpt: Checkpoint, calib: torch.Tensor, plan: Plan, *, kind: str, gen: torch.Generator,
                head_unit: str, teacher: bool, fwd: Forward,
-               on_block: Callable[[int], None] | None = None) -> PriorPass:
-    """One unmasked pass of the current model: its calibration loss, column statistics and priors."""
+               on_block: Callable[[int], None] | None = None, ranks: Ranks = SINGLE) -> PriorPass:
+    """One unmasked pass of the current model: its calibration loss, column statistics and priors.
+
+    With several ranks, each passes its share of the sequences; the column statistics are summed
+    (fp64) and the per-sequence losses and teacher distributions gathered, so every rank ends with
+    the same priors.
+    """
     s_count, t = calib.shape
-    base = streamed_pass(ckpt, calib, plan=plan, want_stats=True, want_teacher=teacher,
-                         on_block=on_block, **fwd.kwargs())
-    calib_loss = float(base.nll.sum()) / (s_count * (t - 1))
-    priors = tuple(layer_priors(ckpt, list(base.stats), kind, gen, head_unit))
+    mine = ranks.share(s_count)
+    base = streamed_pass(ckpt, calib[mine.start : mine.stop], plan=plan, want_stats=True,
+                         want_teacher=teacher, on_block=on_block, **fwd.kwargs())
+    nll, stats, soft = base.nll, base.stats, base.teacher
+    if ranks.world > 1:
+        what = "the prior pass"
+        nll = torch.cat(ranks.gather(nll, what=what), dim=1)  # (1, S) in sequence order
+        stats = summed_stats(stats, ranks)
+        if soft is not None:
+            parts = ranks.gather(soft, what=what)
+            soft = SoftTargets(torch.cat([p.ids for p in parts]), torch.cat([p.probs for p in parts]))
+    calib_loss = float(nll.sum()) / (s_count * (t - 1))
+    priors = tuple(layer_priors(ckpt, list(stats), kind, gen, head_unit))
     if not math.isfinite(calib_loss):  # a non-finite lm_head or final norm (or a random prior)
         raise ckpt.nonfinite_error(found="the calibration loss")
-    return PriorPass(calib_loss, base.stats, priors, base.teacher)
+    return PriorPass(calib_loss, stats, priors, soft, base.tokens)
+
+
+def summed_stats(stats: tuple[ColumnStats, ...], ranks: Ranks) -> tuple[ColumnStats, ...]:
+    """Every rank's activation sums added up, in one exchange (the weights' terms are the same)."""
+    parts = [(s.act.head_sum, s.act.head_sq, s.act.chan_sum, s.act.chan_sq) for s in stats]
+    flat = torch.cat([torch.cat([*p, torch.tensor([float(s.act.tokens)], dtype=torch.float64)])
+                      for p, s in zip(parts, stats)])
+    total = ranks.sum(flat, what="the prior pass")
+    out, a = [], 0
+    for p, s in zip(parts, stats):
+        got = []
+        for x in p:
+            got.append(total[a : a + x.numel()].clone())
+            a += x.numel()
+        tokens = int(total[a])
+        a += 1
+        out.append(replace(s, act=UnitStats(*got, tokens=tokens)))
+    return tuple(out)
 
 
 def choose(ckpt: Checkpoint, calib: torch.Tensor, plan: Plan, start: RoundStart, prior: PriorPass, *,
            method: str, profile: Profile, gen: torch.Generator, fwd: Forward, wave: int,
-           state: RunState | None, progress: Progress | None) -> Choice:
+           state: RunState | None, progress: Progress | None, ranks: Ranks = SINGLE) -> Choice:
     """The units round ``start`` removes, by the method's policy."""
     modules = list(start.modules)
     if method == Method.BONSAI:
         return bonsai_choice(ckpt, calib, plan, start, prior, profile=profile, gen=gen, fwd=fwd,
-                             wave=wave, state=state, progress=progress)
+                             wave=wave, state=state, progress=progress, ranks=ranks)
     if method == Method.FLAP:
         scores = [flap_scores(st, head_unit=profile.head_unit) for st in prior.stats]
         return Choice(select.flap(modules, scores, start.budget, profile.align))
@@ -312,11 +369,23 @@ def score_wave(ckpt: Checkpoint, calib: torch.Tensor, plan: Plan, per_module: li
 
 def score_masks(ckpt: Checkpoint, calib: torch.Tensor, plan: Plan, per_module: list[ModuleMasks], *,
                 wave: int, fwd: Forward, soft: SoftTargets | None, state: RunState | None,
-                progress: Progress | None) -> MaskScores:
-    """Every mask's loss, wave by wave; waves the state already holds are not scored again."""
+                progress: Progress | None, ranks: Ranks = SINGLE, round_number: int = 0) -> MaskScores:
+    """Every mask's loss, wave by wave; waves the state already holds are not scored again.
+
+    With several ranks the waves still to score are dealt out whole, one per rank at a time, so
+    each mask's loss is computed exactly as one process computes it; after each such step every
+    rank receives the step's losses and rank 0 saves them.
+    """
     n_layers = ckpt.config.num_hidden_layers
     bounds = wave_bounds(per_module[0].masks.shape[0], wave)
-    blocks_total = len(bounds) * n_layers
+    losses: dict[int, torch.Tensor] = {}
+    for index, (a, b) in enumerate(bounds):
+        saved = state.wave_loss(index) if state is not None else None
+        if saved is not None and saved.numel() == b - a:
+            losses[index] = saved
+    todo = [i for i in range(len(bounds)) if i not in losses]
+    mine = todo[ranks.rank :: ranks.world]
+    blocks_total = len(mine) * n_layers
     done = 0
 
     def on_block(_l: int) -> None:
@@ -325,23 +394,25 @@ def score_masks(ckpt: Checkpoint, calib: torch.Tensor, plan: Plan, per_module: l
         if progress:
             progress("masks", done, blocks_total)
 
-    losses = []
-    for index, (a, b) in enumerate(bounds):
-        saved = state.wave_loss(index) if state is not None else None
-        if saved is not None and saved.numel() == b - a:
-            losses.append(saved)
-            done += n_layers
-            continue
-        losses.append(score_wave(ckpt, calib, plan, per_module, a, b, fwd=fwd, soft=soft,
-                                 on_block=on_block))
-        if state is not None:
-            state.save_wave(index, losses[-1])
-    return MaskScores(torch.cat(losses))
+    tokens = 0
+    for step in range(0, len(todo), ranks.world):
+        index = todo[step + ranks.rank] if step + ranks.rank < len(todo) else None
+        loss = None
+        if index is not None:
+            a, b = bounds[index]
+            loss = score_wave(ckpt, calib, plan, per_module, a, b, fwd=fwd, soft=soft, on_block=on_block)
+            tokens += (b - a) * calib.numel()
+        for i, got in zip(todo[step : step + ranks.world],
+                          ranks.gather(loss, what=f"the masked passes of round {round_number}")):
+            losses[i] = got
+            if state is not None:
+                state.save_wave(i, got)
+    return MaskScores(torch.cat([losses[i] for i in range(len(bounds))]), tokens)
 
 
 def bonsai_choice(ckpt: Checkpoint, calib: torch.Tensor, plan: Plan, start: RoundStart, prior: PriorPass,
                   *, profile: Profile, gen: torch.Generator, fwd: Forward, wave: int,
-                  state: RunState | None, progress: Progress | None) -> Choice:
+                  state: RunState | None, progress: Progress | None, ranks: Ranks = SINGLE) -> Choice:
     """Draw masks -> score them -> regress the scores on the masks -> select by the betas."""
     n_masks = profile.masks_per_round
     varied = profile.mask_counts == "varied"
@@ -350,7 +421,7 @@ def bonsai_choice(ckpt: Checkpoint, calib: torch.Tensor, plan: Plan, start: Roun
         nan = float("nan")
         return Choice({}, n_masks, FitSummary(nan, nan, nan, nan, None, None))
     scores = score_masks(ckpt, calib, plan, per_module, wave=wave, fwd=fwd, soft=prior.teacher,
-                         state=state, progress=progress)
+                         state=state, progress=progress, ranks=ranks, round_number=start.number)
     loss = scores.loss
     d = design_of(per_module)
     f = fit(d.x, -loss, prior=d.prior, kinds=d.kinds, estimator=profile.estimator, gen=gen,
@@ -366,7 +437,7 @@ def bonsai_choice(ckpt: Checkpoint, calib: torch.Tensor, plan: Plan, start: Roun
              "MLP channel) %s", f.cv_tau, f.penalty, f.module_penalty, f.kind_scale)
     summary = FitSummary(float(loss.mean()), float(loss.std()), f.cv_tau, f.train_tau, f.penalty,
                          f.module_penalty if math.isfinite(f.module_penalty) else None)
-    return Choice(drop, n_masks, summary)
+    return Choice(drop, n_masks, summary, scores.tokens)
 
 
 def sample_round(modules: list[Module], priors: Priors, p: float, n_masks: int, gen: torch.Generator,

@@ -1,0 +1,155 @@
+"""One prune over two ranks on 127.0.0.1: the single process's plan and shards, faults named, resume.
+
+The ranks are started as torchrun starts them (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the
+environment), as plain subprocesses, so the tests need no launcher and stay on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import edit_config, make_tiny, sample_words, write_word_tokenizer
+
+TIMEOUT_S = 5  # the profile's dist_timeout_s: how long a rank waits for a silent peer
+
+PROFILE = f"""# lowmem-bonsai prune M --out O --profile THIS.toml
+masks_per_round = 16
+wave_masks = 2
+calib_seqs = 4
+seq_len = 32
+prune_frac = 0.1
+align = 8
+threads = 1
+dist_timeout_s = {TIMEOUT_S}.0
+"""
+
+
+def prune_args(model_dir: Path, out: Path, profile: Path, calib: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lowmem_bonsai", "prune", str(model_dir), "--out", str(out),
+            "--sparsity", "0.3", "--profile", str(profile), "--calib", str(calib), "--seed", "7", *extra]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ranks(args_of_rank, world: int = 2) -> list[subprocess.Popen]:
+    """``world`` processes of one job, as torchrun would start them on this machine."""
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(args_of_rank(rank), env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def one_error_line(stderr: str, *words: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+def outputs(out: Path) -> dict[str, object]:
+    """The plan and the written files (the plan's notes name the memory free at the time: left out)."""
+    plan = json.loads((out / "plan.json").read_text())
+    plan["settings"].pop("memory_budget")
+    return {"plan": plan, **{name: (out / name).read_bytes() for name in ("model.safetensors", "config.json")}}
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """A tiny model, a profile, a text and the single process's output (run once)."""
+    d = tmp_path_factory.mktemp("dist")
+    model_dir = d / "m"
+    make_tiny(model_dir, "llama-gqa-tied", layers=4, intermediate_size=256, num_attention_heads=8,
+              num_key_value_heads=4)
+    text = d / "calib.txt"
+    text.write_text(sample_words(), encoding="utf-8")
+    write_word_tokenizer(model_dir, text.read_text())
+    profile = d / "p.toml"
+    profile.write_text(PROFILE)
+    ref = d / "ref"
+    subprocess.run(prune_args(model_dir, ref, profile, text), check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return model_dir, profile, text, ref
+
+
+def test_two_ranks_give_the_single_process_plan_and_shards(tmp_path, job):
+    model_dir, profile, text, ref = job
+    out = tmp_path / "out"
+    procs = start_ranks(lambda rank: prune_args(model_dir, out, profile, text))
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    assert "rank 1 of 2: done" in results[1][0]
+    assert outputs(out) == outputs(ref)
+    report = json.loads((out / "report.json").read_text())
+    single = json.loads((ref / "report.json").read_text())
+    assert report["ranks"] == 2 and single["ranks"] == 1
+    per_rank = report["forward_tokens_per_rank"]
+    # Each rank passed half the calibration windows and half the waves of every round.
+    assert len(per_rank) == 2 and per_rank[0] == per_rank[1] > 0
+    assert sum(per_rank) == report["forward_tokens"] == single["forward_tokens_per_rank"][0]
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_a_killed_rank_is_named_within_the_timeout_and_one_rank_resumes_to_the_same_plan(tmp_path, job):
+    model_dir, profile, text, ref = job
+    out = tmp_path / "out"
+    state = tmp_path / "out.partial" / "state.json"
+    procs = start_ranks(lambda rank: prune_args(model_dir, out, profile, text))
+
+    def mid_round() -> bool:  # some waves of a round after the first are saved
+        try:
+            data = json.loads(state.read_text())
+        except (OSError, ValueError):
+            return False
+        return len(data["rounds"]) >= 1 and bool(data["waves"])
+    deadline = time.time() + 240
+    while time.time() < deadline and not mid_round() and procs[0].poll() is None:
+        time.sleep(0.01)
+    assert mid_round(), procs[0].communicate()
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.time()
+    _, err = procs[0].communicate(timeout=TIMEOUT_S + 30)
+    stopped = time.time() - killed
+    procs[1].wait()
+    assert procs[0].returncode == 3, err
+    line = one_error_line(err, "rank 1 stopped answering", "--resume")
+    assert stopped < TIMEOUT_S + 10, (stopped, line)  # a dead peer is noticed at the next exchange
+    assert not (out / "plan.json").exists() and state.is_file()
+
+    # A plain single process continues the job and ends with the single process's output.
+    res = subprocess.run(prune_args(model_dir, out, profile, text, "--resume"), capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr
+    assert outputs(out) == outputs(ref)
+
+
+def test_ranks_with_another_checkpoint_are_refused_naming_the_rank(tmp_path, job):
+    model_dir, profile, text, _ = job
+    other = Path(shutil.copytree(model_dir, tmp_path / "other"))
+    edit_config(other, rms_norm_eps=1e-6)
+    out = tmp_path / "out"
+    procs = start_ranks(lambda rank: prune_args(model_dir if rank == 0 else other, out, profile, text))
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 2, err
+        one_error_line(err, "rank 1's source", "differs from rank 0's")
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
