@@ -199,13 +199,17 @@ def estimate_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     memory: Annotated[Optional[str], typer.Option(
         help=MEMORY_HELP.format(what="the profile's memory_gb"))] = None,
+    ranks: Annotated[int, typer.Option(
+        help="Ranks of a distributed prune (torchrun), each a machine like this one: the ETA "
+        "divides the waves and windows among them.")] = 1,
 ) -> None:
     """Before any work: peak memory by component, disk needed, forward FLOPs per round and an ETA
     from a matmul rate measured on this machine in about a second."""
     from .estimate import estimate
 
     prof, budget = _budgeted(load_profile(profile), memory)
-    e = _explained(estimate, budget)(model_dir=model, profile=prof, sparsity=sparsity, method=method)
+    e = _explained(estimate, budget)(model_dir=model, profile=prof, sparsity=sparsity, method=method,
+                                     ranks=ranks)
     e["memory_budget"] = {"gb": budget.gb, "source": budget.source, "reason": budget.reason}
     if as_json:
         typer.echo(json.dumps(e, indent=2))
@@ -224,6 +228,11 @@ def estimate_cmd(
                    f"activations {m['activations_gb']:.2f}, head {m['head_gb']:.2f}, total "
                    f"{m['device_total_gb']:.2f} of {m['device_budget_gb']:.1f} GiB")
     typer.echo(f"waves      {m['waves']} x {m['wave_masks']} masks per round")
+    if e["ranks"] > 1:
+        typer.echo(f"ranks      {e['ranks']}: at most {e['waves_per_round_per_rank']} wave"
+                   f"{'' if e['waves_per_round_per_rank'] == 1 else 's'} and "
+                   f"{e['forward_tokens_per_round_per_rank']:,} forward tokens per round on each "
+                   "(rank 0 also reconstructs and writes)")
     r = e["reconstruction"]
     if r["mode"] != "none":
         typer.echo(f"repair     {r['mode']}: {r['forward_tokens']:,} forward tokens, {r['tflops']:.1f} TFLOP, "
@@ -240,7 +249,7 @@ def estimate_cmd(
         typer.echo(f"speed      no {e['device']} device visible here to measure: no ETA")
         return
     typer.echo(f"speed      {e['matmul_gflops_measured']:.0f} GFLOP/s measured matmul rate on {e['device']}")
-    typer.echo(f"ETA        {e['eta_hours']:.2f} h")
+    typer.echo(f"ETA        {e['eta_hours']:.2f} h" + (f" with {e['ranks']} ranks" if e["ranks"] > 1 else ""))
 
 
 class _Bars:

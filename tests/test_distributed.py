@@ -153,3 +153,28 @@ def test_ranks_with_another_checkpoint_are_refused_naming_the_rank(tmp_path, job
         assert p.returncode == 2, err
         one_error_line(err, "rank 1's source", "differs from rank 0's")
     assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_estimate_shares_the_waves_and_windows_among_ranks(job):
+    from typer.testing import CliRunner
+
+    from lowmem_bonsai.cli import app
+
+    model_dir, profile, _, _ = job
+    runner = CliRunner()
+    got = {}
+    for n in (1, 2, 3):
+        res = runner.invoke(app, ["estimate", str(model_dir), "--profile", str(profile), "--json",
+                                  "--ranks", str(n)])
+        assert res.exit_code == 0, res.output
+        got[n] = json.loads(res.output)
+    # 8 waves of 2 masks over 4 windows of 32 tokens: a rank passes ceil(8 / n) waves and
+    # ceil(4 / n) windows of the prior pass per round.
+    for n, waves, seqs in ((1, 8, 4), (2, 4, 2), (3, 3, 2)):
+        assert got[n]["ranks"] == n and got[n]["waves_per_round_per_rank"] == waves
+        assert got[n]["forward_tokens_per_round_per_rank"] == 32 * (seqs + 4 * 2 * waves)
+    assert got[1]["forward_tokens_per_round_per_rank"] == got[1]["forward_tokens_per_round"]
+    res = runner.invoke(app, ["estimate", str(model_dir), "--profile", str(profile), "--ranks", "5"])
+    assert res.exit_code == 2 and "one calibration window per rank" in res.output
+    res = runner.invoke(app, ["estimate", str(model_dir), "--profile", str(profile), "--ranks", "2"])
+    assert res.exit_code == 0 and "ranks      2: at most 4 waves" in res.output and "with 2 ranks" in res.output
