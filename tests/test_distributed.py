@@ -109,22 +109,26 @@ def test_two_ranks_give_the_single_process_plan_and_shards(tmp_path, job):
     assert not (tmp_path / "out.partial").exists()
 
 
-def test_a_killed_rank_is_named_within_the_timeout_and_one_rank_resumes_to_the_same_plan(tmp_path, job):
-    model_dir, profile, text, ref = job
-    out = tmp_path / "out"
-    state = tmp_path / "out.partial" / "state.json"
-    procs = start_ranks(lambda rank: prune_args(model_dir, out, profile, text))
-
-    def mid_round() -> bool:  # some waves of a round after the first are saved
+def wait_mid_round(state: Path, proc: subprocess.Popen) -> None:
+    """Until rank 0 has saved some waves of a round after the first."""
+    def mid_round() -> bool:
         try:
             data = json.loads(state.read_text())
         except (OSError, ValueError):
             return False
         return len(data["rounds"]) >= 1 and bool(data["waves"])
     deadline = time.time() + 240
-    while time.time() < deadline and not mid_round() and procs[0].poll() is None:
+    while time.time() < deadline and not mid_round() and proc.poll() is None:
         time.sleep(0.01)
-    assert mid_round(), procs[0].communicate()
+    assert mid_round(), proc.communicate()
+
+
+def test_a_killed_rank_is_named_within_the_timeout_and_one_rank_resumes_to_the_same_plan(tmp_path, job):
+    model_dir, profile, text, ref = job
+    out = tmp_path / "out"
+    state = tmp_path / "out.partial" / "state.json"
+    procs = start_ranks(lambda rank: prune_args(model_dir, out, profile, text))
+    wait_mid_round(state, procs[0])
     procs[1].send_signal(signal.SIGKILL)
     killed = time.time()
     _, err = procs[0].communicate(timeout=TIMEOUT_S + 30)
@@ -140,6 +144,26 @@ def test_a_killed_rank_is_named_within_the_timeout_and_one_rank_resumes_to_the_s
                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
     assert outputs(out) == outputs(ref)
+
+
+def test_a_hung_rank_is_named_after_the_timeout(tmp_path, job):
+    model_dir, profile, text, _ = job
+    out = tmp_path / "out"
+    state = tmp_path / "out.partial" / "state.json"
+    procs = start_ranks(lambda rank: prune_args(model_dir, out, profile, text))
+    try:
+        wait_mid_round(state, procs[0])
+        procs[1].send_signal(signal.SIGSTOP)  # alive, connected, silent
+        stopped = time.time()
+        _, err = procs[0].communicate(timeout=TIMEOUT_S + 30)
+        waited = time.time() - stopped
+    finally:
+        procs[1].kill()
+        procs[1].wait()
+    assert procs[0].returncode == 3, err
+    one_error_line(err, "rank 1 stopped answering", f"waited at most {TIMEOUT_S} s", "--resume")
+    assert waited < TIMEOUT_S + 10, waited
+    assert state.is_file() and json.loads(state.read_text())["rounds"]
 
 
 def test_ranks_with_another_checkpoint_are_refused_naming_the_rank(tmp_path, job):

@@ -6,9 +6,10 @@ process group: gloo for the host-side exchanges (losses, column statistics, the 
 beside it when the blocks compute on CUDA. Without those variables the run is one rank and every
 exchange is the identity, so the round loop has one code path.
 
-Every exchange goes through :meth:`Ranks._exchange`, which first records in the rendezvous store how
-far this rank got. When an exchange fails (a peer's connection closed, or nothing came for
-``timeout_s``), the store tells which ranks never reached it: the error names them.
+Every rank beats in the rendezvous store (a counter a thread of its own raises every half second).
+When an exchange fails (a peer's connection closed, or nothing came for ``timeout_s``), the ranks
+whose counter no longer moves are the ones that died or hung: the error names them. A rank that is
+merely slower still beats, and is not blamed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import datetime
 import itertools
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -28,7 +31,8 @@ from ..errors import UserError
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_KEY = "lowmem_bonsai/reached/{}"
+_BEAT = "lowmem_bonsai/beat/{}"
+BEAT_S = 0.5  # seconds between a rank's beats
 
 
 class RankLost(UserError):
@@ -44,8 +48,9 @@ class Ranks:
     rank: int = 0
     world: int = 1
     timeout_s: float = 0.0
-    store: Any = field(default=None, repr=False, compare=False)
+    store: Any = field(default=None, repr=False, compare=False)  # a client of the rendezvous store
     _seq: Any = field(default_factory=itertools.count, repr=False, compare=False)
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
 
     @property
     def main(self) -> bool:
@@ -93,28 +98,39 @@ class Ranks:
     def _exchange(self, what: str, run: Callable[[], Any]) -> None:
         seq = next(self._seq)
         try:
-            self.store.set(_KEY.format(self.rank), str(seq))
             run()
         except (RuntimeError, ValueError, OSError) as exc:  # gloo's errors are RuntimeErrors
-            raise RankLost(self._who_stopped(seq, what, exc)) from None
+            log.debug("exchange %d (%s) failed: %s", seq, what, exc)
+            raise RankLost(self._who_stopped(what)) from None
 
-    def _who_stopped(self, seq: int, what: str, exc: BaseException) -> str:
-        log.debug("exchange %d (%s) failed: %s", seq, what, exc)
-        behind = []
+    def _beats(self) -> dict[int, int]:
+        return {r: int(self.store.add(_BEAT.format(r), 0)) for r in range(self.world) if r != self.rank}
+
+    def _who_stopped(self, what: str) -> str:
         try:
-            for r in range(self.world):
-                key = _KEY.format(r)
-                if r != self.rank and (not self.store.check([key]) or int(self.store.get(key)) < seq):
-                    behind.append(r)
+            before = self._beats()
+            time.sleep(4 * BEAT_S)
+            after = self._beats()
         except (RuntimeError, ValueError, OSError):
             return (f"rank {self.rank}: the job's rendezvous store stopped answering during {what} (rank 0 "
                     "or the launcher is gone)")
-        who = (f"rank {behind[0]}" if len(behind) == 1 else f"ranks {', '.join(map(str, behind))}"
-               if behind else "another rank")
+        silent = [r for r in before if after[r] == before[r]]
+        who = (f"rank {silent[0]}" if len(silent) == 1 else f"ranks {', '.join(map(str, silent))}"
+               if silent else "another rank")
         return (f"rank {self.rank}: {who} stopped answering during {what} (died, hung or lost its "
                 f"connection; waited at most {self.timeout_s:g} s)")
 
+    def beat(self, store: Any) -> None:
+        """Raise this rank's counter in ``store`` every BEAT_S seconds until :meth:`close`."""
+        key = _BEAT.format(self.rank)
+        while not self._stop.wait(BEAT_S):
+            try:
+                store.add(key, 1)
+            except (RuntimeError, ValueError, OSError):
+                return  # the store is gone: the next exchange says so
+
     def close(self) -> None:
+        self._stop.set()
         if self.world > 1:
             import torch.distributed as dist
 
@@ -155,4 +171,11 @@ def join(*, timeout_s: float, device: str) -> Ranks:
     if device.startswith("cuda") and torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     log.info("rank %d of %d joined (timeout %g s)", rank, world, timeout_s)
-    return Ranks(rank, world, timeout_s, store)
+    # Plain clients of the rendezvous store (the one torchrun's agent or rank 0 serves at
+    # MASTER_ADDR:MASTER_PORT), one per thread: the beats never wait behind the process group.
+    def client() -> Any:
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             timeout=timeout)
+    ranks = Ranks(rank, world, timeout_s, client())
+    threading.Thread(target=ranks.beat, args=(client(),), name="lowmem-bonsai-beat", daemon=True).start()
+    return ranks
