@@ -324,10 +324,11 @@ def _settings(method: str, sparsity: float, seed: int, calib: Path | str, tokens
 def run_key(ckpt: Checkpoint, tokens: torch.Tensor, profile: Profile, settings: dict[str, Any]) -> dict[str, Any]:
     """What saved progress depends on: a resume must match it."""
     # The budget may come from what the machine has free, which differs between a run and its
-    # resume; what the saved progress depends on is the wave size it bought.
+    # resume; what the saved progress depends on is the wave size it bought. How long ranks wait
+    # for each other changes nothing computed.
     return {"source_hashes": source_hashes(ckpt.dir),
             "settings": {**settings, "profile": {k: v for k, v in settings["profile"].items()
-                                                 if k != "memory_gb"}},
+                                                 if k not in ("memory_gb", "dist_timeout_s")}},
             "wave_masks": wave_size(ckpt.config, tokens, profile, resolve_device(profile.device)),
             "calib_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()}
 

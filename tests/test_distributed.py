@@ -202,3 +202,41 @@ def test_estimate_shares_the_waves_and_windows_among_ranks(job):
     assert res.exit_code == 2 and "one calibration window per rank" in res.output
     res = runner.invoke(app, ["estimate", str(model_dir), "--profile", str(profile), "--ranks", "2"])
     assert res.exit_code == 0 and "ranks      2: at most 4 waves" in res.output and "with 2 ranks" in res.output
+
+
+@pytest.mark.parametrize("line, words", [
+    ("dist_timeout_s = 0.0", "dist_timeout_s must be > 0"),
+    ("dist_timeout_s = inf", "dist_timeout_s = inf must be a finite number"),
+    ("dist_timeout_s = 30", None),  # an integer is taken as a float, like every float key
+])
+def test_the_timeout_key_is_checked_like_every_key(tmp_path, job, line, words):
+    from typer.testing import CliRunner
+
+    from lowmem_bonsai.cli import app
+
+    from .conftest import refused
+
+    model_dir = job[0]
+    profile = tmp_path / "p.toml"
+    profile.write_text(f"# lowmem-bonsai prune M --profile THIS.toml\n{line}\n")
+    res = CliRunner().invoke(app, ["estimate", str(model_dir), "--profile", str(profile), "--json"])
+    if words is None:
+        assert res.exit_code == 0, res.output
+    else:
+        refused(res, words)
+
+
+def test_resume_may_change_the_timeout(tmp_path, job):
+    """The timeout is how long to wait, not what was computed: a resume may change it."""
+    from lowmem_bonsai.pipeline import run_key
+    from lowmem_bonsai.profiles import load_profile
+    from lowmem_bonsai.model.checkpoint import Checkpoint
+    import torch
+
+    model_dir, profile, _, _ = job
+    prof = load_profile(profile)
+    ckpt = Checkpoint(model_dir)
+    tokens = torch.zeros(4, 32, dtype=torch.long)
+    keys = [run_key(ckpt, tokens, p, {"profile": {k: getattr(p, k) for k in p.__dataclass_fields__}})
+            for p in (prof, prof.replace(dist_timeout_s=99.0), prof.replace(seq_len=16))]
+    assert keys[0] == keys[1] != keys[2]
