@@ -199,13 +199,17 @@ def estimate_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     memory: Annotated[Optional[str], typer.Option(
         help=MEMORY_HELP.format(what="the profile's memory_gb"))] = None,
+    ranks: Annotated[int, typer.Option(
+        help="Ranks of a distributed prune (torchrun), each a machine like this one: the ETA "
+        "divides the waves and windows among them.")] = 1,
 ) -> None:
     """Before any work: peak memory by component, disk needed, forward FLOPs per round and an ETA
     from a matmul rate measured on this machine in about a second."""
     from .estimate import estimate
 
     prof, budget = _budgeted(load_profile(profile), memory)
-    e = _explained(estimate, budget)(model_dir=model, profile=prof, sparsity=sparsity, method=method)
+    e = _explained(estimate, budget)(model_dir=model, profile=prof, sparsity=sparsity, method=method,
+                                     ranks=ranks)
     e["memory_budget"] = {"gb": budget.gb, "source": budget.source, "reason": budget.reason}
     if as_json:
         typer.echo(json.dumps(e, indent=2))
@@ -224,6 +228,11 @@ def estimate_cmd(
                    f"activations {m['activations_gb']:.2f}, head {m['head_gb']:.2f}, total "
                    f"{m['device_total_gb']:.2f} of {m['device_budget_gb']:.1f} GiB")
     typer.echo(f"waves      {m['waves']} x {m['wave_masks']} masks per round")
+    if e["ranks"] > 1:
+        typer.echo(f"ranks      {e['ranks']}: at most {e['waves_per_round_per_rank']} wave"
+                   f"{'' if e['waves_per_round_per_rank'] == 1 else 's'} and "
+                   f"{e['forward_tokens_per_round_per_rank']:,} forward tokens per round on each "
+                   "(rank 0 also reconstructs and writes)")
     r = e["reconstruction"]
     if r["mode"] != "none":
         typer.echo(f"repair     {r['mode']}: {r['forward_tokens']:,} forward tokens, {r['tflops']:.1f} TFLOP, "
@@ -240,7 +249,7 @@ def estimate_cmd(
         typer.echo(f"speed      no {e['device']} device visible here to measure: no ETA")
         return
     typer.echo(f"speed      {e['matmul_gflops_measured']:.0f} GFLOP/s measured matmul rate on {e['device']}")
-    typer.echo(f"ETA        {e['eta_hours']:.2f} h")
+    typer.echo(f"ETA        {e['eta_hours']:.2f} h" + (f" with {e['ranks']} ranks" if e["ranks"] > 1 else ""))
 
 
 class _Bars:
@@ -317,7 +326,11 @@ def prune_cmd(
     Writes OUT/config.json (with per-layer widths), safetensors shards, tokenizer files, plan.json,
     report.json and pruning.png. Blocks are streamed from disk: memory stays near a few blocks plus
     the hidden states of one wave of masks.
+
+    Started by torchrun (``torchrun ... -m lowmem_bonsai prune ...``), the ranks share one prune:
+    rank 0 writes OUT; see the README's "Distributed pruning".
     """
+    from .engine.ranks import join
     from .pipeline import prune_model, work_dir
 
     prof = load_profile(profile).replace(
@@ -326,12 +339,14 @@ def prune_cmd(
         mask_counts=mask_counts, score=score, reconstruct=reconstruct,
         reconstruct_seqs=reconstruct_seqs)
     prof, budget = _budgeted(prof, memory)
+    ranks = join(timeout_s=prof.dist_timeout_s, device=prof.device)
     bars = _Bars()
     try:
         # The budget is logged when the work starts (-v) and printed at the end: a refusal stays one line.
         report = _explained(prune_model, budget)(
             model_dir=model, out_dir=out, sparsity=sparsity, profile=prof, calib=calib, method=method,
-            seed=seed, force=force, resume=resume, progress=bars, memory_budget=budget.line())
+            seed=seed, force=force, resume=resume, progress=bars if ranks.main else None,
+            memory_budget=budget.line(), ranks=ranks)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (Terminated)
         bars.close()
         if work_dir(out).exists():
@@ -347,6 +362,10 @@ def prune_cmd(
         raise
     finally:
         bars.close()
+        ranks.close()
+    if report is None:  # another rank than 0: rank 0 says what was written
+        typer.echo(f"rank {ranks.rank} of {ranks.world}: done; rank 0 writes {out}")
+        return
     typer.echo(
         f"pruned {report['params_before']:,} -> {report['params_after']:,} block parameters "
         f"(sparsity {report['achieved_sparsity']:.3f}) in {len(report['rounds'])} "

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from .engine.device import free_bytes, resolve_device
+from .errors import UserError
 from .engine.memory import DTYPE_BYTES, STORAGE_BYTES, measure_matmul_gflops, pick_compute_dtype, plan_memory
 from .method.prune import check_settings
 from .model.checkpoint import Checkpoint
@@ -19,10 +20,20 @@ from .settings import AUTO, Method
 
 
 def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str = Method.BONSAI,
-             measure_seconds: float = 1.0) -> dict[str, Any]:
+             measure_seconds: float = 1.0, ranks: int = 1) -> dict[str, Any]:
     """A GGUF as ``model_dir`` is estimated from its metadata alone, as the checkpoint `prune` would
-    import it into (float16); the import's size is counted in the disk needed."""
+    import it into (float16); the import's size is counted in the disk needed.
+
+    With ``ranks`` (a distributed prune, one machine like this one per rank), each rank passes its
+    share of the calibration windows and of each round's waves (whole waves, so a round takes
+    ceil(waves / ranks) of them); the reconstruction runs on rank 0 alone.
+    """
     check_settings(sparsity=sparsity, method=method)
+    if ranks < 1:
+        raise UserError(f"--ranks {ranks}: expected at least 1")
+    if ranks > profile.calib_seqs:
+        raise UserError(f"--ranks {ranks}: a distributed prune needs at least one calibration window per "
+                        f"rank; the profile has calib_seqs = {profile.calib_seqs}")
     if is_gguf_model(model_dir):
         cfg = parse_config(gguf_config(gguf_path=model_dir, dtype="float16"), source=str(model_dir))
         storage = import_bytes = DTYPE_BYTES["float16"]
@@ -43,12 +54,17 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
     t = profile.seq_len
     masks = profile.masks_per_round if method == Method.BONSAI else 0
     tokens_per_round = profile.calib_seqs * t * (1 + masks)
-    flops = []
+    # The slowest rank's share of a round: its windows of the prior pass, its whole waves of masks.
+    rank_seqs = math.ceil(profile.calib_seqs / ranks)
+    rank_masks = min(masks, math.ceil(mem.waves / ranks) * mem.wave_masks) if masks else 0
+    rank_tokens_per_round = t * (rank_seqs + profile.calib_seqs * rank_masks)
+    flops, rank_flops = [], []
     for r in range(rounds):
         kept = total * (1 - min(r * profile.prune_frac, sparsity))  # entering round r+1
         per_token = 2 * (kept + cfg.vocab_size * cfg.hidden_size)
         attn = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * t  # QK^T + PV, causal
         flops.append(tokens_per_round * (per_token + attn))
+        rank_flops.append(rank_tokens_per_round * (per_token + attn))
     repair_tokens = repair_flops = 0
     if profile.reconstruct != "none":
         # two passes of the dense blocks, the Gram matrices of both projections' inputs, one solve each
@@ -80,13 +96,16 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         "forward_tokens_per_round": tokens_per_round,
         "forward_tflops_per_round": [f / 1e12 for f in flops],
         "forward_tflops_total": (sum(flops) + repair_flops) / 1e12,
+        "ranks": ranks,
+        "forward_tokens_per_round_per_rank": rank_tokens_per_round,  # the busiest rank's
+        "waves_per_round_per_rank": math.ceil(mem.waves / ranks) if masks else 0,
         "reconstruction": {"mode": profile.reconstruct, "forward_tokens": repair_tokens,
                            "tflops": repair_flops / 1e12},
         "compute_dtype": dtype_name,
         "matmul_gflops_by_dtype": rates,
         # The executor reached 85-95% of the matmul rate on SmolLM2 in fp32 (README); ETA assumes 80%.
         # No ETA (null) for a GPU profile where no GPU is visible to measure.
-        "eta_hours": (sum(flops) + repair_flops) / (0.8 * gflops * 1e9) / 3600
+        "eta_hours": (sum(rank_flops) + repair_flops) / (0.8 * gflops * 1e9) / 3600
         if math.isfinite(gflops) else None,
         "matmul_gflops_measured": gflops if math.isfinite(gflops) else None,
     }

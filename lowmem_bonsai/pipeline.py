@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -14,6 +15,7 @@ import torch
 
 from .data import load_tokenizer, tokenize_file, windows
 from .engine.device import resolve_device
+from .engine.ranks import SINGLE, RankLost, Ranks
 from .errors import UserError, WriteError
 from .method.prune import Progress, PruneResult, check_settings, run_rounds, wave_size
 from .model.checkpoint import INDEX_NAME, Checkpoint
@@ -50,6 +52,36 @@ def source_hashes(model_dir: Path) -> dict[str, str]:
             n = int.from_bytes(f.read(8), "little")
             out["model.safetensors:header"] = sha(f.read(n))
     return out
+
+
+def fingerprint(model_dir: Path, key: dict[str, Any]) -> dict[str, str]:
+    """What the ranks of one prune must share, hashed by part: the source (config.json, index or
+    header, shard sizes), the calibration windows and the settings (less what may differ between
+    machines: memory budget, threads, prefetch, the calibration file's path)."""
+    def sha(obj: Any) -> str:
+        return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+    sizes = {p.name: p.stat().st_size for p in sorted(Path(model_dir).glob("*.safetensors"))}
+    local = {"memory_gb", "threads", "prefetch"}
+    settings = {k: v for k, v in key["settings"].items() if k != "calib"}
+    settings["profile"] = {k: v for k, v in settings["profile"].items() if k not in local}
+    return {"source (config.json, index, shard sizes)": sha([key["source_hashes"], sizes]),
+            "calibration text": key["calib_sha256"],
+            "settings": sha([settings, key["wave_masks"]])}
+
+
+def check_same_inputs(ranks: Ranks, parts: dict[str, str]) -> None:
+    """Refuse, on every rank, a job whose ranks read different sources, texts or settings."""
+    if ranks.world == 1:
+        return
+    every = ranks.gather(parts, what="the start (comparing inputs)")
+    differ = [(r, [k for k in parts if theirs.get(k) != every[0].get(k)]) for r, theirs in enumerate(every)]
+    differ = [(r, ks) for r, ks in differ if ks]
+    if differ:
+        said = "; ".join(f"rank {r}'s {' and '.join(ks)}" for r, ks in differ)
+        raise UserError(f"{said} differ{'s' if len(differ) == 1 else ''} from rank 0's: every rank must "
+                        "read the same checkpoint and calibration text with the same settings (and "
+                        "memory budget's wave size)")
 
 
 def calibration_tokens(model_dir: Path, calib: Path | str, profile: Profile) -> torch.Tensor:
@@ -191,6 +223,9 @@ def _failed(exc: UserError | None, state: RunState, out_dir: Path) -> UserError 
         shutil.rmtree(work, ignore_errors=True)  # nothing scored yet: a plain rerun loses nothing
         return exc
     shutil.rmtree(work / "out", ignore_errors=True)  # the part of the output written so far
+    if isinstance(exc, RankLost):
+        return RankLost(f"{exc}; the progress so far is saved in {work}: run the same command with "
+                        "--resume, with any number of ranks")
     if isinstance(exc, WriteError):
         return exc.again(then=f"and rerun the same command with --resume (the pruning so far is "
                               f"saved in {work})")
@@ -229,11 +264,14 @@ def prune_model(
     resume: bool = False,
     progress: Progress | None = None,
     memory_budget: str = "",
-) -> dict[str, Any]:
+    ranks: Ranks = SINGLE,
+) -> dict[str, Any] | None:
     """Prune ``model_dir`` and write the pruned checkpoint, plan.json, report.json and a figure.
 
     Progress lives in ``OUT.partial/`` until the output is complete; ``resume`` continues it.
-    ``memory_budget`` says where ``profile.memory_gb`` came from (recorded in the report).
+    ``memory_budget`` says where ``profile.memory_gb`` came from (recorded in the report). With
+    several ``ranks`` (torchrun), every rank calls this with the same arguments; rank 0 alone
+    writes and returns the report, the others return None.
     """
     start = time.perf_counter()
     if profile.threads:
@@ -244,6 +282,9 @@ def prune_model(
         raise UserError(f"--seed {seed}: expected 0 to 2**64 - 1 (the random generator's range)")
     source = Path(model_dir)
     imported = is_gguf_model(source)
+    if imported and ranks.world > 1:
+        raise UserError(f"{source}: a distributed prune reads a checkpoint folder; import the GGUF "
+                        "first (lowmem-bonsai import-gguf) where every rank can read it")
     check_output_path(out_dir, inputs=(source, text_file(calib)))
     resolve_device(profile.device)  # a GPU profile where there is no GPU: refused before any reading
     if imported:
@@ -252,8 +293,12 @@ def prune_model(
     else:
         ckpt = Checkpoint(source)
         tokens, repair_tokens = calibration_sets(source, calib, profile)
-    make_dirs(out_dir.parent)
-    with run_lock(lock_path(out_dir), out=out_dir):
+    if ranks.world > 1:  # before rank 0 touches the output
+        key = run_key(ckpt, tokens, profile, _settings(method, sparsity, seed, calib, tokens, profile))
+        check_same_inputs(ranks, fingerprint(ckpt.dir, key))
+    if ranks.main:
+        make_dirs(out_dir.parent)
+    with run_lock(lock_path(out_dir), out=out_dir) if ranks.main else contextlib.nullcontext():
         if imported:  # under the lock: the import goes into OUT.partial
             model_dir = import_source(source, out_dir, resume=resume, force=force)
             try:
@@ -266,31 +311,60 @@ def prune_model(
         return _prune(ckpt, tokens, repair_tokens, source=source, imported=imported, out_dir=out_dir,
                       sparsity=sparsity, profile=profile, calib=calib, method=method, seed=seed,
                       force=force, resume=resume, progress=progress, memory_budget=memory_budget,
-                      start=start)
+                      start=start, ranks=ranks)
+
+
+def _settings(method: str, sparsity: float, seed: int, calib: Path | str, tokens: torch.Tensor,
+              profile: Profile) -> dict[str, Any]:
+    return {"method": method, "sparsity": sparsity, "seed": seed, "calib": str(calib),
+            "calib_seqs": int(tokens.shape[0]),
+            "profile": {k: getattr(profile, k) for k in profile.__dataclass_fields__}}
+
+
+def run_key(ckpt: Checkpoint, tokens: torch.Tensor, profile: Profile, settings: dict[str, Any]) -> dict[str, Any]:
+    """What saved progress depends on: a resume must match it."""
+    # The budget may come from what the machine has free, which differs between a run and its
+    # resume; what the saved progress depends on is the wave size it bought. How long ranks wait
+    # for each other changes nothing computed.
+    return {"source_hashes": source_hashes(ckpt.dir),
+            "settings": {**settings, "profile": {k: v for k, v in settings["profile"].items()
+                                                 if k not in ("memory_gb", "dist_timeout_s")}},
+            "wave_masks": wave_size(ckpt.config, tokens, profile, resolve_device(profile.device)),
+            "calib_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()}
+
+
+def _open_shared_state(ranks: Ranks, key: dict[str, Any], open_state) -> RunState:
+    """Rank 0 opens the progress (``open_state()``) and sends it to the other ranks, which follow
+    it in a copy that writes nothing; a refusal on rank 0 stops every rank."""
+    if ranks.world == 1:
+        return open_state()
+    if ranks.main:
+        try:
+            state = open_state()
+        except UserError as exc:
+            ranks.broadcast(("refused", str(exc)), what="the start (opening the progress)")
+            raise
+        ranks.broadcast(("ok", state.data), what="the start (opening the progress)")
+        return state
+    status, payload = ranks.broadcast(None, what="the start (opening the progress)")
+    if status != "ok":
+        raise UserError(f"rank 0 refused to start: {payload}")
+    return RunState.mirror(payload, key=key)
 
 
 def _prune(ckpt: Checkpoint, tokens: torch.Tensor, repair_tokens: torch.Tensor | None, *,
            source: Path, imported: bool, out_dir: Path, sparsity: float, profile: Profile,
            calib: Path | str, method: str, seed: int, force: bool, resume: bool,
-           progress: Progress | None, memory_budget: str, start: float) -> dict[str, Any]:
-    """The prune itself, with the inputs checked and the output locked."""
+           progress: Progress | None, memory_budget: str, start: float,
+           ranks: Ranks = SINGLE) -> dict[str, Any] | None:
+    """The prune itself, with the inputs checked and the output locked (by rank 0)."""
     model_dir = ckpt.dir
     try:
-        settings = {
-            "method": method, "sparsity": sparsity, "seed": seed, "calib": str(calib),
-            "calib_seqs": int(tokens.shape[0]), "profile": {
-                k: getattr(profile, k) for k in profile.__dataclass_fields__},
-        }
-        hashes = source_hashes(model_dir)
-        # The budget may come from what the machine has free, which differs between a run and its
-        # resume; what the saved progress depends on is the wave size it bought.
-        key = {"source_hashes": hashes,
-               "settings": {**settings, "profile": {k: v for k, v in settings["profile"].items()
-                                                    if k != "memory_gb"}},
-               "wave_masks": wave_size(ckpt.config, tokens, profile, resolve_device(profile.device)),
-               "calib_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()}
-        state = _open_state(model_dir, out_dir, key, resume=resume, force=force, config=ckpt.config,
-                            imported=imported)
+        settings = _settings(method, sparsity, seed, calib, tokens, profile)
+        key = run_key(ckpt, tokens, profile, settings)
+        hashes = key["source_hashes"]
+        state = _open_shared_state(ranks, key, lambda: _open_state(
+            model_dir, out_dir, key, resume=resume, force=force, config=ckpt.config, imported=imported))
     except BaseException:
         if imported and not resume:  # nothing scored: the import goes too
             shutil.rmtree(work_dir(out_dir), ignore_errors=True)
@@ -300,10 +374,17 @@ def _prune(ckpt: Checkpoint, tokens: torch.Tensor, repair_tokens: torch.Tensor |
         log.info("%s", memory_budget)
     if imported:
         settings["imported_from"] = str(source)
+    if not ranks.main:  # the others score their share of the rounds; rank 0 writes everything
+        result = run_rounds(ckpt, tokens, sparsity=sparsity, profile=profile, method=method, seed=seed,
+                            progress=progress, state=state, ranks=ranks)
+        log.info("rank %d: %d forward tokens; rank 0 writes %s", ranks.rank, result.rank_tokens[ranks.rank],
+                 out_dir)
+        return None
     stage = work_dir(out_dir) / "out"
     try:
         result: PruneResult = run_rounds(ckpt, tokens, sparsity=sparsity, profile=profile,
-                                         method=method, seed=seed, progress=progress, state=state)
+                                         method=method, seed=seed, progress=progress, state=state,
+                                         ranks=ranks)
         plan = result.plan
         plan.meta.update({"method": method, "settings": settings, "source": str(source),
                           "source_hashes": hashes})
@@ -322,6 +403,8 @@ def _prune(ckpt: Checkpoint, tokens: torch.Tensor, repair_tokens: torch.Tensor |
         write_checkpoint(weights, plan, stage, model_dir=model_dir, profile=profile, on_block=on_write)
         report = build_report(ckpt.config, result, settings=settings,
                               seconds=time.perf_counter() - start)
+        report["ranks"] = ranks.world
+        report["forward_tokens_per_rank"] = list(result.rank_tokens)  # this run's (not resumed work)
         if repair is not None:
             report["reconstruction"] = {
                 "mode": repair.mode, "sequential": repair.sequential, "tokens": repair.tokens,

@@ -71,6 +71,9 @@ class Profile:
     reconstruct_ridge: float = 1e-3  # lsq's ridge, relative to the mean diagonal of the Gram matrix
     reconstruct_sequential: bool = True  # inputs from the repaired earlier layers (else one-shot:
     #                                      statistics of the dense model, as FLAP takes them)
+    # distributed (torchrun): how long a rank waits for the others at an exchange before it names
+    # the ranks that did not come and stops; must exceed one wave's time (ranks wait for the slowest)
+    dist_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # a budget of inf or nan would plan nothing sensible
@@ -91,6 +94,7 @@ class Profile:
             (self.reconstruct_seqs >= 1 and self.reconstruct_seq_len >= 2,
              "reconstruct_seqs >= 1 and reconstruct_seq_len >= 2"),
             (self.reconstruct_ridge >= 0, "reconstruct_ridge must be >= 0"),
+            (self.dist_timeout_s > 0, "dist_timeout_s must be > 0"),
             (self.memory_gb > 0 and self.prefetch >= 0 and self.threads >= 0 and self.wave_masks >= 0,
              "memory_gb > 0, prefetch >= 0, threads >= 0, wave_masks >= 0"),
         ]

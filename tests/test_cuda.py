@@ -13,7 +13,7 @@ import torch
 
 from lowmem_bonsai.model.checkpoint import Checkpoint
 from lowmem_bonsai.evaluate import evaluate
-from lowmem_bonsai.engine.forward import MaskSet, streamed_nll
+from lowmem_bonsai.engine.forward import MaskSet, streamed_nll, streamed_pass
 from lowmem_bonsai.pipeline import prune_model
 from lowmem_bonsai.model.plan import Plan
 from lowmem_bonsai.profiles import load_profile
@@ -44,10 +44,9 @@ def test_cuda_masks_stats_and_teacher_equal_the_cpu(tmp_path):
     plan = Plan.dense(cfg)
     out = {}
     for name, dev in (("ref", torch.device("cpu")), ("dev", CUDA)):
-        stats, teacher = [], []
-        base = streamed_nll(ckpt, tokens, plan=plan, stats=stats, teacher=teacher, device=dev)
-        masked = streamed_nll(ckpt, tokens, plan=plan, masks=masks, soft=teacher[0], device=dev)
-        out[name] = (base, masked, stats, teacher[0])
+        first = streamed_pass(ckpt, tokens, plan=plan, want_stats=True, want_teacher=True, device=dev)
+        masked = streamed_nll(ckpt, tokens, plan=plan, masks=masks, soft=first.teacher, device=dev)
+        out[name] = (first.nll, masked, first.stats, first.teacher)
     (b0, m0, s0, t0), (b1, m1, s1, t1) = out["ref"], out["dev"]
     torch.testing.assert_close(b1, b0, rtol=1e-4, atol=0)
     torch.testing.assert_close(m1, m0, rtol=1e-4, atol=0)

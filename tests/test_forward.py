@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from lowmem_bonsai.model.checkpoint import Checkpoint
-from lowmem_bonsai.engine.forward import streamed_nll
+from lowmem_bonsai.engine.forward import streamed_nll, streamed_pass
 
 from .conftest import hf_nll, make_tiny
 
@@ -22,13 +22,12 @@ def test_soft_targets_against_transformers(tmp_path):
     model = make_tiny(tmp_path, "llama-gqa-tied")
     tokens = torch.randint(0, 211, (2, 30), generator=torch.Generator().manual_seed(2))
     ckpt = Checkpoint(tmp_path)
-    teacher = []
     # Tiny LOGIT_BUDGET chunks: the vocab arrives in many ranges, so the running top-k is exercised.
     import lowmem_bonsai.engine.forward as fw
     old, fw.LOGIT_BUDGET = fw.LOGIT_BUDGET, 2000
     try:
-        hard = streamed_nll(ckpt, tokens, chunk_tokens=64, teacher=teacher, top_k=8)[0]
-        soft = teacher[0]
+        first = streamed_pass(ckpt, tokens, chunk_tokens=64, want_teacher=True, top_k=8)
+        hard, soft = first.nll[0], first.teacher
         ce = streamed_nll(ckpt, tokens, chunk_tokens=64, soft=soft)[0]
     finally:
         fw.LOGIT_BUDGET = old

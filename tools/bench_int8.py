@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lowmem_bonsai.engine.block as block_module  # noqa: E402
 from lowmem_bonsai.model.checkpoint import Checkpoint  # noqa: E402
 from lowmem_bonsai.data import load_tokenizer, tokenize_file, windows  # noqa: E402
-from lowmem_bonsai.engine.forward import streamed_nll  # noqa: E402
+from lowmem_bonsai.engine.forward import streamed_nll, streamed_pass  # noqa: E402
 from lowmem_bonsai.model.plan import Plan  # noqa: E402
 from lowmem_bonsai.profiles import load_profile  # noqa: E402
 from lowmem_bonsai.method.prior import layer_priors  # noqa: E402
@@ -87,8 +87,7 @@ def main() -> None:
     calib = windows(tokenize_file(load_tokenizer(a.model), WIKITEXT), seq_len=prof.seq_len,
                     max_seqs=prof.calib_seqs)
     plan = Plan.dense(ckpt.config)
-    stats: list = []
-    streamed_nll(ckpt, calib, plan=plan, stats=stats)
+    stats = streamed_pass(ckpt, calib, plan=plan, want_stats=True).stats
     priors = layer_priors(ckpt, stats, prof.prior, torch.Generator().manual_seed(0), prof.head_unit)
     modules = modules_of(ckpt.config, plan, prof.align, prof.head_unit)
     per_module = sample_round(modules, priors, prof.prune_frac, a.masks, torch.Generator().manual_seed(0),

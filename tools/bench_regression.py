@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lowmem_bonsai.model.checkpoint import Checkpoint  # noqa: E402
 from lowmem_bonsai.data import load_tokenizer, tokenize_file, windows  # noqa: E402
-from lowmem_bonsai.engine.forward import streamed_nll  # noqa: E402
+from lowmem_bonsai.engine.forward import streamed_nll, streamed_pass  # noqa: E402
 from lowmem_bonsai.model.plan import Plan  # noqa: E402
 from lowmem_bonsai.profiles import load_profile  # noqa: E402
 from lowmem_bonsai.method.prior import layer_priors  # noqa: E402
@@ -81,8 +81,8 @@ def main() -> None:
     held = windows(ids, seq_len=128, max_seqs=a.heldout_seqs,
                    skip=math.ceil(prof.calib_seqs * prof.seq_len / 128) + 64)
     plan = Plan.dense(ckpt.config)
-    stats, teacher = [], []
-    streamed_nll(ckpt, calib, plan=plan, stats=stats, teacher=teacher)
+    first = streamed_pass(ckpt, calib, plan=plan, want_stats=True, want_teacher=True)
+    stats, teacher = first.stats, first.teacher
     gen = torch.Generator().manual_seed(a.seed)
     priors = layer_priors(ckpt, stats, prof.prior, gen, prof.head_unit)
     modules = modules_of(ckpt.config, plan, prof.align, prof.head_unit)
@@ -99,7 +99,7 @@ def main() -> None:
             ys = torch.load(cache)
         else:
             ys = {"nll": -mean_nll(ckpt, calib, plan, per_module),
-                  "kl": -mean_nll(ckpt, calib, plan, per_module, soft=teacher[0]),
+                  "kl": -mean_nll(ckpt, calib, plan, per_module, soft=teacher),
                   "held": -mean_nll(ckpt, held, plan, per_module)}
             torch.save(ys, cache)
         d = design_of(per_module)

@@ -149,7 +149,17 @@ def sliding_mask(seq_len: int, window: int | None) -> torch.Tensor | None:
     return (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
 
 
-def streamed_nll(
+@dataclass(frozen=True, slots=True)
+class PassResult:
+    """What one streamed pass computed: the losses, and what the prior and the teacher asked for."""
+
+    nll: torch.Tensor  # (G, S) fp64: sum of next-token NLL per mask and sequence
+    stats: tuple[ColumnStats, ...] | None  # per layer, with ``want_stats``
+    teacher: SoftTargets | None  # the pass's own top-k distribution, with ``want_teacher``
+    tokens: int  # forward tokens computed: G x S x T
+
+
+def streamed_pass(
     ckpt: Checkpoint,
     tokens: torch.Tensor,
     *,
@@ -158,21 +168,21 @@ def streamed_nll(
     dtype: torch.dtype = torch.float32,
     prefetch: int = 1,
     chunk_tokens: int = 4096,
-    stats: list[ColumnStats] | None = None,
+    want_stats: bool = False,
     on_block: Callable[[int], None] | None = None,
     soft: SoftTargets | None = None,
-    teacher: list[SoftTargets] | None = None,
+    want_teacher: bool = False,
     top_k: int = 64,
     device: torch.device | None = None,
-) -> torch.Tensor:
-    """Sum of next-token NLL of every sequence under every mask.
+) -> PassResult:
+    """Next-token NLL of every sequence under every mask, and (on request) what priors need.
 
-    tokens: (S, T) token ids. Returns (G, S) fp64, G = number of masks (1 without masks); each
-    sequence contributes T-1 predicted positions. ``stats``, if given, is filled with one
+    tokens: (S, T) token ids. The losses are (G, S) fp64, G = number of masks (1 without masks);
+    each sequence contributes T-1 predicted positions. ``want_stats`` gathers one
     :class:`ColumnStats` per layer for the priors (only meaningful without masks). With ``soft``,
-    the loss is the cross-entropy to that distribution instead of to the next token; ``teacher``,
-    if given, receives this pass's own top-``top_k`` distribution (for a pass without masks).
-    ``device``: where the blocks compute (default the CPU); inputs and results stay on the host.
+    the loss is the cross-entropy to that distribution instead of to the next token;
+    ``want_teacher`` also returns this pass's own top-``top_k`` distribution (for a pass without
+    masks). ``device``: where the blocks compute (default the CPU); inputs and results stay on the host.
     """
     cfg = ckpt.config
     s_count, t = tokens.shape
@@ -188,9 +198,10 @@ def streamed_nll(
     hidden = x0.repeat(g_count, 1, 1)  # (G S, T, H); row r belongs to mask r // S
     del x0
     row_mask = torch.arange(g_count * s_count, device=dev) // s_count  # (G S,)
+    stats: list[ColumnStats] = []
 
     for w in BlockStreamer(ckpt, plan=plan, dtype=dtype, prefetch=prefetch, device=dev):
-        layer_stats = UnitStats.zeros(w) if stats is not None else None
+        layer_stats = UnitStats.zeros(w) if want_stats else None
         if masks is not None:
             head_m, chan_m = masks.head[w.layer].to(dev), masks.channel[w.layer].to(dev)
         for a in range(0, hidden.shape[0], rows_per_chunk):
@@ -202,7 +213,7 @@ def streamed_nll(
             hidden[a:b] = block_forward(hidden[a:b], w, cos, sin, eps=cfg.rms_norm_eps,
                                         head_mask=hm, channel_mask=cm, attn_mask=attn_mask,
                                         stats=layer_stats)
-        if stats is not None:
+        if layer_stats is not None:
             stats.append(ColumnStats.of(w, layer_stats))
         if on_block is not None:
             on_block(w.layer)
@@ -213,8 +224,14 @@ def streamed_nll(
     else:
         targets, weights = tokens[:, 1:], None  # (S, T-1)
     out = token_nll(ckpt, hidden, targets, dtype=dtype, rows_per_chunk=rows_per_chunk, weights=weights,
-                    top_k=top_k if teacher is not None else 0)
-    if teacher is not None:
+                    top_k=top_k if want_teacher else 0)
+    dist = None
+    if want_teacher:
         out, dist = out
-        teacher.append(dist)
-    return out.view(g_count, s_count)
+    return PassResult(out.view(g_count, s_count), tuple(stats) if want_stats else None, dist,
+                      g_count * s_count * t)
+
+
+def streamed_nll(ckpt: Checkpoint, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
+    """The losses of :func:`streamed_pass` alone.  # (G, S) fp64"""
+    return streamed_pass(ckpt, tokens, **kwargs).nll

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model.config import ModelConfig
+from ..model.plan import Plan
+
 
 @dataclass(frozen=True, slots=True)
 class Module:
@@ -28,6 +31,29 @@ class Module:
     n_units: int  # current width
     unit_params: int  # parameters removed with one unit
     min_units: int  # never prune below this (exportability)
+
+
+def modules_of(config: ModelConfig, plan: Plan, align: int, head_unit: str = "group") -> list[Module]:
+    """Attention and MLP (channels) of every layer, with their unit sizes.
+
+    Attention units are KV groups ("attn": a KV head with its query heads) or, with
+    ``head_unit="query"``, query-head slots ("heads": the j-th kept query head of every group, so
+    every group keeps the same number, as llama.cpp requires).
+    """
+    h, hd = config.hidden_size, config.head_dim
+    bias = config.attention_bias
+    out = []
+    for layer, lp in enumerate(plan.layers):
+        n_kv = len(lp.kv_heads)
+        q = len(lp.heads) // max(n_kv, 1)  # query heads per group now
+        if head_unit == "query":
+            out.append(Module(layer, "heads", q, n_kv * (2 * hd * h + (hd if bias else 0)), min_units=1))
+        else:
+            group_params = (2 * q + 2) * hd * h + ((q + 2) * hd if bias else 0)
+            out.append(Module(layer, "attn", n_kv, group_params, min_units=1))
+        out.append(Module(layer, "mlp", len(lp.channels), 3 * h,
+                          min_units=min(align, len(lp.channels))))
+    return out
 
 
 def eligible_units(prior: torch.Tensor, *, n_eligible: int) -> torch.Tensor:

@@ -1,8 +1,10 @@
-"""Bonsai rounds: prior pass -> eligible units -> masks -> batched masked passes -> regression -> plan.
+"""Bonsai rounds, as their steps: prior pass -> choose -> remove -> record.
 
 Every pass streams the blocks from the source checkpoint, sliced to the current plan, so later rounds
 run smaller GEMMs. The ``prior``, ``magnitude`` and ``random`` methods skip the masks and remove the
-lowest-prior share of every module in the same rounds (the forward-only baselines).
+lowest-prior share of every module in the same rounds (the forward-only baselines); ``bonsai``
+chooses by a regression on the losses of masked sub-models (draw masks -> score them in waves ->
+fit -> select).
 """
 
 from __future__ import annotations
@@ -11,24 +13,28 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
-from ..engine.block import ColumnStats
+from ..engine.block import ColumnStats, UnitStats
 from ..engine.device import free_bytes, resolve_device
-from ..engine.forward import MaskSet, streamed_nll
+from ..engine.forward import MaskSet, SoftTargets, streamed_nll, streamed_pass
 from ..engine.memory import pick_compute_dtype, plan_memory
+from ..engine.ranks import SINGLE, Ranks
 from ..errors import UserError
 from ..model.checkpoint import Checkpoint
 from ..model.config import DTYPES, ModelConfig
-from ..model.plan import LayerPlan, Plan
+from ..model.plan import Drop, Plan
 from ..outputs.resume import RunState
 from ..profiles import Profile
 from ..settings import Method, names
-from .masks import Module, eligible_units, sample_masks
+from . import select
+from .masks import Module, eligible_units, modules_of, sample_masks
 from .prior import flap_scores, layer_priors
 from .regression import fit
+from .select import ModuleMasks, Priors, prior_of
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +43,11 @@ ONE_SHOT = (Method.FLAP,)  # methods that remove the whole target in one round
 # progress(stage, done, total): stage is "prior", "masks" (blocks of all waves) or "round"
 Progress = Callable[[str, int, int], None]
 
+__all__ = ["PruneResult", "RoundReport", "check_settings", "design_of", "mask_set", "modules_of",
+           "run_rounds", "sample_round", "wave_size"]
 
-@dataclass(slots=True)
+
+@dataclass(frozen=True, slots=True)
 class RoundReport:
     round: int
     params_before: int
@@ -58,70 +67,81 @@ class RoundReport:
     removed_channels: int = 0
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class PruneResult:
     plan: Plan
-    rounds: list[RoundReport] = field(default_factory=list)
+    rounds: tuple[RoundReport, ...] = ()
+    rank_tokens: tuple[int, ...] = ()  # forward tokens each rank computed in this run (not resumed work)
 
 
-def modules_of(config: ModelConfig, plan: Plan, align: int, head_unit: str = "group") -> list[Module]:
-    """Attention and MLP (channels) of every layer, with their unit sizes.
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """How the streamed passes compute (the same for every pass of a prune)."""
 
-    Attention units are KV groups ("attn": a KV head with its query heads) or, with
-    ``head_unit="query"``, query-head slots ("heads": the j-th kept query head of every group, so
-    every group keeps the same number, as llama.cpp requires).
-    """
-    h, hd = config.hidden_size, config.head_dim
-    bias = config.attention_bias
-    out = []
-    for layer, lp in enumerate(plan.layers):
-        n_kv = len(lp.kv_heads)
-        q = len(lp.heads) // max(n_kv, 1)  # query heads per group now
-        if head_unit == "query":
-            out.append(Module(layer, "heads", q, n_kv * (2 * hd * h + (hd if bias else 0)), min_units=1))
-        else:
-            group_params = (2 * q + 2) * hd * h + ((q + 2) * hd if bias else 0)
-            out.append(Module(layer, "attn", n_kv, group_params, min_units=1))
-        out.append(Module(layer, "mlp", len(lp.channels), 3 * h,
-                          min_units=min(align, len(lp.channels))))
-    return out
+    dtype: torch.dtype
+    prefetch: int
+    chunk_tokens: int
+    device: torch.device
+
+    def kwargs(self) -> dict[str, Any]:
+        return dict(dtype=self.dtype, prefetch=self.prefetch, chunk_tokens=self.chunk_tokens,
+                    device=self.device)
 
 
-def plan_params(config: ModelConfig, plan: Plan) -> int:
-    return config.with_layers(plan.shapes()).non_embedding_params()
+@dataclass(frozen=True, slots=True)
+class RoundStart:
+    """What a round may remove: its number, the model entering it and its parameter budget."""
+
+    number: int
+    params_before: int
+    budget: float  # parameters to remove
+    modules: tuple[Module, ...]
+
+    @property
+    def share(self) -> float:
+        """The share of the current model this round removes (p)."""
+        return self.budget / self.params_before
 
 
-def _remove(plan: Plan, config: ModelConfig, drop: dict[tuple[int, str], list[int]]) -> Plan:
-    """Drop units given by local (current) indices; returns the plan in original indices."""
-    qpk = config.queries_per_kv
-    layers = []
-    for layer, lp in enumerate(plan.layers):
-        gone_kv = {lp.kv_heads[i] for i in drop.get((layer, "attn"), [])}
-        gone_ch = {lp.channels[i] for i in drop.get((layer, "mlp"), [])}
-        slots = set(drop.get((layer, "heads"), []))
-        gone_q = {hs[j] for kv in lp.kv_heads for hs in [[q for q in lp.heads if q // qpk == kv]]
-                  for j in slots}  # the j-th kept query head of every group
-        layers.append(LayerPlan(
-            heads=tuple(q for q in lp.heads if q // qpk not in gone_kv and q not in gone_q),
-            kv_heads=tuple(k for k in lp.kv_heads if k not in gone_kv),
-            channels=tuple(c for c in lp.channels if c not in gone_ch),
-        ))
-    return Plan(tuple(layers), plan.meta)
+@dataclass(frozen=True, slots=True)
+class PriorPass:
+    """The unmasked pass of a round: its loss, the priors and (score kl) the teacher."""
+
+    calib_loss: float  # mean next-token NLL
+    stats: tuple[ColumnStats, ...]
+    priors: Priors
+    teacher: SoftTargets | None
+    tokens: int  # forward tokens this rank computed
 
 
-def _align_mlp(drop: list[int], order: list[int], n_units: int, align: int) -> list[int]:
-    """Adjust one MLP's dropped channels so the kept width is a multiple of ``align``.
+@dataclass(frozen=True, slots=True)
+class FitSummary:
+    """How the round's regression went (recorded in the round's report)."""
 
-    ``order``: removable local indices, least important first, with ``drop`` as its prefix. The
-    kept width moves to the nearest multiple that ``order`` can reach; otherwise nothing changes.
-    """
-    kept = n_units - len(drop)
-    down = kept - kept % align
-    targets = sorted((down, down + align), key=lambda w: (abs(w - kept), w))
-    for width in targets:
-        if width >= min(align, n_units) and 0 <= n_units - width <= len(order):
-            return order[: n_units - width]
-    return drop
+    mask_loss_mean: float
+    mask_loss_std: float
+    cv_tau: float
+    train_tau: float
+    penalty: float | None
+    module_penalty: float | None  # None: no per-module scales
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """The units a round removes and the evidence it cost."""
+
+    drop: Drop
+    masks: int = 0  # sub-models scored (0: a method without masks)
+    fit: FitSummary | None = None
+    tokens: int = 0  # forward tokens this rank computed for the masks
+
+
+@dataclass(frozen=True, slots=True)
+class MaskScores:
+    """The losses of a round's masks."""
+
+    loss: torch.Tensor  # (M,) fp64 mean next-token NLL per mask
+    tokens: int  # forward tokens this rank computed
 
 
 def check_settings(*, sparsity: float, method: str) -> None:
@@ -141,138 +161,286 @@ def run_rounds(
     seed: int = 0,
     progress: Progress | None = None,
     state: RunState | None = None,
+    ranks: Ranks = SINGLE,
 ) -> PruneResult:
     """Prune ``ckpt`` to ``sparsity`` (fraction of non-embedding params removed); returns the plan.
 
     With ``state``, progress is checkpointed after every wave and round, and a state holding
-    earlier progress is continued from where it stopped.
+    earlier progress is continued from where it stopped. With several ``ranks``, every rank calls
+    this with the same arguments (only rank 0's ``state`` writes): the prior pass splits the
+    calibration sequences, the waves of masks are shared out whole, and every rank ends with rank
+    0's plan.
     """
     check_settings(sparsity=sparsity, method=method)
     cfg = ckpt.config
-    device = resolve_device(profile.device)  # refuses a GPU profile where there is no GPU
-    dtype_name, rates = pick_compute_dtype(profile.compute_dtype, device)
-    dtype = DTYPES[dtype_name]
-    if rates:
-        log.info("compute dtype %s on %s (measured matmul GFLOP/s: %s)", dtype_name, device,
-                 ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
-    wave = wave_size(cfg, calib, profile, device)  # refuses now, not hours in, if the budget cannot work
+    if calib.shape[0] < ranks.world:
+        raise UserError(f"{ranks.world} ranks need at least as many calibration windows; the profile "
+                        f"gives {calib.shape[0]} (raise calib_seqs, or start fewer ranks)")
+    fwd = forward_settings(profile)
+    wave = wave_size(cfg, calib, profile, fwd.device)  # refuses now, not hours in, if the budget cannot work
     log.info("waves of %d masks (%d per round)", wave, profile.masks_per_round)
     gen = torch.Generator().manual_seed(seed)
     prior_kind = {"magnitude": "magnitude", "random": "random"}.get(method, profile.prior)
-    total = cfg.non_embedding_params()
-    target = sparsity * total
     plan = Plan.dense(cfg)
-    result = PruneResult(plan)
+    rounds: list[RoundReport] = []
     if state is not None and state.rounds:
         plan = state.plan()
-        result.rounds = [RoundReport(**r) for r in state.rounds]
+        rounds = [RoundReport(**r) for r in state.rounds]
         state.restore_generator(gen)
-        log.info("resuming after round %d", len(result.rounds))
-    s_count, t = calib.shape
-    pass_tokens = s_count * t
+        log.info("resuming after round %d", len(rounds))
     expected_rounds = profile.rounds_for(sparsity)
-    fwd = dict(dtype=dtype, prefetch=profile.prefetch, chunk_tokens=profile.chunk_tokens, device=device)
-    r = len(result.rounds)
+    tokens = 0  # computed by this rank
     # A round that removed nothing ends the prune; so it does when resuming right after it.
-    while not (result.rounds and result.rounds[-1].params_after == result.rounds[-1].params_before):
-        before = plan_params(cfg, plan)
-        budget = target - (total - before)
-        if method not in ONE_SHOT:
-            budget = min(profile.prune_frac * total, budget)
-        modules = modules_of(cfg, plan, profile.align, profile.head_unit)
-        # Stop when what is left is smaller than half the smallest removable piece (one attention
-        # unit, or `align` channels: MLP widths stay aligned), instead of spending a round on nothing.
-        smallest = min((m.unit_params * (m.min_units if m.kind == "mlp" else 1)  # min_units: align
-                        for m in modules if m.n_units > m.min_units), default=0)
-        if not smallest or budget < 0.5 * smallest:
+    while not (rounds and rounds[-1].params_after == rounds[-1].params_before):
+        start = next_round(cfg, plan, number=len(rounds) + 1, sparsity=sparsity, profile=profile,
+                           method=method)
+        if start is None:
             break
-        r += 1
-        start = time.perf_counter()
+        t0 = time.perf_counter()
         if state is not None:
-            state.begin_round(r, gen)
+            state.begin_round(start.number, gen)
         if progress:
-            progress("round", r - 1, max(expected_rounds, r))
-        stats: list[ColumnStats] = []
+            progress("round", start.number - 1, max(expected_rounds, start.number))
         on_prior = (lambda l: progress("prior", l + 1, cfg.num_hidden_layers)) if progress else None
-        teacher = [] if method == "bonsai" and profile.score == "kl" else None
-        base = streamed_nll(ckpt, calib, plan=plan, stats=stats, on_block=on_prior, teacher=teacher, **fwd)
-        calib_loss = float(base.sum()) / (s_count * (t - 1))
-        priors = layer_priors(ckpt, stats, prior_kind, gen, profile.head_unit)
-        if not math.isfinite(calib_loss):  # a non-finite lm_head or final norm (or a random prior)
-            raise ckpt.nonfinite_error(found="the calibration loss")
-        p = budget / before  # share of the current model this round removes
-        report = RoundReport(r, before, before, calib_loss, 0, pass_tokens, 0.0)
-        if method == Method.BONSAI:
-            drop, fit_info = _bonsai_choice(ckpt, calib, plan, modules, priors, p, budget, profile,
-                                            gen, dict(fwd, soft=teacher[0] if teacher else None),
-                                            progress, state, wave)
-            report.masks = profile.masks_per_round
-            report.forward_tokens += profile.masks_per_round * pass_tokens
-            (report.mask_loss_mean, report.mask_loss_std, report.cv_tau, report.train_tau,
-             report.penalty, report.module_penalty) = fit_info
-        elif method == Method.FLAP:
-            drop = _flap_choice(modules, [flap_scores(st, head_unit=profile.head_unit) for st in stats],
-                                budget, profile.align)
-        else:
-            drop = _per_module_choice(modules, _prior_orders(modules, priors), p, profile.align)
-        plan = _remove(plan, cfg, drop)
-        report.params_after = plan_params(cfg, plan)
-        report.removed_groups = sum(len(v) for (_, k), v in drop.items() if k == "attn")
-        report.removed_head_slots = sum(len(v) for (_, k), v in drop.items() if k == "heads")
-        report.removed_channels = sum(len(v) for (_, k), v in drop.items() if k == "mlp")
-        report.seconds = time.perf_counter() - start
-        result.rounds.append(report)
+        prior = prior_pass(ckpt, calib, plan, kind=prior_kind, gen=gen, head_unit=profile.head_unit,
+                           teacher=method == Method.BONSAI and profile.score == "kl", fwd=fwd,
+                           on_block=on_prior, ranks=ranks)
+        choice = choose(ckpt, calib, plan, start, prior, method=method, profile=profile, gen=gen,
+                        fwd=fwd, wave=wave, state=state, progress=progress, ranks=ranks)
+        tokens += prior.tokens + choice.tokens
+        plan = agree(plan.without(cfg, choice.drop), gen, ranks, round_number=start.number)
+        report = record(start, prior, choice, params_after=plan.params(cfg),
+                        pass_tokens=calib.numel(), seconds=time.perf_counter() - t0)
+        rounds.append(report)
         if state is not None:
             state.end_round(plan, report, gen)
-        log.info("round %d: %d -> %d params, calib loss %.4f, %.1f s", r, before,
-                 report.params_after, calib_loss, report.seconds)
-        if report.params_after == before:
-            log.warning("round %d removed nothing (units too coarse for the budget); stopping", r)
+        log.info("round %d: %d -> %d params, calib loss %.4f, %.1f s", report.round, report.params_before,
+                 report.params_after, report.calib_loss, report.seconds)
+        if report.params_after == report.params_before:
+            log.warning("round %d removed nothing (units too coarse for the budget); stopping", report.round)
     if progress:
-        progress("round", r, r)
-    result.plan = plan
-    return result
+        progress("round", len(rounds), len(rounds))
+    rank_tokens = ranks.gather(tokens, what="the end of the rounds")
+    return PruneResult(plan, tuple(rounds), tuple(rank_tokens))
 
 
-def _order(prior: torch.Tensor, n_units: int, min_units: int) -> list[int]:
-    return torch.argsort(prior, stable=True)[: max(n_units - min_units, 0)].tolist()
+def agree(plan: Plan, gen: torch.Generator, ranks: Ranks, *, round_number: int) -> Plan:
+    """Rank 0's plan and generator on every rank (they compute the same; this makes it certain)."""
+    if ranks.world == 1:
+        return plan
+    plan_json, gen_state = ranks.broadcast((plan.to_json(), gen.get_state()),
+                                           what=f"the end of round {round_number}")
+    gen.set_state(gen_state)
+    return plan if ranks.main else Plan.from_json(plan_json, source="rank 0's plan")
 
 
-def _per_module_choice(modules: list[Module], orders: list[list[int]], p: float,
-                       align: int) -> dict[tuple[int, str], list[int]]:
-    """Every module loses the first round(p * width) units of its order (MLP widths aligned).
+def forward_settings(profile: Profile) -> Forward:
+    """The compute device and dtype of the profile (the dtype measured when ``auto``)."""
+    device = resolve_device(profile.device)  # refuses a GPU profile where there is no GPU
+    dtype_name, rates = pick_compute_dtype(profile.compute_dtype, device)
+    if rates:
+        log.info("compute dtype %s on %s (measured matmul GFLOP/s: %s)", dtype_name, device,
+                 ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
+    return Forward(DTYPES[dtype_name], profile.prefetch, profile.chunk_tokens, device)
 
-    ``orders[i]``: module i's removable local indices, least important first.
+
+def next_round(cfg: ModelConfig, plan: Plan, *, number: int, sparsity: float, profile: Profile,
+               method: str) -> RoundStart | None:
+    """Round ``number``'s budget, or None when what is left to remove is too small to be worth it."""
+    total = cfg.non_embedding_params()
+    before = plan.params(cfg)
+    budget = sparsity * total - (total - before)
+    if method not in ONE_SHOT:
+        budget = min(profile.prune_frac * total, budget)
+    modules = modules_of(cfg, plan, profile.align, profile.head_unit)
+    # Stop when what is left is smaller than half the smallest removable piece (one attention
+    # unit, or `align` channels: MLP widths stay aligned), instead of spending a round on nothing.
+    smallest = min((m.unit_params * (m.min_units if m.kind == "mlp" else 1)  # min_units: align
+                    for m in modules if m.n_units > m.min_units), default=0)
+    if not smallest or budget < 0.5 * smallest:
+        return None
+    return RoundStart(number, before, budget, tuple(modules))
+
+
+def prior_pass(ckpt: Checkpoint, calib: torch.Tensor, plan: Plan, *, kind: str, gen: torch.Generator,
+               head_unit: str, teacher: bool, fwd: Forward,
+               on_block: Callable[[int], None] | None = None, ranks: Ranks = SINGLE) -> PriorPass:
+    """One unmasked pass of the current model: its calibration loss, column statistics and priors.
+
+    With several ranks, each passes its share of the sequences; the column statistics are summed
+    (fp64) and the per-sequence losses and teacher distributions gathered, so every rank ends with
+    the same priors.
     """
-    drop: dict[tuple[int, str], list[int]] = {}
-    for m, order in zip(modules, orders):
-        chosen = order[: min(round(p * m.n_units), len(order))]
-        if m.kind == "mlp":
-            chosen = _align_mlp(chosen, order, m.n_units, align)
-        drop[(m.layer, m.kind)] = chosen
-    return drop
+    s_count, t = calib.shape
+    mine = ranks.share(s_count)
+    base = streamed_pass(ckpt, calib[mine.start : mine.stop], plan=plan, want_stats=True,
+                         want_teacher=teacher, on_block=on_block, **fwd.kwargs())
+    nll, stats, soft = base.nll, base.stats, base.teacher
+    if ranks.world > 1:
+        what = "the prior pass"
+        nll = torch.cat(ranks.gather(nll, what=what), dim=1)  # (1, S) in sequence order
+        stats = summed_stats(stats, ranks)
+        if soft is not None:
+            parts = ranks.gather(soft, what=what)
+            soft = SoftTargets(torch.cat([p.ids for p in parts]), torch.cat([p.probs for p in parts]))
+    calib_loss = float(nll.sum()) / (s_count * (t - 1))
+    priors = tuple(layer_priors(ckpt, list(stats), kind, gen, head_unit))
+    if not math.isfinite(calib_loss):  # a non-finite lm_head or final norm (or a random prior)
+        raise ckpt.nonfinite_error(found="the calibration loss")
+    return PriorPass(calib_loss, stats, priors, soft, base.tokens)
 
 
-def _prior_of(priors, m: Module) -> torch.Tensor:
-    """Module m's unit priors from the per-layer (attention, MLP) pairs."""
-    return priors[m.layer][0 if m.kind != "mlp" else 1]
+def summed_stats(stats: tuple[ColumnStats, ...], ranks: Ranks) -> tuple[ColumnStats, ...]:
+    """Every rank's activation sums added up, in one exchange (the weights' terms are the same)."""
+    parts = [(s.act.head_sum, s.act.head_sq, s.act.chan_sum, s.act.chan_sq) for s in stats]
+    flat = torch.cat([torch.cat([*p, torch.tensor([float(s.act.tokens)], dtype=torch.float64)])
+                      for p, s in zip(parts, stats)])
+    total = ranks.sum(flat, what="the prior pass")
+    out, a = [], 0
+    for p, s in zip(parts, stats):
+        got = []
+        for x in p:
+            got.append(total[a : a + x.numel()].clone())
+            a += x.numel()
+        tokens = int(total[a])
+        a += 1
+        out.append(replace(s, act=UnitStats(*got, tokens=tokens)))
+    return tuple(out)
 
 
-def _prior_orders(modules: list[Module], priors) -> list[list[int]]:
-    return [_order(_prior_of(priors, m), m.n_units, m.min_units) for m in modules]
+def choose(ckpt: Checkpoint, calib: torch.Tensor, plan: Plan, start: RoundStart, prior: PriorPass, *,
+           method: str, profile: Profile, gen: torch.Generator, fwd: Forward, wave: int,
+           state: RunState | None, progress: Progress | None, ranks: Ranks = SINGLE) -> Choice:
+    """The units round ``start`` removes, by the method's policy."""
+    modules = list(start.modules)
+    if method == Method.BONSAI:
+        return bonsai_choice(ckpt, calib, plan, start, prior, profile=profile, gen=gen, fwd=fwd,
+                             wave=wave, state=state, progress=progress, ranks=ranks)
+    if method == Method.FLAP:
+        scores = [flap_scores(st, head_unit=profile.head_unit) for st in prior.stats]
+        return Choice(select.flap(modules, scores, start.budget, profile.align))
+    return Choice(select.per_module(modules, select.prior_orders(modules, prior.priors), start.share,
+                                    profile.align))
 
 
-@dataclass(slots=True)
-class ModuleMasks:
-    """One module's part of a round's sub-models."""
+def record(start: RoundStart, prior: PriorPass, choice: Choice, *, params_after: int, pass_tokens: int,
+           seconds: float) -> RoundReport:
+    """The round's report: what it removed, what it saw, what it cost."""
+    f = choice.fit
+    kinds = {"attn": 0, "heads": 0, "mlp": 0}
+    for (_, kind), units in choice.drop.items():
+        kinds[kind] += len(units)
+    return RoundReport(
+        round=start.number, params_before=start.params_before, params_after=params_after,
+        calib_loss=prior.calib_loss, masks=choice.masks,
+        forward_tokens=(1 + choice.masks) * pass_tokens, seconds=seconds,
+        mask_loss_mean=f.mask_loss_mean if f else None, mask_loss_std=f.mask_loss_std if f else None,
+        cv_tau=f.cv_tau if f else None, train_tau=f.train_tau if f else None,
+        penalty=f.penalty if f else None, module_penalty=f.module_penalty if f else None,
+        removed_groups=kinds["attn"], removed_head_slots=kinds["heads"], removed_channels=kinds["mlp"])
 
-    module: Module
-    prior: torch.Tensor  # (n_units,) fp64
-    eligible: torch.Tensor  # (e,) local indices that masks may drop
-    masks: torch.Tensor  # (M, n_units) 1 = kept
+
+def draw_masks(modules: list[Module], priors: Priors, p: float, n_masks: int, gen: torch.Generator,
+               varied: bool) -> list[ModuleMasks] | None:
+    """The round's sub-models; None when every module is at its minimum width."""
+    per_module = sample_round(modules, priors, p, n_masks, gen, varied)
+    if not any(mm.eligible.numel() for mm in per_module):
+        # Every module is too coarse for this round's rate: perturb the coarse ones after all (a
+        # small last round, or a model already near its minimum widths).
+        per_module = sample_round(modules, priors, p, n_masks, gen, varied, skip_coarse=False)
+    if not any(mm.eligible.numel() for mm in per_module):
+        return None
+    return per_module
 
 
-def sample_round(modules: list[Module], priors, p: float, n_masks: int, gen: torch.Generator,
+def wave_bounds(n_masks: int, wave: int) -> list[tuple[int, int]]:
+    """Masks a..b of every wave of a round, in order."""
+    return [(a, min(a + wave, n_masks)) for a in range(0, n_masks, wave)]
+
+
+def score_wave(ckpt: Checkpoint, calib: torch.Tensor, plan: Plan, per_module: list[ModuleMasks],
+               a: int, b: int, *, fwd: Forward, soft: SoftTargets | None,
+               on_block: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Mean next-token NLL of masks a..b, from one streamed pass.  # (b - a,) fp64"""
+    nll = streamed_nll(ckpt, calib, plan=plan, masks=mask_set(per_module, plan, a, b), soft=soft,
+                       on_block=on_block, **fwd.kwargs())
+    return nll.sum(1) / (calib.shape[0] * (calib.shape[1] - 1))
+
+
+def score_masks(ckpt: Checkpoint, calib: torch.Tensor, plan: Plan, per_module: list[ModuleMasks], *,
+                wave: int, fwd: Forward, soft: SoftTargets | None, state: RunState | None,
+                progress: Progress | None, ranks: Ranks = SINGLE, round_number: int = 0) -> MaskScores:
+    """Every mask's loss, wave by wave; waves the state already holds are not scored again.
+
+    With several ranks the waves still to score are dealt out whole, one per rank at a time, so
+    each mask's loss is computed exactly as one process computes it; after each such step every
+    rank receives the step's losses and rank 0 saves them.
+    """
+    n_layers = ckpt.config.num_hidden_layers
+    bounds = wave_bounds(per_module[0].masks.shape[0], wave)
+    losses: dict[int, torch.Tensor] = {}
+    for index, (a, b) in enumerate(bounds):
+        saved = state.wave_loss(index) if state is not None else None
+        if saved is not None and saved.numel() == b - a:
+            losses[index] = saved
+    todo = [i for i in range(len(bounds)) if i not in losses]
+    mine = todo[ranks.rank :: ranks.world]
+    blocks_total = len(mine) * n_layers
+    done = 0
+
+    def on_block(_l: int) -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress("masks", done, blocks_total)
+
+    tokens = 0
+    for step in range(0, len(todo), ranks.world):
+        index = todo[step + ranks.rank] if step + ranks.rank < len(todo) else None
+        loss = None
+        if index is not None:
+            a, b = bounds[index]
+            loss = score_wave(ckpt, calib, plan, per_module, a, b, fwd=fwd, soft=soft, on_block=on_block)
+            tokens += (b - a) * calib.numel()
+        for i, got in zip(todo[step : step + ranks.world],
+                          ranks.gather(loss, what=f"the masked passes of round {round_number}")):
+            losses[i] = got
+            if state is not None:
+                state.save_wave(i, got)
+    return MaskScores(torch.cat([losses[i] for i in range(len(bounds))]), tokens)
+
+
+def bonsai_choice(ckpt: Checkpoint, calib: torch.Tensor, plan: Plan, start: RoundStart, prior: PriorPass,
+                  *, profile: Profile, gen: torch.Generator, fwd: Forward, wave: int,
+                  state: RunState | None, progress: Progress | None, ranks: Ranks = SINGLE) -> Choice:
+    """Draw masks -> score them -> regress the scores on the masks -> select by the betas."""
+    n_masks = profile.masks_per_round
+    varied = profile.mask_counts == "varied"
+    per_module = draw_masks(list(start.modules), prior.priors, start.share, n_masks, gen, varied)
+    if per_module is None:  # every module is at its minimum
+        nan = float("nan")
+        return Choice({}, n_masks, FitSummary(nan, nan, nan, nan, None, None))
+    scores = score_masks(ckpt, calib, plan, per_module, wave=wave, fwd=fwd, soft=prior.teacher,
+                         state=state, progress=progress, ranks=ranks, round_number=start.number)
+    loss = scores.loss
+    d = design_of(per_module)
+    f = fit(d.x, -loss, prior=d.prior, kinds=d.kinds, estimator=profile.estimator, gen=gen,
+            groups=d.groups if varied else None)
+    beta_of = {d.owners[i]: float(f.beta[i]) for i in range(len(d.owners)) if f.informed[i]}
+    if profile.allocation == "uniform":
+        # Same widths as the baselines; the regression decides which units go.
+        drop = select.per_module(list(start.modules), select.beta_orders(per_module, beta_of), start.share,
+                                 profile.align)
+    else:
+        drop = select.global_by_beta(per_module, beta_of, start.budget, profile.align, whole=varied)
+    log.info("regression: cv tau %.3f, penalty %g, module penalty %g, per-unit scale (attention group, "
+             "MLP channel) %s", f.cv_tau, f.penalty, f.module_penalty, f.kind_scale)
+    summary = FitSummary(float(loss.mean()), float(loss.std()), f.cv_tau, f.train_tau, f.penalty,
+                         f.module_penalty if math.isfinite(f.module_penalty) else None)
+    return Choice(drop, n_masks, summary, scores.tokens)
+
+
+def sample_round(modules: list[Module], priors: Priors, p: float, n_masks: int, gen: torch.Generator,
                  varied: bool = False, skip_coarse: bool = True) -> list[ModuleMasks]:
     """Eligible units and the keep-masks of every module for one round (``p``: share removed).
 
@@ -284,7 +452,7 @@ def sample_round(modules: list[Module], priors, p: float, n_masks: int, gen: tor
     """
     out = []
     for m in modules:
-        prior = _prior_of(priors, m)
+        prior = prior_of(priors, m)
         room = m.n_units - m.min_units
         # MLP modules offer at least two pieces of `align` (= min_units) channels: a small last
         # round must still have a whole piece to remove.
@@ -343,142 +511,6 @@ def design_of(per_module: list[ModuleMasks]) -> Design:
         groups.append(torch.full((elig.numel(),), idx))
         owners += [(idx, int(u)) for u in elig]
     return Design(torch.cat(cols, 1), torch.cat(pri), torch.cat(kinds), torch.cat(groups), owners)
-
-
-def _bonsai_choice(ckpt, calib, plan, modules, priors, p, budget, profile, gen, fwd, progress, state,
-                   wave):
-    cfg = ckpt.config
-    n_masks = profile.masks_per_round
-    varied = profile.mask_counts == "varied"
-    per_module = sample_round(modules, priors, p, n_masks, gen, varied)
-    if not any(mm.eligible.numel() for mm in per_module):
-        # Every module is too coarse for this round's rate: perturb the coarse ones after all (a
-        # small last round, or a model already near its minimum widths).
-        per_module = sample_round(modules, priors, p, n_masks, gen, varied, skip_coarse=False)
-    if not any(mm.eligible.numel() for mm in per_module):  # every module is at its minimum
-        return {}, (float("nan"),) * 4 + (None, None)
-    losses = []
-    blocks_total = math.ceil(n_masks / wave) * cfg.num_hidden_layers
-    done = 0
-    for index, a in enumerate(range(0, n_masks, wave)):
-        b = min(a + wave, n_masks)
-        saved = state.wave_loss(index) if state is not None else None
-        if saved is not None and saved.numel() == b - a:
-            losses.append(saved)
-            done += cfg.num_hidden_layers
-            continue
-
-        def on_block(_l: int) -> None:
-            nonlocal done
-            done += 1
-            if progress:
-                progress("masks", done, blocks_total)
-
-        nll = streamed_nll(ckpt, calib, plan=plan, masks=mask_set(per_module, plan, a, b),
-                           on_block=on_block, **fwd)
-        losses.append(nll.sum(1) / (calib.shape[0] * (calib.shape[1] - 1)))
-        if state is not None:
-            state.save_wave(index, losses[-1])
-    loss = torch.cat(losses)  # (M,) mean NLL per mask
-    y = -loss
-
-    d = design_of(per_module)
-    f = fit(d.x, y, prior=d.prior, kinds=d.kinds, estimator=profile.estimator, gen=gen,
-            groups=d.groups if varied else None)
-
-    beta_of = {d.owners[i]: float(f.beta[i]) for i in range(len(d.owners)) if f.informed[i]}
-    if profile.allocation == "uniform":
-        # Same widths as the baselines; the regression decides which units go: informed eligible
-        # units by increasing beta, then the rest of the module by increasing prior.
-        orders = []
-        for idx, mm in enumerate(per_module):
-            by_prior = _order(mm.prior, mm.module.n_units, mm.module.min_units)
-            scored = sorted((u for u in by_prior if (idx, u) in beta_of), key=lambda u: beta_of[(idx, u)])
-            orders.append(scored + [u for u in by_prior if (idx, u) not in beta_of])
-        drop = _per_module_choice(modules, orders, p, profile.align)
-    else:
-        drop = _global_choice(per_module, beta_of, budget, profile.align, whole=varied)
-    log.info("regression: cv tau %.3f, penalty %g, module penalty %g, per-unit scale (attention group, "
-             "MLP channel) %s", f.cv_tau, f.penalty, f.module_penalty, f.kind_scale)
-    info = (float(loss.mean()), float(loss.std()), f.cv_tau, f.train_tau, f.penalty,
-            f.module_penalty if math.isfinite(f.module_penalty) else None)
-    return drop, info
-
-
-def _global_choice(per_module: list[ModuleMasks], beta_of: dict[tuple[int, int], float], budget: float,
-                   align: int, whole: bool = False) -> dict[tuple[int, str], list[int]]:
-    """Remove by increasing estimated loss per parameter across all modules until the budget is spent.
-
-    The candidates are pieces: one attention unit, or the next ``align`` MLP channels of a module
-    in increasing beta (the first piece is shorter when the width is not yet a multiple of
-    ``align``), so every kept width stays aligned and the budget is met to within half a piece.
-    Units the masks never varied carry no evidence and stay. A module loses at most what one
-    sub-model dropped from it (half its eligible units, or all of them with ``whole``: masks of
-    varied counts drop that many; at least one piece): beyond that the linear model extrapolates.
-    """
-    pieces = []  # (cost per parameter, module index, piece index, units, params)
-    for idx, mm in enumerate(per_module):
-        m, elig = mm.module, mm.eligible
-        order = sorted((int(u) for u in elig if (idx, int(u)) in beta_of), key=lambda u: beta_of[(idx, u)])
-        cap = elig.numel() if whole else max(1, elig.numel() // 2)
-        first = m.n_units % align or align
-        order = order[: max(cap, first if m.kind == "mlp" else 1)]  # at least one piece
-        if m.kind == "mlp":
-            sizes = [first] + [align] * ((len(order) - first) // align) if len(order) >= first else []
-        else:
-            sizes = [1] * len(order)
-        a = 0
-        for k, size in enumerate(sizes):
-            units = order[a : a + size]
-            a += size
-            params = size * m.unit_params
-            pieces.append((sum(beta_of[(idx, u)] for u in units) / params, idx, k, units, params))
-    drop: dict[tuple[int, str], list[int]] = {(mm.module.layer, mm.module.kind): [] for mm in per_module}
-    blocked: set[int] = set()
-    removed = 0.0
-    for _, idx, _, units, params in sorted(pieces, key=lambda t: t[:3]):
-        if idx in blocked:
-            continue
-        if removed + params > budget + 0.5 * params:
-            blocked.add(idx)  # a module's pieces go in order: a skipped piece ends that module
-            continue
-        m = per_module[idx].module
-        drop[(m.layer, m.kind)] += units
-        removed += params
-    return drop
-
-
-def _flap_choice(modules: list[Module], scores: list[tuple[torch.Tensor, torch.Tensor]], budget: float,
-                 align: int) -> dict[tuple[int, str], list[int]]:
-    """FLAP's adaptive structure: every unit of every layer ranked by its standardized score.
-
-    Units go in increasing score until the removed parameters come closest to ``budget`` (FLAP's
-    threshold on the cumulative parameter count), keeping each module's minimum; then each MLP's
-    kept width is moved to a multiple of ``align`` along the same order.
-    """
-    units = []  # (score, module index, local unit)
-    for idx, m in enumerate(modules):
-        sc = scores[m.layer][0 if m.kind != "mlp" else 1]
-        units += [(float(v), idx, u) for u, v in enumerate(sc.tolist())]
-    units.sort()
-    left = [m.n_units - m.min_units for m in modules]
-    chosen: list[list[int]] = [[] for _ in modules]
-    removed = 0.0
-    for _, idx, u in units:
-        params = modules[idx].unit_params
-        if removed + 0.5 * params > budget:
-            break
-        if left[idx] > 0:
-            chosen[idx].append(u)
-            left[idx] -= 1
-            removed += params
-    drop = {}
-    for idx, m in enumerate(modules):
-        if m.kind == "mlp":
-            sc = scores[m.layer][1]
-            chosen[idx] = _align_mlp(chosen[idx], _order(sc, m.n_units, m.min_units), m.n_units, align)
-        drop[(m.layer, m.kind)] = chosen[idx]
-    return drop
 
 
 def wave_size(cfg: ModelConfig, calib: torch.Tensor, profile: Profile, device: torch.device) -> int:

@@ -16,6 +16,9 @@ from .config import LayerShape, ModelConfig
 
 PLAN_VERSION = 1
 
+# Units to remove: local (current) indices per (layer, kind), kind "attn", "heads" or "mlp".
+Drop = dict[tuple[int, str], list[int]]
+
 
 @dataclass(frozen=True, slots=True)
 class LayerPlan:
@@ -44,6 +47,31 @@ class Plan:
 
     def shapes(self) -> list[LayerShape]:
         return [lp.shape() for lp in self.layers]
+
+    def params(self, config: ModelConfig) -> int:
+        """Non-embedding parameters of ``config`` pruned to this plan."""
+        return config.with_layers(self.shapes()).non_embedding_params()
+
+    def without(self, config: ModelConfig, drop: Drop) -> Plan:
+        """This plan less the units ``drop`` names by local (current) index, per (layer, kind).
+
+        Kinds: ``attn`` (KV groups, with their query heads), ``heads`` (query-head slots: slot j
+        is the j-th kept query head of every group) and ``mlp`` (channels).
+        """
+        qpk = config.queries_per_kv
+        layers = []
+        for layer, lp in enumerate(self.layers):
+            gone_kv = {lp.kv_heads[i] for i in drop.get((layer, "attn"), [])}
+            gone_ch = {lp.channels[i] for i in drop.get((layer, "mlp"), [])}
+            slots = set(drop.get((layer, "heads"), []))
+            gone_q = {hs[j] for kv in lp.kv_heads for hs in [[q for q in lp.heads if q // qpk == kv]]
+                      for j in slots}  # the j-th kept query head of every group
+            layers.append(LayerPlan(
+                heads=tuple(q for q in lp.heads if q // qpk not in gone_kv and q not in gone_q),
+                kv_heads=tuple(k for k in lp.kv_heads if k not in gone_kv),
+                channels=tuple(c for c in lp.channels if c not in gone_ch),
+            ))
+        return Plan(tuple(layers), self.meta)
 
     def validate(self, config: ModelConfig) -> None:
         """Check the plan fits the model it prunes (indices in range, GQA groups consistent)."""

@@ -87,8 +87,8 @@ def _gen_from_str(text: str) -> torch.Tensor:
 class RunState:
     """Progress of one prune, kept in ``path`` (a JSON file in the run's work folder)."""
 
-    def __init__(self, path: Path, *, key: dict[str, Any]) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Path | None, *, key: dict[str, Any]) -> None:
+        self.path = Path(path) if path is not None else None  # None: a mirror, never written
         self.key = key  # what must match for a resume to be valid (source, settings)
         self.data: dict[str, Any] = {"version": STATE_VERSION, "key": key, "rounds": [], "plan": None,
                                      "round_start": None, "waves": {}}
@@ -128,8 +128,16 @@ class RunState:
         state.data = data
         return state
 
+    @classmethod
+    def mirror(cls, data: dict[str, Any], *, key: dict[str, Any]) -> RunState:
+        """Another rank's copy of rank 0's progress: it follows the same steps and writes nothing."""
+        state = cls(None, key=key)
+        state.data = data
+        return state
+
     def _save(self) -> None:
-        write_json_atomic(self.path, self.data)
+        if self.path is not None:
+            write_json_atomic(self.path, self.data)
 
     # --- rounds -------------------------------------------------------------------------------
     @property

@@ -1,0 +1,242 @@
+"""One prune over two ranks on 127.0.0.1: the single process's plan and shards, faults named, resume.
+
+The ranks are started as torchrun starts them (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the
+environment), as plain subprocesses, so the tests need no launcher and stay on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import edit_config, make_tiny, sample_words, write_word_tokenizer
+
+TIMEOUT_S = 5  # the profile's dist_timeout_s: how long a rank waits for a silent peer
+
+PROFILE = f"""# lowmem-bonsai prune M --out O --profile THIS.toml
+masks_per_round = 16
+wave_masks = 2
+calib_seqs = 4
+seq_len = 32
+prune_frac = 0.1
+align = 8
+threads = 1
+dist_timeout_s = {TIMEOUT_S}.0
+"""
+
+
+def prune_args(model_dir: Path, out: Path, profile: Path, calib: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lowmem_bonsai", "prune", str(model_dir), "--out", str(out),
+            "--sparsity", "0.3", "--profile", str(profile), "--calib", str(calib), "--seed", "7", *extra]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ranks(args_of_rank, world: int = 2) -> list[subprocess.Popen]:
+    """``world`` processes of one job, as torchrun would start them on this machine."""
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(args_of_rank(rank), env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def one_error_line(stderr: str, *words: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+def outputs(out: Path) -> dict[str, object]:
+    """The plan and the written files (the plan's notes name the memory free at the time: left out)."""
+    plan = json.loads((out / "plan.json").read_text())
+    plan["settings"].pop("memory_budget")
+    return {"plan": plan, **{name: (out / name).read_bytes() for name in ("model.safetensors", "config.json")}}
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """A tiny model, a profile, a text and the single process's output (run once)."""
+    d = tmp_path_factory.mktemp("dist")
+    model_dir = d / "m"
+    make_tiny(model_dir, "llama-gqa-tied", layers=4, intermediate_size=256, num_attention_heads=8,
+              num_key_value_heads=4)
+    text = d / "calib.txt"
+    text.write_text(sample_words(), encoding="utf-8")
+    write_word_tokenizer(model_dir, text.read_text())
+    profile = d / "p.toml"
+    profile.write_text(PROFILE)
+    ref = d / "ref"
+    subprocess.run(prune_args(model_dir, ref, profile, text), check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return model_dir, profile, text, ref
+
+
+def test_two_ranks_give_the_single_process_plan_and_shards(tmp_path, job):
+    model_dir, profile, text, ref = job
+    out = tmp_path / "out"
+    procs = start_ranks(lambda rank: prune_args(model_dir, out, profile, text))
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    assert "rank 1 of 2: done" in results[1][0]
+    assert outputs(out) == outputs(ref)
+    report = json.loads((out / "report.json").read_text())
+    single = json.loads((ref / "report.json").read_text())
+    assert report["ranks"] == 2 and single["ranks"] == 1
+    per_rank = report["forward_tokens_per_rank"]
+    # Each rank passed half the calibration windows and half the waves of every round.
+    assert len(per_rank) == 2 and per_rank[0] == per_rank[1] > 0
+    assert sum(per_rank) == report["forward_tokens"] == single["forward_tokens_per_rank"][0]
+    assert not (tmp_path / "out.partial").exists()
+
+
+def wait_mid_round(state: Path, proc: subprocess.Popen) -> None:
+    """Until rank 0 has saved some waves of a round after the first."""
+    def mid_round() -> bool:
+        try:
+            data = json.loads(state.read_text())
+        except (OSError, ValueError):
+            return False
+        return len(data["rounds"]) >= 1 and bool(data["waves"])
+    deadline = time.time() + 240
+    while time.time() < deadline and not mid_round() and proc.poll() is None:
+        time.sleep(0.01)
+    assert mid_round(), proc.communicate()
+
+
+def test_a_killed_rank_is_named_within_the_timeout_and_one_rank_resumes_to_the_same_plan(tmp_path, job):
+    model_dir, profile, text, ref = job
+    out = tmp_path / "out"
+    state = tmp_path / "out.partial" / "state.json"
+    procs = start_ranks(lambda rank: prune_args(model_dir, out, profile, text))
+    wait_mid_round(state, procs[0])
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.time()
+    _, err = procs[0].communicate(timeout=TIMEOUT_S + 30)
+    stopped = time.time() - killed
+    procs[1].wait()
+    assert procs[0].returncode == 3, err
+    line = one_error_line(err, "rank 1 stopped answering", "--resume")
+    assert stopped < TIMEOUT_S + 10, (stopped, line)  # a dead peer is noticed at the next exchange
+    assert not (out / "plan.json").exists() and state.is_file()
+
+    # A plain single process continues the job and ends with the single process's output.
+    res = subprocess.run(prune_args(model_dir, out, profile, text, "--resume"), capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr
+    assert outputs(out) == outputs(ref)
+
+
+def test_a_hung_rank_is_named_after_the_timeout(tmp_path, job):
+    model_dir, profile, text, _ = job
+    out = tmp_path / "out"
+    state = tmp_path / "out.partial" / "state.json"
+    procs = start_ranks(lambda rank: prune_args(model_dir, out, profile, text))
+    try:
+        wait_mid_round(state, procs[0])
+        procs[1].send_signal(signal.SIGSTOP)  # alive, connected, silent
+        stopped = time.time()
+        _, err = procs[0].communicate(timeout=TIMEOUT_S + 30)
+        waited = time.time() - stopped
+    finally:
+        procs[1].kill()
+        procs[1].wait()
+    assert procs[0].returncode == 3, err
+    one_error_line(err, "rank 1 stopped answering", f"waited at most {TIMEOUT_S} s", "--resume")
+    assert waited < TIMEOUT_S + 10, waited
+    assert state.is_file() and json.loads(state.read_text())["rounds"]
+
+
+def test_ranks_with_another_checkpoint_are_refused_naming_the_rank(tmp_path, job):
+    model_dir, profile, text, _ = job
+    other = Path(shutil.copytree(model_dir, tmp_path / "other"))
+    edit_config(other, rms_norm_eps=1e-6)
+    out = tmp_path / "out"
+    procs = start_ranks(lambda rank: prune_args(model_dir if rank == 0 else other, out, profile, text))
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 2, err
+        one_error_line(err, "rank 1's source", "differs from rank 0's")
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_estimate_shares_the_waves_and_windows_among_ranks(job):
+    from typer.testing import CliRunner
+
+    from lowmem_bonsai.cli import app
+
+    model_dir, profile, _, _ = job
+    runner = CliRunner()
+    got = {}
+    for n in (1, 2, 3):
+        res = runner.invoke(app, ["estimate", str(model_dir), "--profile", str(profile), "--json",
+                                  "--ranks", str(n)])
+        assert res.exit_code == 0, res.output
+        got[n] = json.loads(res.output)
+    # 8 waves of 2 masks over 4 windows of 32 tokens: a rank passes ceil(8 / n) waves and
+    # ceil(4 / n) windows of the prior pass per round.
+    for n, waves, seqs in ((1, 8, 4), (2, 4, 2), (3, 3, 2)):
+        assert got[n]["ranks"] == n and got[n]["waves_per_round_per_rank"] == waves
+        assert got[n]["forward_tokens_per_round_per_rank"] == 32 * (seqs + 4 * 2 * waves)
+    assert got[1]["forward_tokens_per_round_per_rank"] == got[1]["forward_tokens_per_round"]
+    res = runner.invoke(app, ["estimate", str(model_dir), "--profile", str(profile), "--ranks", "5"])
+    assert res.exit_code == 2 and "one calibration window per rank" in res.output
+    res = runner.invoke(app, ["estimate", str(model_dir), "--profile", str(profile), "--ranks", "2"])
+    assert res.exit_code == 0 and "ranks      2: at most 4 waves" in res.output and "with 2 ranks" in res.output
+
+
+@pytest.mark.parametrize("line, words", [
+    ("dist_timeout_s = 0.0", "dist_timeout_s must be > 0"),
+    ("dist_timeout_s = inf", "dist_timeout_s = inf must be a finite number"),
+    ("dist_timeout_s = 30", None),  # an integer is taken as a float, like every float key
+])
+def test_the_timeout_key_is_checked_like_every_key(tmp_path, job, line, words):
+    from typer.testing import CliRunner
+
+    from lowmem_bonsai.cli import app
+
+    from .conftest import refused
+
+    model_dir = job[0]
+    profile = tmp_path / "p.toml"
+    profile.write_text(f"# lowmem-bonsai prune M --profile THIS.toml\n{line}\n")
+    res = CliRunner().invoke(app, ["estimate", str(model_dir), "--profile", str(profile), "--json"])
+    if words is None:
+        assert res.exit_code == 0, res.output
+    else:
+        refused(res, words)
+
+
+def test_resume_may_change_the_timeout(tmp_path, job):
+    """The timeout is how long to wait, not what was computed: a resume may change it."""
+    from lowmem_bonsai.pipeline import run_key
+    from lowmem_bonsai.profiles import load_profile
+    from lowmem_bonsai.model.checkpoint import Checkpoint
+    import torch
+
+    model_dir, profile, _, _ = job
+    prof = load_profile(profile)
+    ckpt = Checkpoint(model_dir)
+    tokens = torch.zeros(4, 32, dtype=torch.long)
+    keys = [run_key(ckpt, tokens, p, {"profile": {k: getattr(p, k) for k in p.__dataclass_fields__}})
+            for p in (prof, prof.replace(dist_timeout_s=99.0), prof.replace(seq_len=16))]
+    assert keys[0] == keys[1] != keys[2]
