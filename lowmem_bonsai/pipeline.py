@@ -386,8 +386,11 @@ def _prune(ckpt: Checkpoint, tokens: torch.Tensor, repair_tokens: torch.Tensor |
                                          method=method, seed=seed, progress=progress, state=state,
                                          ranks=ranks)
         plan = result.plan
-        plan.meta.update({"method": method, "settings": settings, "source": str(source),
-                          "source_hashes": hashes})
+        # plan.json says how the plan was made, not what this machine had free while it ran
+        # (report.json keeps the budget): a resumed run writes the same bytes.
+        plan.meta.update({"method": method, "settings": {k: v for k, v in settings.items()
+                                                         if k != "memory_budget"},
+                          "source": str(source), "source_hashes": hashes})
         n_layers = ckpt.config.num_hidden_layers
         weights, repair = ckpt, None  # the source, or the source with its repaired tensors
         if repair_tokens is not None:

@@ -44,7 +44,7 @@ def outputs(out: Path) -> dict[str, bytes]:
     return {name: (out / name).read_bytes() for name in ("plan.json", "model.safetensors", "config.json")}
 
 
-def wait_for(cond, timeout: float = 60.0) -> bool:
+def wait_for(cond, timeout: float = 300.0) -> bool:  # generous: a loaded 2-core machine
     deadline = time.time() + timeout
     while time.time() < deadline:
         if cond():
