@@ -229,8 +229,7 @@ def estimate_cmd(
                    f"{m['device_total_gb']:.2f} of {m['device_budget_gb']:.1f} GiB")
     typer.echo(f"waves      {m['waves']} x {m['wave_masks']} masks per round")
     if e["ranks"] > 1:
-        typer.echo(f"ranks      {e['ranks']}: at most {e['waves_per_round_per_rank']} wave"
-                   f"{'' if e['waves_per_round_per_rank'] == 1 else 's'} and "
+        typer.echo(f"ranks      {e['ranks']}: at most {e['masks_per_round_per_rank']} masks and "
                    f"{e['forward_tokens_per_round_per_rank']:,} forward tokens per round on each "
                    "(rank 0 also reconstructs and writes)")
     r = e["reconstruction"]

@@ -54,9 +54,13 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
     t = profile.seq_len
     masks = profile.masks_per_round if method == Method.BONSAI else 0
     tokens_per_round = profile.calib_seqs * t * (1 + masks)
-    # The slowest rank's share of a round: its windows of the prior pass, its whole waves of masks.
+    # The slowest rank's share of a round: its windows of the prior pass, a whole wave per step of
+    # one wave per rank, then its slice of each of the last step's waves (prune.wave_shares).
     rank_seqs = math.ceil(profile.calib_seqs / ranks)
-    rank_masks = min(masks, math.ceil(mem.waves / ranks) * mem.wave_masks) if masks else 0
+    rank_masks = 0
+    if masks:
+        full, rest = divmod(mem.waves, ranks)
+        rank_masks = min(masks, full * mem.wave_masks + rest * math.ceil(mem.wave_masks / ranks))
     rank_tokens_per_round = t * (rank_seqs + profile.calib_seqs * rank_masks)
     flops, rank_flops = [], []
     for r in range(rounds):
@@ -98,7 +102,7 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         "forward_tflops_total": (sum(flops) + repair_flops) / 1e12,
         "ranks": ranks,
         "forward_tokens_per_round_per_rank": rank_tokens_per_round,  # the busiest rank's
-        "waves_per_round_per_rank": math.ceil(mem.waves / ranks) if masks else 0,
+        "masks_per_round_per_rank": rank_masks,
         "reconstruction": {"mode": profile.reconstruct, "forward_tokens": repair_tokens,
                            "tflops": repair_flops / 1e12},
         "compute_dtype": dtype_name,

@@ -109,6 +109,27 @@ def test_two_ranks_give_the_single_process_plan_and_shards(tmp_path, job):
     assert not (tmp_path / "out.partial").exists()
 
 
+def test_a_round_of_one_wave_is_shared_by_both_ranks(tmp_path, job):
+    """A large model's round is often a single wave: each rank scores half of its masks, and the
+    plan is the single process's (the halves' losses agree with the whole batch's to rounding)."""
+    model_dir, _, text, _ = job
+    profile = tmp_path / "one-wave.toml"
+    profile.write_text(PROFILE.replace("wave_masks = 2", "wave_masks = 16"))
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    subprocess.run(prune_args(model_dir, ref, profile, text), check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    procs = start_ranks(lambda rank: prune_args(model_dir, out, profile, text))
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    assert json.loads((out / "plan.json").read_text())["layers"] == json.loads((ref / "plan.json").read_text())["layers"]
+    report = json.loads((out / "report.json").read_text())
+    single = json.loads((ref / "report.json").read_text())
+    per_rank = report["forward_tokens_per_rank"]
+    assert per_rank[0] == per_rank[1] > 0 and sum(per_rank) == single["forward_tokens"]
+    for mine, theirs in zip(report["rounds"], single["rounds"]):
+        assert mine["mask_loss_mean"] == pytest.approx(theirs["mask_loss_mean"], rel=1e-6)
+
+
 def wait_mid_round(state: Path, proc: subprocess.Popen) -> None:
     """Until rank 0 has saved some waves of a round after the first."""
     def mid_round() -> bool:
@@ -192,16 +213,17 @@ def test_estimate_shares_the_waves_and_windows_among_ranks(job):
                                   "--ranks", str(n)])
         assert res.exit_code == 0, res.output
         got[n] = json.loads(res.output)
-    # 8 waves of 2 masks over 4 windows of 32 tokens: a rank passes ceil(8 / n) waves and
-    # ceil(4 / n) windows of the prior pass per round.
-    for n, waves, seqs in ((1, 8, 4), (2, 4, 2), (3, 3, 2)):
-        assert got[n]["ranks"] == n and got[n]["waves_per_round_per_rank"] == waves
-        assert got[n]["forward_tokens_per_round_per_rank"] == 32 * (seqs + 4 * 2 * waves)
+    # 8 waves of 2 masks over 4 windows of 32 tokens: a rank passes a wave per step of n waves, its
+    # slice of each wave of a last, smaller step (3 ranks: 2 whole waves, then 1 of 2 masks of each
+    # of the last 2 waves), and ceil(4 / n) windows of the prior pass per round.
+    for n, masks, seqs in ((1, 16, 4), (2, 8, 2), (3, 6, 2)):
+        assert got[n]["ranks"] == n and got[n]["masks_per_round_per_rank"] == masks
+        assert got[n]["forward_tokens_per_round_per_rank"] == 32 * (seqs + 4 * masks)
     assert got[1]["forward_tokens_per_round_per_rank"] == got[1]["forward_tokens_per_round"]
     res = runner.invoke(app, ["estimate", str(model_dir), "--profile", str(profile), "--ranks", "5"])
     assert res.exit_code == 2 and "one calibration window per rank" in res.output
     res = runner.invoke(app, ["estimate", str(model_dir), "--profile", str(profile), "--ranks", "2"])
-    assert res.exit_code == 0 and "ranks      2: at most 4 waves" in res.output and "with 2 ranks" in res.output
+    assert res.exit_code == 0 and "ranks      2: at most 8 masks" in res.output and "with 2 ranks" in res.output
 
 
 @pytest.mark.parametrize("line, words", [

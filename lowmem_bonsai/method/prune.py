@@ -372,9 +372,12 @@ def score_masks(ckpt: Checkpoint, calib: torch.Tensor, plan: Plan, per_module: l
                 progress: Progress | None, ranks: Ranks = SINGLE, round_number: int = 0) -> MaskScores:
     """Every mask's loss, wave by wave; waves the state already holds are not scored again.
 
-    With several ranks the waves still to score are dealt out whole, one per rank at a time, so
-    each mask's loss is computed exactly as one process computes it; after each such step every
-    rank receives the step's losses and rank 0 saves them.
+    With several ranks the waves still to score are dealt out in steps of one wave per rank, so
+    each mask's loss is computed exactly as one process computes it. A last step with fewer waves
+    than ranks (a large model's round is often one wave) cuts each of its waves into one slice per
+    rank: every rank still works, and those masks' losses agree with one process's to rounding
+    (smaller batches can take other matmul kernels). After each step every rank receives the step's
+    losses and rank 0 saves them, whole waves only, so a resume may use any number of ranks.
     """
     n_layers = ckpt.config.num_hidden_layers
     bounds = wave_bounds(per_module[0].masks.shape[0], wave)
@@ -384,8 +387,9 @@ def score_masks(ckpt: Checkpoint, calib: torch.Tensor, plan: Plan, per_module: l
         if saved is not None and saved.numel() == b - a:
             losses[index] = saved
     todo = [i for i in range(len(bounds)) if i not in losses]
-    mine = todo[ranks.rank :: ranks.world]
-    blocks_total = len(mine) * n_layers
+    steps = [todo[s : s + ranks.world] for s in range(0, len(todo), ranks.world)]
+    mine = [wave_shares(step, bounds, world=ranks.world, rank=ranks.rank) for step in steps]
+    blocks_total = sum(len(m) for m in mine) * n_layers
     done = 0
 
     def on_block(_l: int) -> None:
@@ -395,19 +399,36 @@ def score_masks(ckpt: Checkpoint, calib: torch.Tensor, plan: Plan, per_module: l
             progress("masks", done, blocks_total)
 
     tokens = 0
-    for step in range(0, len(todo), ranks.world):
-        index = todo[step + ranks.rank] if step + ranks.rank < len(todo) else None
-        loss = None
-        if index is not None:
-            a, b = bounds[index]
+    for step, shares in zip(steps, mine):
+        pieces = []
+        for index, a, b in shares:
             loss = score_wave(ckpt, calib, plan, per_module, a, b, fwd=fwd, soft=soft, on_block=on_block)
+            pieces.append((index, a, loss))
             tokens += (b - a) * calib.numel()
-        for i, got in zip(todo[step : step + ranks.world],
-                          ranks.gather(loss, what=f"the masked passes of round {round_number}")):
-            losses[i] = got
+        got = [p for rank_pieces in ranks.gather(pieces, what=f"the masked passes of round {round_number}")
+               for p in rank_pieces]
+        for index in step:
+            losses[index] = torch.cat([loss for i, _, loss in sorted(got, key=lambda p: (p[0], p[1]))
+                                       if i == index])
             if state is not None:
-                state.save_wave(i, got)
+                state.save_wave(index, losses[index])
     return MaskScores(torch.cat([losses[i] for i in range(len(bounds))]), tokens)
+
+
+def wave_shares(step: list[int], bounds: list[tuple[int, int]], *, world: int,
+                rank: int) -> list[tuple[int, int, int]]:
+    """The (wave, a, b) slices that ``rank`` scores in one step of :func:`score_masks`: a whole wave
+    when the step has one per rank, else its share of every wave of the step (contiguous masks,
+    the first ranks taking one more where the wave does not divide)."""
+    if len(step) == world:
+        return [(step[rank], *bounds[step[rank]])]
+    out = []
+    for index in step:
+        a, b = bounds[index]
+        lo, hi = a + (b - a) * rank // world, a + (b - a) * (rank + 1) // world
+        if hi > lo:
+            out.append((index, lo, hi))
+    return out
 
 
 def bonsai_choice(ckpt: Checkpoint, calib: torch.Tensor, plan: Plan, start: RoundStart, prior: PriorPass,
