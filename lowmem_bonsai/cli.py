@@ -224,6 +224,7 @@ def estimate_cmd(
                    f"activations {m['activations_gb']:.2f}, head {m['head_gb']:.2f}, total "
                    f"{m['device_total_gb']:.2f} of {m['device_budget_gb']:.1f} GiB")
     typer.echo(f"waves      {m['waves']} x {m['wave_masks']} masks per round")
+    typer.echo(f"writing    one tensor at a time, peak {m['write_gb']:.2f} GiB (after the rounds; counted in the total)")
     r = e["reconstruction"]
     if r["mode"] != "none":
         typer.echo(f"repair     {r['mode']}: {r['forward_tokens']:,} forward tokens, {r['tflops']:.1f} TFLOP, "

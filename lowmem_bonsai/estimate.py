@@ -25,17 +25,18 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
     check_settings(sparsity=sparsity, method=method)
     if is_gguf_model(model_dir):
         cfg = parse_config(gguf_config(gguf_path=model_dir, dtype="float16"), source=str(model_dir))
-        storage = import_bytes = DTYPE_BYTES["float16"]
+        storage = source = import_bytes = DTYPE_BYTES["float16"]
     else:
         ckpt = Checkpoint(model_dir)
         cfg = ckpt.config
         sample = ckpt.tensors[ckpt.name("down", 0)]
         storage, import_bytes = STORAGE_BYTES.get(sample.dtype, 4), 0
+        source = storage
     if profile.storage_dtype != AUTO:
         storage = DTYPE_BYTES[profile.storage_dtype]
     # A GPU profile is planned from device_memory_gb where no GPU is visible (the ETA then needs one).
     device = resolve_device(profile.device) if profile.device == "cpu" or torch.cuda.is_available() else None
-    mem = plan_memory(cfg, profile, storage_bytes=storage,
+    mem = plan_memory(cfg, profile, storage_bytes=storage, source_bytes=source,
                       device_free_bytes=free_bytes(device) if device is not None else None)
     total = cfg.non_embedding_params()
     embed = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
