@@ -58,8 +58,24 @@ def word_tokenizer(path: Path, vocab: int) -> None:
     tok.save(str(path / "tokenizer.json"))
 
 
+def bpe_tokenizer(path: Path, vocab: int) -> None:
+    """A byte-level BPE tokenizer (GPT-2 style) trained on WikiText-2, at most ``vocab`` tokens: one
+    that ``export-gguf`` can convert (it pads the vocabulary to the embedding's rows)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=min(vocab, 8000), special_tokens=["<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train([str(WIKITEXT)], trainer)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+
+
 def write(name: str, out: Path, *, dtype: torch.dtype, seed: int, shard_gb: float, force: bool,
-          tokenizer_from: Path | None = None, layers: int | None = None) -> None:
+          tokenizer_from: Path | None = None, layers: int | None = None, bpe: bool = False) -> None:
     cfg = config_for(name, layers=layers)
     if tokenizer_from is not None:  # a real tokenizer (e.g. for GGUF export); the vocab follows it
         from tokenizers import Tokenizer
@@ -93,7 +109,9 @@ def write(name: str, out: Path, *, dtype: torch.dtype, seed: int, shard_gb: floa
                 print(f"\rlayer {name.split('.')[2]}/{n_layers}", end="", file=sys.stderr, flush=True)
         w.close()
         (stage / "config.json").write_text(json.dumps(cfg, indent=2))
-        if tokenizer_from is None:
+        if bpe:
+            bpe_tokenizer(stage, vocab)
+        elif tokenizer_from is None:
             word_tokenizer(stage, vocab)
         else:
             for f in ("tokenizer.json", "tokenizer_config.json"):
@@ -110,13 +128,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-gb", type=float, default=2.0)
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--bpe", action="store_true", help="a byte-level BPE tokenizer trained on "
+                    "WikiText-2 (export-gguf converts it) instead of a word-level one")
     ap.add_argument("--layers", type=int, help="number of blocks (default: the real model's); the "
                     "widths, heads and vocabulary stay exact")
     ap.add_argument("--tokenizer-from", type=Path, help="copy tokenizer files from this checkpoint "
                     "(vocab_size follows it) instead of writing a word-level one")
     a = ap.parse_args()
     write(a.shape, a.out, dtype=getattr(torch, a.dtype), seed=a.seed, shard_gb=a.shard_gb, force=a.force,
-          tokenizer_from=a.tokenizer_from, layers=a.layers)
+          tokenizer_from=a.tokenizer_from, layers=a.layers, bpe=a.bpe)
 
 
 if __name__ == "__main__":
