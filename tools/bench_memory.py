@@ -2,7 +2,7 @@
 
 Builds random-weight Llama-shaped checkpoints (tools/make_checkpoint.py: widths, heads and vocabulary
 exact; the 7B and 13B shapes with fewer blocks, since a streamed run holds one block, the embeddings
-and buffers whatever the depth: the 7B shape at two depths checks that), then runs ``prune``,
+and buffers whatever the depth: the 7B shape at 2, 6 and 12 blocks checks that), then runs ``prune``,
 ``eval``, ``export-gguf`` and ``import-gguf``, each in its own process under
 ``memcap CAP -- ...``, which reports the peak anonymous memory. The planned peak is the product's
 own: ``estimate --json`` for a prune (its ``memory.total_gb``), and the ``memory plan: ... peak X GiB``
@@ -46,6 +46,7 @@ MODELS = {
     "tinyllama-1.1b": ("tinyllama-1.1b", None),
     "llama2-7b-x2": ("llama2-7b", 2),
     "llama2-7b-x6": ("llama2-7b", 6),
+    "llama2-7b-x12": ("llama2-7b", 12),
     "llama2-13b-x2": ("llama2-13b", 2),
 }
 # (model, command, cap = budget, reconstruct)
@@ -56,6 +57,7 @@ RUNS = [
     ("llama2-7b-x2", "prune", "4G", "none"), ("llama2-7b-x2", "prune", "6G", "none"),
     ("llama2-7b-x2", "eval", "4G", ""),
     ("llama2-7b-x6", "prune", "4G", "none"), ("llama2-7b-x6", "eval", "4G", ""),
+    ("llama2-7b-x12", "prune", "4G", "none"), ("llama2-7b-x12", "eval", "4G", ""),
     ("llama2-7b-x2", "export-gguf", "2G", ""), ("llama2-7b-x2", "import-gguf", "2G", ""),
     ("llama2-13b-x2", "prune", "6G", "none"), ("llama2-13b-x2", "prune", "8G", "none"),
     ("llama2-13b-x2", "prune", "16G", "lsq"),
