@@ -3,7 +3,7 @@
 Builds random-weight Llama-shaped checkpoints (tools/make_checkpoint.py: widths, heads and vocabulary
 exact; the 7B and 13B shapes with fewer blocks, since a streamed run holds one block, the embeddings
 and buffers whatever the depth: the 7B shape at 2, 6 and 12 blocks checks that), then runs ``prune``,
-``eval``, ``export-gguf`` and ``import-gguf``, each in its own process under
+``eval``, ``export-gguf`` (f16; the 13B shape also q8_0 and llama.cpp's q4_k_m) and ``import-gguf``, each in its own process under
 ``memcap CAP -- ...``, which reports the peak anonymous memory. The planned peak is the product's
 own: ``estimate --json`` for a prune (its ``memory.total_gb``), and the ``memory plan: ... peak X GiB``
 line that ``eval``, ``export-gguf`` and ``import-gguf`` log with ``-v``. Figures go to a JSON file,
@@ -63,6 +63,7 @@ RUNS = [
     ("llama2-13b-x2", "prune", "16G", "lsq"),
     ("llama2-13b-x2", "eval", "6G", ""), ("llama2-13b-x2", "eval", "8G", ""),
     ("llama2-13b-x2", "export-gguf", "2G", ""), ("llama2-13b-x2", "import-gguf", "2G", ""),
+    ("llama2-13b-x2", "export-gguf:q8_0", "2G", ""), ("llama2-13b-x2", "export-gguf:q4_k_m", "2G", ""),
 ]
 PLAN_LINE = re.compile(r"memory plan: .*peak ([0-9.]+) GiB")
 
@@ -90,8 +91,10 @@ def command(model: Path, cmd: str, cap: str, reconstruct: str, scratch: Path) ->
     if cmd == "eval":
         return [*CLI, "-v", "eval", str(model), "--data", "wikitext2-valid", "--seq-len", "128",
                 "--max-seqs", "8", "--batch-seqs", "8", "--memory", cap], None
-    if cmd == "export-gguf":
-        return [*CLI, "-v", "export-gguf", str(model), "--out", str(gguf), "--type", "f16", "--force"], None
+    if cmd.startswith("export-gguf"):  # f16, or export-gguf:TYPE (written beside, then removed)
+        kind = cmd.partition(":")[2] or "f16"
+        dest = gguf if kind == "f16" else gguf.with_suffix(f".{kind}.gguf")
+        return [*CLI, "-v", "export-gguf", str(model), "--out", str(dest), "--type", kind, "--force"], None
     if cmd == "import-gguf":
         return [*CLI, "-v", "import-gguf", str(gguf), "--out", str(out), "--force"], None
     raise ValueError(cmd)
@@ -146,9 +149,11 @@ def main() -> None:
               f"{peak:.2f} GiB, exit {fig['exit']}, {row['wall_s']} s", flush=True)
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps({"runs": results}, indent=1))
+        out = Path(args[args.index("--out") + 1]) if "--out" in args else None
         if cmd in ("prune", "import-gguf"):
-            out = Path(args[args.index("--out") + 1])
             shutil.rmtree(out, ignore_errors=True)  # disk is shared: keep only what the next run reads
+        elif cmd.startswith("export-gguf:"):
+            out.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

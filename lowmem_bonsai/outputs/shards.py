@@ -109,7 +109,6 @@ class ShardWriter:
             shard.size = len(shard.header) + sum(t.nbytes for t in shard.tensors)
             shard.remaining = {t.name for t in shard.tensors}
         self.total_bytes = sum(t.nbytes for _, t in self._where.values())
-        self.largest_write = 0  # bytes of the largest tensor written (what the writer held at once)
         self._closed = False
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -136,7 +135,6 @@ class ShardWriter:
         except OSError as exc:
             self._abandon(shard)
             raise WriteError(shard.path, exc) from None
-        self.largest_write = max(self.largest_write, planned.nbytes)
         shard.remaining.discard(name)
         if not shard.remaining:
             self._finish(shard)
