@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from .engine.memory import DTYPE_BYTES, STORAGE_BYTES, measure_matmul_gflops, pi
 from .method.prune import check_settings
 from .model.checkpoint import Checkpoint
 from .model.config import DTYPES, parse_config
-from .llamacpp.from_gguf import gguf_config, is_gguf_model
+from .llamacpp.from_gguf import gguf_config, gguf_import_peak_bytes, is_gguf_model
 from .profiles import Profile
 from .settings import AUTO, Method
 
@@ -38,6 +39,9 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
     device = resolve_device(profile.device) if profile.device == "cpu" or torch.cuda.is_available() else None
     mem = plan_memory(cfg, profile, storage_bytes=storage, source_bytes=source,
                       device_free_bytes=free_bytes(device) if device is not None else None)
+    if is_gguf_model(model_dir):  # the import comes first; its peak is part of the prune's
+        imported_gb = gguf_import_peak_bytes(gguf_path=model_dir) / 1024**3
+        mem = dataclasses.replace(mem, import_gb=imported_gb, total_gb=max(mem.total_gb, imported_gb))
     total = cfg.non_embedding_params()
     embed = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
     rounds = profile.rounds_for(sparsity)

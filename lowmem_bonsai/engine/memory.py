@@ -52,6 +52,8 @@ class MemoryPlan:
     reconstruction_gb: float = 0.0
     # writing the pruned checkpoint (after both): one tensor read, sliced and cast at a time
     write_gb: float = 0.0
+    # importing a GGUF source first (prune FILE.gguf), before everything else
+    import_gb: float = 0.0
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -319,6 +319,13 @@ def import_peak_bytes(jobs: list[HfTensorJob], *, dtype: torch.dtype) -> int:
     return int(RUNTIME_GB * 1024**3 + 2 * largest * dtype.itemsize + chunk)
 
 
+def gguf_import_peak_bytes(*, gguf_path: Path, dtype: str = "float16") -> int:
+    """:func:`import_peak_bytes` of importing ``gguf_path`` (from its header alone)."""
+    reader = open_gguf(gguf_path)
+    jobs = import_jobs(reader, read_llama_config(reader, source=str(gguf_path)), source=str(gguf_path))
+    return import_peak_bytes(jobs, dtype=DTYPES[dtype])
+
+
 def is_gguf_model(path: Path) -> bool:
     """Whether a MODEL argument names a GGUF file (to import first) rather than a checkpoint folder."""
     path = Path(path)
