@@ -175,6 +175,22 @@ def test_uneven_widths_export_as_deci(tmp_path, family):
     assert abs(nll_sum(got, IDS) - ours) < 1e-4 * abs(ours)
 
 
+@pytest.mark.parametrize("keep", [[((0, 1), tuple(range(0, 96, 2)))] * 3, UNEVEN], ids=["llama", "deci"])
+def test_every_projection_bias_reaches_llama_cpp(tmp_path, keep):
+    """HF Llama's attention_bias + mlp_bias (q, k, v, o, gate, up, down biases), pruned uniformly
+    (arch llama) and unevenly (deci): llama.cpp's logits equal transformers'."""
+    model = tiny(tmp_path / "m", "llama-gqa-tied", attention_bias=True, mlp_bias=True)
+    plan = plan_of(keep, n_heads=4, n_kv=2)
+    pruned = prune_by_plan(tmp_path / "m", tmp_path / "p", plan)
+    out = export_gguf(model_dir=pruned, out=tmp_path / "p.gguf", type="f32")
+    assert {"blk.1.ffn_gate.bias", "blk.1.ffn_up.bias", "blk.1.attn_output.bias"} <= set(fields(out)["tensors"])
+    zero_removed(model, plan, head_dim=16)
+    with torch.no_grad():
+        ref = model(torch.tensor([IDS])).logits[0].double().numpy()
+    got = llama_logits(out, IDS)
+    assert np.abs(got - ref).max() < 1e-5, np.abs(got - ref).max()
+
+
 @pytest.mark.parametrize("family", ["llama-gqa-tied", "qwen2-bias"])
 def test_vanished_modules_become_exact_zero_padding(tmp_path, family):
     model = tiny(tmp_path / "m", family)
@@ -278,9 +294,9 @@ def test_existing_output_needs_force_and_failures_leave_nothing(tmp_path, monkey
 def test_unmapped_tensor_is_named(tmp_path):
     tiny(tmp_path / "m", "llama-gqa-tied")
     tensors = load_file(tmp_path / "m" / "model.safetensors")
-    tensors["model.layers.0.mlp.gate_proj.bias"] = torch.zeros(96)
+    tensors["model.layers.0.mlp.gate_proj.lora_A"] = torch.zeros(96)
     save_file(tensors, tmp_path / "m" / "model.safetensors")
-    _refused(tmp_path / "x.gguf", "'model.layers.0.mlp.gate_proj.bias'.*no place",
+    _refused(tmp_path / "x.gguf", "'model.layers.0.mlp.gate_proj.lora_A'.*no place",
              model_dir=tmp_path / "m")
 
 

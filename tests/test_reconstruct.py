@@ -174,3 +174,50 @@ def test_prune_with_reconstruction_writes_biases_and_a_report(tmp_path, sample_t
     layers = rep["reconstruction"]["layers"]
     assert all(err[1] < err[0] for info in layers for key, err in info.items() if key != "layer")
     assert ppl["lsq"] != ppl["none"]
+
+
+def test_transformers_loads_a_repaired_uniform_prune_and_agrees(tmp_path):
+    """Uniform widths: the output gives every projection a bias (zeros where the repair added none),
+    so transformers' Llama loads it with nothing missing, and its NLL is our streamed NLL.
+
+    (transformers >= 5 refuses a Llama whose hidden size is not a multiple of its head count, even
+    with head_dim set, so the plan keeps 4 of 8 heads.)"""
+    import transformers
+
+    from lowmem_bonsai.pipeline import write_checkpoint
+    from lowmem_bonsai.profiles import load_profile
+    from .conftest import hf_nll
+
+    make_tiny(tmp_path / "m", "llama-gqa-tied", layers=2, intermediate_size=128,
+              num_attention_heads=8, num_key_value_heads=4)
+    src = Checkpoint(tmp_path / "m")
+    keep = LayerPlan(heads=(0, 1, 4, 5), kv_heads=(0, 2), channels=tuple(range(0, 128, 4)) + tuple(range(1, 128, 2)))
+    plan = Plan((keep, keep))
+    calib = torch.randint(0, 211, (8, 32), generator=torch.Generator().manual_seed(1))
+    report = reconstruct(src, plan, calib, tmp_path / "repair", mode="lsq")
+    out = tmp_path / "o"
+    out.mkdir()
+    write_checkpoint(src.with_overlay(report.files), plan, out, model_dir=tmp_path / "m",
+                     profile=load_profile(None))
+    ckpt = Checkpoint(out)
+    assert ckpt.config.is_uniform and ckpt.config.layers[0].intermediate_size == 96
+    raw = ckpt.config.raw
+    assert raw["attention_bias"] is True and raw["mlp_bias"] is True
+    assert not ckpt.get("model.layers.0.mlp.gate_proj.bias").any()  # the zeros stood in
+    assert not ckpt.get("model.layers.1.self_attn.q_proj.bias").any()
+    assert ckpt.get("model.layers.0.mlp.down_proj.bias").abs().sum() > 0  # the repair's bias
+    model, info = transformers.LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    tokens = torch.randint(0, 211, (2, 24), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(streamed_nll(ckpt, tokens)[0], hf_nll(model.eval(), tokens),
+                               rtol=1e-4, atol=0)
+
+
+def test_mlp_biases_of_the_source_are_used(tmp_path):
+    """HF Llama's mlp_bias (gate, up and down biases): the executor adds all three, as transformers."""
+    from .conftest import hf_nll
+
+    model = make_tiny(tmp_path / "m", "llama-gqa-tied", layers=2, mlp_bias=True, attention_bias=True)
+    tokens = torch.randint(0, 211, (2, 20), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(streamed_nll(Checkpoint(tmp_path / "m"), tokens)[0], hf_nll(model, tokens),
+                               rtol=1e-4, atol=0)

@@ -39,6 +39,7 @@ class BlockWeights:
     # Output biases: none in the source families; a reconstruction adds them (reconstruct.py).
     o_bias: torch.Tensor | None = None  # (H,)
     down_bias: torch.Tensor | None = None  # (H,)
+    gate_up_bias: torch.Tensor | None = None  # (2 F,): HF Llama's mlp_bias
 
     @property
     def n_channels(self) -> int:
@@ -46,7 +47,7 @@ class BlockWeights:
 
     def nbytes(self) -> int:
         ts = [self.attn_norm, self.qkv, self.qkv_bias, self.o, self.o_bias, self.mlp_norm,
-              self.gate_up, self.down, self.down_bias]
+              self.gate_up, self.down, self.down_bias, self.gate_up_bias]
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
     def to(self, device: torch.device) -> BlockWeights:
@@ -57,7 +58,7 @@ class BlockWeights:
         return BlockWeights(self.layer, self.n_heads, self.n_kv_heads, self.head_dim,
                             move(self.attn_norm), move(self.qkv), move(self.qkv_bias), move(self.o),
                             move(self.mlp_norm), move(self.gate_up), move(self.down),
-                            move(self.o_bias), move(self.down_bias))
+                            move(self.o_bias), move(self.down_bias), move(self.gate_up_bias))
 
 
 def head_rows(heads: tuple[int, ...], head_dim: int) -> torch.Tensor:
@@ -115,6 +116,13 @@ def load_block(ckpt: Checkpoint, layer: int, keep: LayerPlan | None, *,
         name = ckpt.name(key, layer)
         return ckpt.get(name, expect=(h,)).to(dtype) if ckpt.has(name) else None
 
+    gate_up_bias = None
+    if ckpt.has(ckpt.name("gate_bias", layer)) or ckpt.has(ckpt.name("up_bias", layer)):
+        gate_up_bias = torch.zeros(2 * kf, dtype=dtype)  # one of the two may be absent: zeros
+        for key, part in (("gate_bias", gate_up_bias[:kf]), ("up_bias", gate_up_bias[kf:])):
+            if ckpt.has(ckpt.name(key, layer)):
+                read(key, (ffn,), ch, 0, part)
+
     return BlockWeights(
         layer=layer,
         n_heads=kq,
@@ -129,6 +137,7 @@ def load_block(ckpt: Checkpoint, layer: int, keep: LayerPlan | None, *,
         down=down,
         o_bias=optional_bias("o_bias"),
         down_bias=optional_bias("down_bias"),
+        gate_up_bias=gate_up_bias,
     )
 
 
@@ -191,7 +200,7 @@ def attention_heads(x: torch.Tensor, w: BlockWeights, cos: torch.Tensor, sin: to
 
 def mlp_channels(x: torch.Tensor, w: BlockWeights, *, eps: float) -> torch.Tensor:
     """Every MLP channel's activation, the input of down_proj.  x: (N, T, H) -> (N, T, F)"""
-    gate, up = F.linear(rms_norm(x, w.mlp_norm, eps), w.gate_up).chunk(2, dim=-1)  # (N, T, F) each
+    gate, up = F.linear(rms_norm(x, w.mlp_norm, eps), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)  # (N, T, F) each
     return F.silu(gate) * up
 
 

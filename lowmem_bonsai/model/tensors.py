@@ -33,8 +33,6 @@ class Presence(StrEnum):
     ATTENTION_BIAS = "attention_bias"  # the q/k/v biases: when the config's attention_bias is set
     OPTIONAL = "optional"  # used when the checkpoint has it (written by the shard writer and
     #                        exported to GGUF as it is, or sliced along its unit dim)
-    IMPORT_ONLY = "import_only"  # a GGUF may carry it (HF Llama's attention_bias / mlp_bias);
-    #                              the executor, the writer and the exporter do not use it
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +84,7 @@ def dim_sizes(*, vocab: int, hidden: int, heads: int, kv_heads: int, head_dim: i
 
 
 V, H, Q, KV, F = Dim.VOCAB, Dim.HIDDEN, Dim.HEADS, Dim.KV_HEADS, Dim.CHANNELS
-_ATTN_BIAS, _IMPORT_ONLY, _OPTIONAL = Presence.ATTENTION_BIAS, Presence.IMPORT_ONLY, Presence.OPTIONAL
+_ATTN_BIAS, _OPTIONAL = Presence.ATTENTION_BIAS, Presence.OPTIONAL
 _L = "model.layers.{}."
 
 # In GGUF file order (the exporter writes them in this order, layer by layer).
@@ -105,15 +103,16 @@ TENSORS: tuple[TensorSpec, ...] = (
     TensorSpec("v_bias", _L + "self_attn.v_proj.bias", "blk.{}.attn_v.bias", (KV,), _ATTN_BIAS,
                module="attn"),
     TensorSpec("o", _L + "self_attn.o_proj.weight", "blk.{}.attn_output.weight", (H, Q), module="attn"),
-    # o_proj / down_proj biases: none in the source families; a reconstruction adds them
+    # o_proj / down_proj biases: none in the source families; a reconstruction adds them.
+    # gate / up biases: HF Llama's mlp_bias (zeros where our writer adds them for transformers)
     TensorSpec("o_bias", _L + "self_attn.o_proj.bias", "blk.{}.attn_output.bias", (H,), _OPTIONAL,
                module="attn"),
     TensorSpec("mlp_norm", _L + "post_attention_layernorm.weight", "blk.{}.ffn_norm.weight", (H,)),
     TensorSpec("gate", _L + "mlp.gate_proj.weight", "blk.{}.ffn_gate.weight", (F, H), module="mlp"),
-    TensorSpec("gate_bias", _L + "mlp.gate_proj.bias", "blk.{}.ffn_gate.bias", (F,), _IMPORT_ONLY,
+    TensorSpec("gate_bias", _L + "mlp.gate_proj.bias", "blk.{}.ffn_gate.bias", (F,), _OPTIONAL,
                module="mlp"),
     TensorSpec("up", _L + "mlp.up_proj.weight", "blk.{}.ffn_up.weight", (F, H), module="mlp"),
-    TensorSpec("up_bias", _L + "mlp.up_proj.bias", "blk.{}.ffn_up.bias", (F,), _IMPORT_ONLY,
+    TensorSpec("up_bias", _L + "mlp.up_proj.bias", "blk.{}.ffn_up.bias", (F,), _OPTIONAL,
                module="mlp"),
     TensorSpec("down", _L + "mlp.down_proj.weight", "blk.{}.ffn_down.weight", (H, F), module="mlp"),
     TensorSpec("down_bias", _L + "mlp.down_proj.bias", "blk.{}.ffn_down.bias", (H,), _OPTIONAL,
@@ -123,5 +122,5 @@ TENSORS: tuple[TensorSpec, ...] = (
 )
 SPECS: dict[str, TensorSpec] = {s.key: s for s in TENSORS}
 LAYER_TENSORS = tuple(s for s in TENSORS if s.per_layer)
-# What the executor, the shard writer and the exporter use (the rest only a GGUF import reads).
-USED = tuple(s for s in TENSORS if s.presence is not Presence.IMPORT_ONLY)
+# What the executor, the shard writer and the exporter use: every row.
+USED = TENSORS

@@ -18,7 +18,7 @@ import torch
 from ..engine.block import head_rows
 from ..model.checkpoint import Checkpoint
 from ..model.plan import Plan
-from ..model.tensors import LAYER_TENSORS, Dim, Presence
+from ..model.tensors import LAYER_TENSORS, Dim
 from .atomic import write_bytes_atomic
 from .shards import DEFAULT_SHARD_BYTES, PlannedTensor, ShardWriter
 
@@ -39,7 +39,32 @@ def pruned_config(ckpt: Checkpoint, plan: Plan) -> dict:
         raw["num_attention_heads"] = s.num_attention_heads
         raw["num_key_value_heads"] = s.num_key_value_heads
         raw["intermediate_size"] = s.intermediate_size
+        for module, key in _HF_BIAS_FLAGS.items():
+            if biased_modules(ckpt, plan)[module]:
+                raw[key] = True
     return raw
+
+
+# transformers' Llama gives every projection of a module a bias, or none: attention_bias (q, k, v,
+# o) and mlp_bias (gate, up, down). A reconstruction adds only o_proj / down_proj biases.
+_HF_BIAS_FLAGS = {"attn": "attention_bias", "mlp": "mlp_bias"}
+
+
+def biased_modules(ckpt: Checkpoint, plan: Plan) -> dict[str, bool]:
+    """Per module ("attn", "mlp"): whether the output of a uniform-width plan gives all of its
+    projections biases (zeros where the source has none), so that transformers loads it.
+
+    False everywhere for uneven widths (transformers cannot load those; our executor and llama.cpp
+    take the biases that exist).
+    """
+    out = {m: False for m in _HF_BIAS_FLAGS}
+    if not ckpt.config.with_layers(plan.shapes()).is_uniform:
+        return out
+    for module in out:
+        out[module] = any(ckpt.has(ckpt.name(spec.key, layer))
+                          for spec in LAYER_TENSORS if spec.is_bias and spec.module == module
+                          for layer in range(len(plan.layers)))
+    return out
 
 
 def copy_tokenizer(src: Path, dst: Path) -> list[str]:
@@ -60,12 +85,15 @@ class _Job:
     axis: int | None  # the sliced axis, if any
     index: torch.Tensor | None  # the kept rows (or columns) along it
     layer: int | None = None
+    zeros: tuple[int, ...] | None = None  # a zero tensor of this shape, not in the source
+    like: str | None = None  # (zeros) the source tensor whose dtype it takes
 
 
 def _jobs(ckpt: Checkpoint, plan: Plan) -> list[_Job]:
     """Every output tensor in writing order, from the plan and the source's headers (nothing read)."""
     cfg = ckpt.config
     hd = cfg.head_dim
+    zero_biases = biased_modules(ckpt, plan)
     jobs = [_Job(ckpt.name("embed"), None, None)]
     for layer, keep in enumerate(plan.layers):
         index = {  # the kept rows (or columns) of each unit kind
@@ -74,10 +102,13 @@ def _jobs(ckpt: Checkpoint, plan: Plan) -> list[_Job]:
             Dim.CHANNELS: torch.tensor(keep.channels, dtype=torch.long),
         }
         for spec in LAYER_TENSORS:
-            if spec.presence is Presence.IMPORT_ONLY:
-                continue
             name = ckpt.name(spec.key, layer)
             if not ckpt.has(name):
+                if spec.is_bias and zero_biases[spec.module]:  # see biased_modules
+                    size = len(index[spec.unit]) if spec.unit else cfg.hidden_size
+                    jobs.append(_Job(name, None, None, layer, zeros=(size,),
+                                     like=ckpt.name("attn_norm", layer)))  # in the source's dtype
+                    continue
                 if not spec.required(attention_bias=cfg.attention_bias):
                     continue
                 ckpt.get(name)  # raises a UserError naming the missing tensor
@@ -92,6 +123,9 @@ def _jobs(ckpt: Checkpoint, plan: Plan) -> list[_Job]:
 
 
 def _planned(ckpt: Checkpoint, job: _Job, dtype: torch.dtype | None) -> PlannedTensor:
+    if job.zeros is not None:
+        like = _SAFETENSORS_DTYPES[ckpt.tensors[job.like].dtype]
+        return PlannedTensor(name=job.name, dtype=dtype or like, shape=job.zeros)
     info = ckpt.tensors[job.name]
     shape = list(info.shape)
     if job.axis is not None:
@@ -108,12 +142,13 @@ def write_pruned(ckpt: Checkpoint, plan: Plan, stage: Path, *, dtype: torch.dtyp
     tensor at a time (the source's, its slice and its cast), never a shard's worth.
     """
     jobs = _jobs(ckpt, plan)
-    writer = ShardWriter(stage, [_planned(ckpt, j, dtype) for j in jobs], max_shard_bytes=max_shard_bytes)
+    planned_tensors = [_planned(ckpt, j, dtype) for j in jobs]
+    writer = ShardWriter(stage, planned_tensors, max_shard_bytes=max_shard_bytes)
     done = {i: job.layer for i, job in enumerate(jobs)  # position of each layer's last tensor
             if job.layer is not None and (i + 1 == len(jobs) or jobs[i + 1].layer != job.layer)}
     try:
-        for i, job in enumerate(jobs):
-            t = ckpt.get(job.name)
+        for i, (job, planned) in enumerate(zip(jobs, planned_tensors)):
+            t = torch.zeros(job.zeros, dtype=planned.dtype) if job.zeros is not None else ckpt.get(job.name)
             if job.axis is not None:
                 t = t.index_select(job.axis, job.index)
             if dtype is not None:
