@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from .engine.memory import DTYPE_BYTES, STORAGE_BYTES, measure_matmul_gflops, pi
 from .method.prune import check_settings
 from .model.checkpoint import Checkpoint
 from .model.config import DTYPES, parse_config
-from .llamacpp.from_gguf import gguf_config, is_gguf_model
+from .llamacpp.from_gguf import gguf_config, gguf_import_peak_bytes, is_gguf_model
 from .profiles import Profile
 from .settings import AUTO, Method
 
@@ -36,18 +37,22 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
                         f"rank; the profile has calib_seqs = {profile.calib_seqs}")
     if is_gguf_model(model_dir):
         cfg = parse_config(gguf_config(gguf_path=model_dir, dtype="float16"), source=str(model_dir))
-        storage = import_bytes = DTYPE_BYTES["float16"]
+        storage = source = import_bytes = DTYPE_BYTES["float16"]
     else:
         ckpt = Checkpoint(model_dir)
         cfg = ckpt.config
         sample = ckpt.tensors[ckpt.name("down", 0)]
         storage, import_bytes = STORAGE_BYTES.get(sample.dtype, 4), 0
+        source = storage
     if profile.storage_dtype != AUTO:
         storage = DTYPE_BYTES[profile.storage_dtype]
     # A GPU profile is planned from device_memory_gb where no GPU is visible (the ETA then needs one).
     device = resolve_device(profile.device) if profile.device == "cpu" or torch.cuda.is_available() else None
-    mem = plan_memory(cfg, profile, storage_bytes=storage,
+    mem = plan_memory(cfg, profile, storage_bytes=storage, source_bytes=source,
                       device_free_bytes=free_bytes(device) if device is not None else None)
+    if is_gguf_model(model_dir):  # the import comes first; its peak is part of the prune's
+        imported_gb = gguf_import_peak_bytes(gguf_path=model_dir) / 1024**3
+        mem = dataclasses.replace(mem, import_gb=imported_gb, total_gb=max(mem.total_gb, imported_gb))
     total = cfg.non_embedding_params()
     embed = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
     rounds = profile.rounds_for(sparsity)

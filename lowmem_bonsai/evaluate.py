@@ -46,6 +46,24 @@ def perplexity_of(nll_sum: torch.Tensor, tokens: int) -> tuple[float, float]:
     return math.exp(mean), mean
 
 
+def eval_plan(config: ModelConfig, *, seq_len: int, batch_seqs: int, dtype: torch.dtype, prefetch: int,
+              memory_gb: float) -> tuple[int, float]:
+    """(windows per pass, planned peak GiB): the most windows (at most ``batch_seqs``) that fit.
+
+    A pass over W windows holds what a prune's wave of W masks over one calibration window holds:
+    the blocks, one hidden row per window, a row chunk's activations and the lm_head range; the
+    peak is that sum (a prune's reconstruction and writing do not happen here).
+    """
+    batch = fit_batch(config, seq_len=seq_len, batch_seqs=batch_seqs, dtype=dtype, prefetch=prefetch,
+                      memory_gb=memory_gb)
+    name = str(dtype).removeprefix("torch.")
+    probe = Profile(name="eval", memory_gb=memory_gb, compute_dtype=name, calib_seqs=1, seq_len=seq_len,
+                    masks_per_round=batch + batch % 2, prefetch=prefetch)
+    m = plan_memory(config, probe)
+    return batch, (m.resident_blocks_gb + m.hidden_store_gb + m.activations_gb + m.head_gb
+                   + m.runtime_gb)
+
+
 def fit_batch(config: ModelConfig, *, seq_len: int, batch_seqs: int, dtype: torch.dtype, prefetch: int,
               memory_gb: float) -> int:
     """The most windows per pass (at most ``batch_seqs``) that the memory planner fits.
@@ -99,8 +117,9 @@ def evaluate(
     ids = tokenize_file(load_tokenizer(model_dir), data, max_tokens=need)
     seqs = windows(ids, seq_len=seq_len, max_seqs=max_seqs, skip=skip, source=str(data))
     if memory_gb is not None and dev.type == "cpu":  # on a GPU the host holds only blocks in flight
-        batch_seqs = fit_batch(ckpt.config, seq_len=seq_len, batch_seqs=batch_seqs, dtype=dtype,
-                               prefetch=prefetch, memory_gb=memory_gb)
+        batch_seqs, planned = eval_plan(ckpt.config, seq_len=seq_len, batch_seqs=batch_seqs,
+                                        dtype=dtype, prefetch=prefetch, memory_gb=memory_gb)
+        log.info("memory plan: %d windows per pass, peak %.2f GiB", batch_seqs, planned)
     total = torch.zeros((), dtype=torch.float64)
     for a in range(0, seqs.shape[0], batch_seqs):
         batch = seqs[a : a + batch_seqs]

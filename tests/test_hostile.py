@@ -8,6 +8,7 @@ SIGKILL and Ctrl-C: test_resume.py; broken GGUFs: test_gguf_import.py.)
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -21,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -191,7 +191,7 @@ class SmallDisk:
 def small_disk(request, tmp_path, monkeypatch) -> SmallDisk:
     """A 2 MB tmpfs (needs root) really filled by a ballast file, or safetensors made to fail.
 
-    The patched variant raises what safetensors 0.8 raises when a tmpfs fills up.
+    The patched variant makes the shard writer's writes fail as a full disk does.
     """
     path = tmp_path / "disk"
     path.mkdir()
@@ -210,16 +210,15 @@ def small_disk(request, tmp_path, monkeypatch) -> SmallDisk:
         return SmallDisk(path, fill, lambda: ballast.unlink())
 
     full = {"on": False}
-    real_save = shards.save_file
+    real_pwrite = os.pwrite
 
-    def failing_save(tensors, filename, metadata=None):
+    def failing_pwrite(fd, data, offset):
         if full["on"]:
-            Path(filename).write_bytes(b"\0" * 4096)  # what got written before the disk filled
-            raise SafetensorError("Error while serializing: I/O error: No space left on device "
-                                  "(os error 28)")
-        return real_save(tensors, filename, metadata=metadata)
+            real_pwrite(fd, bytes(min(len(data), 4096)), offset)  # what got written before the disk filled
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(shards, "save_file", failing_save)
+    monkeypatch.setattr(shards.os, "pwrite", failing_pwrite)
     return SmallDisk(path, lambda: full.update(on=True), lambda: full.update(on=False))
 
 

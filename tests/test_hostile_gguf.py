@@ -246,7 +246,7 @@ def sigterm_guard():
 def test_sigterm_during_import_leaves_nothing(tmp_path, tiny_gguf_bytes, monkeypatch, sigterm_guard):
     src = write(tmp_path, tiny_gguf_bytes, "ok.gguf")
     out = tmp_path / "out"
-    _terminate_on_call(monkeypatch, shards, "save_file", 1)
+    _terminate_on_call(monkeypatch, shards.ShardWriter, "add", 3)  # a shard is half-written
     res = CliRunner().invoke(app, ["import-gguf", str(src), "--out", str(out)])
     assert not sigterm_guard, "the CLI did not handle SIGTERM"
     assert res.exit_code == 143 and "terminated" in res.output, res.output

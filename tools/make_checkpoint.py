@@ -1,7 +1,7 @@
 """Write a random-weight checkpoint in the exact shapes of a real model, shard by shard.
 
 For memory, I/O and speed work only (quality needs a real model). Weights are drawn from a seeded
-normal with std 0.02 (norms at 1), in bf16 by default; at most one shard is held in memory.
+normal with std 0.02 (norms at 1), in bf16 by default; one tensor is held in memory at a time.
 
     python tools/make_checkpoint.py llama2-13b runs/llama2-13b-random
     python tools/make_checkpoint.py tinyllama-1.1b /tmp/tl --dtype bfloat16
@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lowmem_bonsai.outputs.atomic import staged_dir  # noqa: E402
-from lowmem_bonsai.outputs.shards import ShardWriter  # noqa: E402
+from lowmem_bonsai.outputs.shards import PlannedTensor, ShardWriter  # noqa: E402
 from lowmem_bonsai.texts import bundled_path  # noqa: E402
 
 SHAPES = {
@@ -33,8 +33,10 @@ SHAPES = {
 WIKITEXT = bundled_path("wikitext2-valid")  # shipped in the package (lowmem_bonsai/_texts)
 
 
-def config_for(name: str) -> dict:
-    hidden, layers, heads, kv, ffn, vocab, tied = SHAPES[name]
+def config_for(name: str, *, layers: int | None = None) -> dict:
+    """The real model's config; ``layers`` keeps its widths with fewer (or more) blocks."""
+    hidden, depth, heads, kv, ffn, vocab, tied = SHAPES[name]
+    layers = layers or depth
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
         "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
@@ -56,9 +58,25 @@ def word_tokenizer(path: Path, vocab: int) -> None:
     tok.save(str(path / "tokenizer.json"))
 
 
+def bpe_tokenizer(path: Path, vocab: int) -> None:
+    """A byte-level BPE tokenizer (GPT-2 style) trained on WikiText-2, at most ``vocab`` tokens: one
+    that ``export-gguf`` can convert (it pads the vocabulary to the embedding's rows)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=min(vocab, 8000), special_tokens=["<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train([str(WIKITEXT)], trainer)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+
+
 def write(name: str, out: Path, *, dtype: torch.dtype, seed: int, shard_gb: float, force: bool,
-          tokenizer_from: Path | None = None) -> None:
-    cfg = config_for(name)
+          tokenizer_from: Path | None = None, layers: int | None = None, bpe: bool = False) -> None:
+    cfg = config_for(name, layers=layers)
     if tokenizer_from is not None:  # a real tokenizer (e.g. for GGUF export); the vocab follows it
         from tokenizers import Tokenizer
 
@@ -70,27 +88,30 @@ def write(name: str, out: Path, *, dtype: torch.dtype, seed: int, shard_gb: floa
     def rand(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=gen) * 0.02).to(dtype)
 
+    tensors = [("model.embed_tokens.weight", (vocab, h))]  # (name, shape) in writing order
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        tensors += [(p + "input_layernorm.weight", (h,)), (p + "self_attn.q_proj.weight", (q, h)),
+                    (p + "self_attn.k_proj.weight", (kv, h)), (p + "self_attn.v_proj.weight", (kv, h)),
+                    (p + "self_attn.o_proj.weight", (h, q)), (p + "post_attention_layernorm.weight", (h,)),
+                    (p + "mlp.gate_proj.weight", (ffn, h)), (p + "mlp.up_proj.weight", (ffn, h)),
+                    (p + "mlp.down_proj.weight", (h, ffn))]
+    tensors.append(("model.norm.weight", (h,)))
+    if not cfg["tie_word_embeddings"]:
+        tensors.append(("lm_head.weight", (vocab, h)))
+
     with staged_dir(out, force=force) as stage:
-        w = ShardWriter(stage, max_shard_bytes=int(shard_gb * 1024**3))
-        w.add("model.embed_tokens.weight", rand(vocab, h))
-        for i in range(n_layers):
-            p = f"model.layers.{i}."
-            w.add(p + "input_layernorm.weight", torch.ones(h, dtype=dtype))
-            w.add(p + "self_attn.q_proj.weight", rand(q, h))
-            w.add(p + "self_attn.k_proj.weight", rand(kv, h))
-            w.add(p + "self_attn.v_proj.weight", rand(kv, h))
-            w.add(p + "self_attn.o_proj.weight", rand(h, q))
-            w.add(p + "post_attention_layernorm.weight", torch.ones(h, dtype=dtype))
-            w.add(p + "mlp.gate_proj.weight", rand(ffn, h))
-            w.add(p + "mlp.up_proj.weight", rand(ffn, h))
-            w.add(p + "mlp.down_proj.weight", rand(h, ffn))
-            print(f"\rlayer {i + 1}/{n_layers}", end="", file=sys.stderr, flush=True)
-        w.add("model.norm.weight", torch.ones(h, dtype=dtype))
-        if not cfg["tie_word_embeddings"]:
-            w.add("lm_head.weight", rand(vocab, h))
+        w = ShardWriter(stage, [PlannedTensor(name=n, dtype=dtype, shape=s) for n, s in tensors],
+                        max_shard_bytes=int(shard_gb * 1024**3))
+        for name, shape in tensors:  # norms at 1, matrices random; one tensor held at a time
+            w.add(name, torch.ones(shape, dtype=dtype) if len(shape) == 1 else rand(*shape))
+            if name.endswith("down_proj.weight"):
+                print(f"\rlayer {name.split('.')[2]}/{n_layers}", end="", file=sys.stderr, flush=True)
         w.close()
         (stage / "config.json").write_text(json.dumps(cfg, indent=2))
-        if tokenizer_from is None:
+        if bpe:
+            bpe_tokenizer(stage, vocab)
+        elif tokenizer_from is None:
             word_tokenizer(stage, vocab)
         else:
             for f in ("tokenizer.json", "tokenizer_config.json"):
@@ -107,11 +128,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-gb", type=float, default=2.0)
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--bpe", action="store_true", help="a byte-level BPE tokenizer trained on "
+                    "WikiText-2 (export-gguf converts it) instead of a word-level one")
+    ap.add_argument("--layers", type=int, help="number of blocks (default: the real model's); the "
+                    "widths, heads and vocabulary stay exact")
     ap.add_argument("--tokenizer-from", type=Path, help="copy tokenizer files from this checkpoint "
                     "(vocab_size follows it) instead of writing a word-level one")
     a = ap.parse_args()
     write(a.shape, a.out, dtype=getattr(torch, a.dtype), seed=a.seed, shard_gb=a.shard_gb, force=a.force,
-          tokenizer_from=a.tokenizer_from)
+          tokenizer_from=a.tokenizer_from, layers=a.layers, bpe=a.bpe)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,10 @@ class MemoryPlan:
     # reconstruction (after the rounds, never at the same time): dense fp32 blocks, the calibration
     # stream, one row chunk, the Gram matrix of the widest projection input and its solve (fp64)
     reconstruction_gb: float = 0.0
+    # writing the pruned checkpoint (after both): one tensor read, sliced and cast at a time
+    write_gb: float = 0.0
+    # importing a GGUF source first (prune FILE.gguf), before everything else
+    import_gb: float = 0.0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -64,8 +68,11 @@ DEVICE_RUNTIME_GB = 0.6  # CUDA context, cuBLAS workspace, allocator slack (not 
 
 
 def plan_memory(config: ModelConfig, profile: Profile, *, storage_bytes: int = 2,
-                device_free_bytes: int | None = None) -> MemoryPlan:
+                device_free_bytes: int | None = None, source_bytes: int | None = None) -> MemoryPlan:
     """Size every component of a prune's peak; pick the wave size; refuse if nothing fits.
+
+    ``storage_bytes`` per element of the written shards, ``source_bytes`` of the source's (default:
+    the same).
 
     For a GPU profile the wave is sized from the device budget: ``device_memory_gb``, or 90% of
     ``device_free_bytes`` (what the GPU reports free) when that is 0.
@@ -126,14 +133,16 @@ def plan_memory(config: ModelConfig, profile: Profile, *, storage_bytes: int = 2
             f"profile '{profile.name}': memory budget {profile.memory_gb:g} GB is too small for the "
             f"reconstruction ({repair / gb:.1f} GB); lower reconstruct_seqs or reconstruct_seq_len, or "
             "set reconstruct = \"none\"")
+    write = write_bytes(config, source_bytes=source_bytes or storage_bytes,
+                        storage_bytes=storage_bytes)
     gpu = dict(device=profile.device, device_block_gb=block_bytes(config, b) / gb,
                device_total_gb=total / gb, device_budget_gb=budget / gb) if on_gpu else {}
     return MemoryPlan(
         wave_masks=wave, waves=math.ceil(profile.masks_per_round / wave),
         resident_blocks_gb=resident / gb, hidden_store_gb=wave * per_mask / gb,
         activations_gb=activations / gb, head_gb=head / gb, runtime_gb=RUNTIME_GB,
-        total_gb=max(host_fixed if on_gpu else total, repair) / gb, budget_gb=profile.memory_gb,
-        reconstruction_gb=repair / gb, **gpu,
+        total_gb=max(host_fixed if on_gpu else total, repair, write) / gb, budget_gb=profile.memory_gb,
+        reconstruction_gb=repair / gb, write_gb=write / gb, **gpu,
     )
 
 
@@ -153,6 +162,19 @@ def repair_bytes(config: ModelConfig, profile: Profile, *, storage_bytes: int = 
     s = 8 if n - 1 <= SOLVE_FP64_MAX else 4
     solve = n * n * (4 + (s if s == 8 else 0) + s) + 3 * h * n * s
     return int(blocks + stream + activations + solve + RUNTIME_GB * 1024**3)
+
+
+def write_bytes(config: ModelConfig, *, source_bytes: int, storage_bytes: int) -> int:
+    """Peak bytes of writing a pruned checkpoint (outputs/writer.py): the streaming shard writer
+    holds one tensor at a time: read from the source, sliced to the plan (block tensors), cast to
+    the storage dtype where that differs."""
+    h = config.hidden_size
+    block_tensor = max(max(s.intermediate_size, s.num_attention_heads * config.head_dim)
+                       for s in config.layers) * h
+    cast = storage_bytes if storage_bytes != source_bytes else 0
+    whole = config.vocab_size * h * (source_bytes + cast)  # embedding, lm_head: read (and cast)
+    sliced = block_tensor * (2 * source_bytes + cast)  # read, index_select (and cast)
+    return int(max(whole, sliced) + RUNTIME_GB * 1024**3)
 
 
 _PICKED: dict[str, tuple[str, dict[str, float]]] = {}

@@ -22,13 +22,14 @@ import gguf
 import numpy as np
 import torch
 
+from ..engine.memory import RUNTIME_GB
 from ..engine.rope import llama3_rope_factors
 from ..errors import UserError
 from ..model.config import DTYPES
 from ..model.tensors import LAYER_TENSORS, SPECS, TENSORS, Dim, TensorSpec, dim_sizes
 from ..outputs.atomic import (check_output_dir, check_output_path, staged_dir, write_bytes_atomic,
                               write_json_atomic)
-from ..outputs.shards import DEFAULT_SHARD_BYTES, ShardWriter
+from ..outputs.shards import DEFAULT_SHARD_BYTES, PlannedTensor, ShardWriter
 from .check import scan_gguf
 from .layout import ROPE_FREQS, unpermute_qk
 from .vocab_from_gguf import tokenizer_from_gguf
@@ -309,6 +310,22 @@ def load_tensor(job: HfTensorJob, *, dtype: torch.dtype) -> torch.Tensor:
     return unpermute_qk(w, job.unpermute_heads) if job.unpermute_heads else w
 
 
+def import_peak_bytes(jobs: list[HfTensorJob], *, dtype: torch.dtype) -> int:
+    """What an import holds at its peak: one tensor in ``dtype`` and its q/k reordering (a copy),
+    the float32 rows being dequantized (and their writable copy), and the tokenizer's vocabulary."""
+    largest = max(math.prod(j.shape) for j in jobs)
+    row = max(j.shape[-1] for j in jobs)
+    chunk = _ROWS_PER_CHUNK * row * 4 * 2
+    return int(RUNTIME_GB * 1024**3 + 2 * largest * dtype.itemsize + chunk)
+
+
+def gguf_import_peak_bytes(*, gguf_path: Path, dtype: str = "float16") -> int:
+    """:func:`import_peak_bytes` of importing ``gguf_path`` (from its header alone)."""
+    reader = open_gguf(gguf_path)
+    jobs = import_jobs(reader, read_llama_config(reader, source=str(gguf_path)), source=str(gguf_path))
+    return import_peak_bytes(jobs, dtype=DTYPES[dtype])
+
+
 def is_gguf_model(path: Path) -> bool:
     """Whether a MODEL argument names a GGUF file (to import first) rather than a checkpoint folder."""
     path = Path(path)
@@ -338,12 +355,19 @@ def import_gguf(*, gguf_path: Path, out_dir: Path, dtype: str = "float16", force
         log.warning("%s: tokenizer has %d tokens but the embedding only %d rows", source,
                     tokenizer.get_vocab_size(), config.vocab_size)
     torch_dtype = DTYPES[dtype]
+    log.info("memory plan: peak %.2f GiB (one tensor at a time)",
+             import_peak_bytes(jobs, dtype=torch_dtype) / 1024**3)
     with staged_dir(out_dir, force=force) as stage:
-        writer = ShardWriter(stage, max_shard_bytes=max_shard_bytes)
-        for i, job in enumerate(jobs):
-            writer.add(job.hf_name, load_tensor(job, dtype=torch_dtype))
-            log.debug("tensor %d/%d %s %s", i + 1, len(jobs), job.hf_name, job.shape)
-        shards = writer.close()
+        writer = ShardWriter(stage, [PlannedTensor(name=j.hf_name, dtype=torch_dtype, shape=tuple(j.shape))
+                                     for j in jobs], max_shard_bytes=max_shard_bytes)
+        try:
+            for i, job in enumerate(jobs):
+                writer.add(job.hf_name, load_tensor(job, dtype=torch_dtype))
+                log.debug("tensor %d/%d %s %s", i + 1, len(jobs), job.hf_name, job.shape)
+            shards = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
         write_json_atomic(stage / "config.json", config.to_json(dtype=dtype))
         write_bytes_atomic(stage / "tokenizer.json", tokenizer.to_str().encode())
         write_json_atomic(stage / "tokenizer_config.json", tokenizer_config)

@@ -30,6 +30,7 @@ import gguf
 import numpy as np
 import torch
 
+from ..engine.memory import RUNTIME_GB, STORAGE_BYTES
 from ..engine.rope import llama3_params, llama3_rope_factors
 from ..errors import UserError, WriteError
 from ..model.adapters import Adapter
@@ -300,6 +301,19 @@ def tensor_data(ckpt: Checkpoint, job: GgufTensorJob) -> np.ndarray:
     return out
 
 
+def export_peak_bytes(ckpt: Checkpoint, jobs: list[GgufTensorJob], etype: ExportType) -> int:
+    """What an export holds at its peak: one tensor as written (:func:`tensor_data` builds it whole),
+    the row chunk being converted (read in the source dtype, permuted, float32, converted), and for
+    llama.cpp's quantizer the largest tensor in float32 with its quantized output."""
+    src = max((STORAGE_BYTES.get(ckpt.tensors[j.source].dtype, 4) for j in jobs if j.source is not None),
+              default=4)
+    tensor = max(j.nbytes for j in jobs)
+    chunk = _CHUNK_ELEMENTS * (2 * src + 4 + 4)
+    largest = max(int(np.prod(j.shape, dtype=np.int64)) for j in jobs)
+    requantize = largest * (4 + 2) if etype.requantize else 0
+    return int(RUNTIME_GB * 1024**3 + tensor + chunk + requantize)
+
+
 def _write_gguf(ckpt: Checkpoint, path: Path, *, arch: str, layers: list[LayerShape],
                 jobs: list[GgufTensorJob], etype: ExportType, vocab, name: str) -> None:
     w = gguf.GGUFWriter(path, arch)
@@ -355,6 +369,8 @@ def export_gguf(*, model_dir: Path, out: Path, type: str = "f16", force: bool = 
     jobs = export_jobs(ckpt, arch, layers, etype)
     vocab = vocab_from_checkpoint(model_dir, vocab_size=ckpt.config.vocab_size,
                                   config=ckpt.config.raw)
+    log.info("memory plan: peak %.2f GiB (one tensor at a time)",
+             export_peak_bytes(ckpt, jobs, etype) / 1024**3)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     f16 = out.with_name(f".{out.name}.f16-partial-{os.getpid()}")

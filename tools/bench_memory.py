@@ -1,0 +1,160 @@
+"""Is the memory plan an upper bound? Planned bytes against measured peak, under a memory cap.
+
+Builds random-weight Llama-shaped checkpoints (tools/make_checkpoint.py: widths, heads and vocabulary
+exact; the 7B and 13B shapes with fewer blocks, since a streamed run holds one block, the embeddings
+and buffers whatever the depth: the 7B shape at 2, 6 and 12 blocks checks that), then runs ``prune``,
+``eval``, ``export-gguf`` (f16; the 13B shape also q8_0 and llama.cpp's q4_k_m) and ``import-gguf``, each in its own process under
+``memcap CAP -- ...``, which reports the peak anonymous memory. The planned peak is the product's
+own: ``estimate --json`` for a prune (its ``memory.total_gb``), and the ``memory plan: ... peak X GiB``
+line that ``eval``, ``export-gguf`` and ``import-gguf`` log with ``-v``. Figures go to a JSON file,
+written after every run.
+
+    python tools/bench_memory.py --memcap ../shared/bin/memcap --scratch /tmp/mem \\
+        --json tools/results/memory_bound.json
+
+A prune uses a small profile so that it finishes in minutes (4 masks x 2 x 64 tokens, 10 % in one
+round; the 13B shape also with reconstruct = "lsq" over 8 x 128 tokens). The checkpoints get a
+byte-level BPE tokenizer (make_checkpoint.py --bpe), which export-gguf can convert.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PY = sys.executable
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [PY, "-m", "lowmem_bonsai.cli"]
+PROFILE = """compute_dtype = "float32"
+masks_per_round = 4
+calib_seqs = 2
+seq_len = 64
+prune_frac = 0.1
+memory_gb = 16.0
+reconstruct = "{reconstruct}"
+reconstruct_seqs = 8
+reconstruct_seq_len = 128
+"""
+# (checkpoint, make_checkpoint shape, layers or None for the real depth)
+MODELS = {
+    "tinyllama-1.1b": ("tinyllama-1.1b", None),
+    "llama2-7b-x2": ("llama2-7b", 2),
+    "llama2-7b-x6": ("llama2-7b", 6),
+    "llama2-7b-x12": ("llama2-7b", 12),
+    "llama2-13b-x2": ("llama2-13b", 2),
+}
+# (model, command, cap = budget, reconstruct)
+RUNS = [
+    ("tinyllama-1.1b", "prune", "2G", "none"), ("tinyllama-1.1b", "prune", "4G", "none"),
+    ("tinyllama-1.1b", "eval", "2G", ""), ("tinyllama-1.1b", "eval", "4G", ""),
+    ("tinyllama-1.1b", "export-gguf", "2G", ""), ("tinyllama-1.1b", "import-gguf", "2G", ""),
+    ("llama2-7b-x2", "prune", "4G", "none"), ("llama2-7b-x2", "prune", "6G", "none"),
+    ("llama2-7b-x2", "eval", "4G", ""),
+    ("llama2-7b-x6", "prune", "4G", "none"), ("llama2-7b-x6", "eval", "4G", ""),
+    ("llama2-7b-x12", "prune", "4G", "none"), ("llama2-7b-x12", "eval", "4G", ""),
+    ("llama2-7b-x2", "export-gguf", "2G", ""), ("llama2-7b-x2", "import-gguf", "2G", ""),
+    ("llama2-13b-x2", "prune", "6G", "none"), ("llama2-13b-x2", "prune", "8G", "none"),
+    ("llama2-13b-x2", "prune", "16G", "lsq"),
+    ("llama2-13b-x2", "eval", "6G", ""), ("llama2-13b-x2", "eval", "8G", ""),
+    ("llama2-13b-x2", "export-gguf", "2G", ""), ("llama2-13b-x2", "import-gguf", "2G", ""),
+    ("llama2-13b-x2", "export-gguf:q8_0", "2G", ""), ("llama2-13b-x2", "export-gguf:q4_k_m", "2G", ""),
+]
+PLAN_LINE = re.compile(r"memory plan: .*peak ([0-9.]+) GiB")
+
+
+def make(name: str, scratch: Path) -> Path:
+    shape, layers = MODELS[name]
+    out = scratch / name
+    if not (out / "config.json").is_file():
+        subprocess.run([PY, str(ROOT / "tools" / "make_checkpoint.py"), shape, str(out), "--force", "--bpe",
+                        *(["--layers", str(layers)] if layers else [])], check=True)
+    return out
+
+
+def command(model: Path, cmd: str, cap: str, reconstruct: str, scratch: Path) -> tuple[list[str], float | None]:
+    """The command line to measure and, for a prune, its planned peak (GiB) from estimate."""
+    out = scratch / "out" / f"{model.name}-{cmd}-{cap}-{reconstruct or 'x'}"
+    gguf = scratch / "out" / f"{model.name}.gguf"
+    if cmd == "prune":
+        profile = scratch / f"bench-{reconstruct}.toml"
+        profile.write_text(PROFILE.format(reconstruct=reconstruct))
+        args = [str(model), "--profile", str(profile), "--sparsity", "0.1", "--memory", cap]
+        est = subprocess.run([*CLI, "estimate", *args, "--json"], check=True, capture_output=True, text=True)
+        planned = json.loads(est.stdout)["memory"]["total_gb"]
+        return [*CLI, "-v", "prune", *args, "--out", str(out), "--calib", "wikitext2-valid", "--force"], planned
+    if cmd == "eval":
+        return [*CLI, "-v", "eval", str(model), "--data", "wikitext2-valid", "--seq-len", "128",
+                "--max-seqs", "8", "--batch-seqs", "8", "--memory", cap], None
+    if cmd.startswith("export-gguf"):  # f16, or export-gguf:TYPE (written beside, then removed)
+        kind = cmd.partition(":")[2] or "f16"
+        dest = gguf if kind == "f16" else gguf.with_suffix(f".{kind}.gguf")
+        return [*CLI, "-v", "export-gguf", str(model), "--out", str(dest), "--type", kind, "--force"], None
+    if cmd == "import-gguf":
+        return [*CLI, "-v", "import-gguf", str(gguf), "--out", str(out), "--force"], None
+    raise ValueError(cmd)
+
+
+def measure(memcap: str, cap: str, args: list[str], scratch: Path) -> tuple[dict, str]:
+    figures = scratch / "memcap.json"
+    figures.unlink(missing_ok=True)
+    proc = subprocess.run(["nice", "-n", "5", memcap, "--json", str(figures), cap, "--", *args],
+                          capture_output=True, text=True, cwd=ROOT)
+    if not figures.is_file():
+        raise SystemExit(f"memcap wrote no figures:\n{proc.stderr[-2000:]}")
+    return json.loads(figures.read_text()), proc.stderr
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--memcap", required=True, help="path of the memcap program")
+    ap.add_argument("--scratch", type=Path, required=True, help="folder for checkpoints and outputs")
+    ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--resume", action="store_true", help="keep the runs in --json that succeeded")
+    ap.add_argument("--only", help="run only the models whose name contains this")
+    a = ap.parse_args()
+    gib = 1024**3
+    results = json.loads(a.json.read_text())["runs"] if a.resume and a.json.is_file() else []
+    done = {(r["model"], r["command"], r["cap"], r["reconstruct"] or "") for r in results if r["exit"] == 0}
+    results = [r for r in results if r["exit"] == 0]
+    for name, cmd, cap, reconstruct in RUNS:
+        if (a.only and a.only not in name) or (name, cmd, cap, reconstruct) in done:
+            continue
+        model = make(name, a.scratch)
+        args, planned = command(model, cmd, cap, reconstruct, a.scratch)
+        t0 = time.time()
+        fig, err = measure(a.memcap, cap, args, a.scratch)
+        if planned is None:
+            found = PLAN_LINE.findall(err)
+            planned = float(found[-1]) if found else None
+        peak = fig["peak_anon"] / gib
+        row = {
+            "model": name, "shape": MODELS[name][0], "layers": json.loads((model / "config.json").read_text())[
+                "num_hidden_layers"], "command": cmd, "cap": cap, "reconstruct": reconstruct or None,
+            "planned_gib": planned, "peak_anon_gib": round(peak, 3),
+            "peak_charged_gib": round(fig["peak_charged"] / gib, 3), "exit": fig["exit"],
+            "oom_kills": fig["oom_kills"], "wall_s": round(time.time() - t0, 1),
+            "within_plan": planned is not None and peak < planned and fig["exit"] == 0,
+            "argv": " ".join(["memcap", cap, "--", "lowmem-bonsai", *args[3:]]),
+        }
+        if fig["exit"] != 0:
+            row["stderr_tail"] = err[-1500:]
+        results.append(row)
+        print(f"{name:16s} {cmd:12s} cap {cap:>4s} {reconstruct:5s} planned {planned} GiB, peak "
+              f"{peak:.2f} GiB, exit {fig['exit']}, {row['wall_s']} s", flush=True)
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps({"runs": results}, indent=1))
+        out = Path(args[args.index("--out") + 1]) if "--out" in args else None
+        if cmd in ("prune", "import-gguf"):
+            shutil.rmtree(out, ignore_errors=True)  # disk is shared: keep only what the next run reads
+        elif cmd.startswith("export-gguf:"):
+            out.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    main()
