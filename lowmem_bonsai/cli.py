@@ -231,7 +231,7 @@ def estimate_cmd(
     if e["ranks"] > 1:
         typer.echo(f"ranks      {e['ranks']}: at most {e['masks_per_round_per_rank']} masks and "
                    f"{e['forward_tokens_per_round_per_rank']:,} forward tokens per round on each "
-                   "(rank 0 also reconstructs and writes)")
+                   "(and its share of the reconstruction's windows; rank 0 writes)")
     typer.echo(f"writing    one tensor at a time, peak {m['write_gb']:.2f} GiB (after the rounds; counted in the total)")
     r = e["reconstruction"]
     if r["mode"] != "none":

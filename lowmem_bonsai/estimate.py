@@ -26,8 +26,9 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
     import it into (float16); the import's size is counted in the disk needed.
 
     With ``ranks`` (a distributed prune, one machine like this one per rank), each rank passes its
-    share of the calibration windows and of each round's waves (whole waves, so a round takes
-    ceil(waves / ranks) of them); the reconstruction runs on rank 0 alone.
+    share of the calibration windows and of each round's masks (whole waves, then slices of the
+    waves of a last step with fewer waves than ranks), and of the reconstruction's windows (its
+    solves run on every rank).
     """
     check_settings(sparsity=sparsity, method=method)
     if ranks < 1:
@@ -74,7 +75,7 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         attn = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * t  # QK^T + PV, causal
         flops.append(tokens_per_round * (per_token + attn))
         rank_flops.append(rank_tokens_per_round * (per_token + attn))
-    repair_tokens = repair_flops = 0
+    repair_tokens = repair_flops = rank_repair_flops = 0
     if profile.reconstruct != "none":
         # two passes of the dense blocks, the Gram matrices of both projections' inputs, one solve each
         repair_tokens = 2 * profile.reconstruct_seqs * profile.reconstruct_seq_len
@@ -82,6 +83,8 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
                     for s in cfg.layers)
         solves = sum((s.num_attention_heads * cfg.head_dim) ** 3 + s.intermediate_size ** 3 for s in cfg.layers)
         repair_flops = repair_tokens * 2 * total + repair_tokens * grams + solves
+        rank_repair_flops = math.ceil(profile.reconstruct_seqs / ranks) * (repair_flops - solves) \
+            / profile.reconstruct_seqs + solves
     if device is not None:
         dtype_name, rates = pick_compute_dtype(profile.compute_dtype, device)
         gflops = measure_matmul_gflops(DTYPES[dtype_name], seconds=measure_seconds, device=device)
@@ -114,7 +117,7 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         "matmul_gflops_by_dtype": rates,
         # The executor reached 85-95% of the matmul rate on SmolLM2 in fp32 (README); ETA assumes 80%.
         # No ETA (null) for a GPU profile where no GPU is visible to measure.
-        "eta_hours": (sum(rank_flops) + repair_flops) / (0.8 * gflops * 1e9) / 3600
+        "eta_hours": (sum(rank_flops) + rank_repair_flops) / (0.8 * gflops * 1e9) / 3600
         if math.isfinite(gflops) else None,
         "matmul_gflops_measured": gflops if math.isfinite(gflops) else None,
     }

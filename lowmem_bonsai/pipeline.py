@@ -233,12 +233,12 @@ def _failed(exc: UserError | None, state: RunState, out_dir: Path) -> UserError 
 
 
 def repair_plan(ckpt: Checkpoint, plan: Plan, tokens: torch.Tensor, folder: Path, profile: Profile, *,
-                on_block=None) -> RepairReport:
-    """The profile's reconstruction of ``plan`` on ``tokens``; files in ``folder``."""
+                on_block=None, ranks: Ranks = SINGLE) -> RepairReport:
+    """The profile's reconstruction of ``plan`` on ``tokens``; files in ``folder`` (by rank 0)."""
     return reconstruct(ckpt, plan, tokens, folder, mode=profile.reconstruct,
                        ridge=profile.reconstruct_ridge, sequential=profile.reconstruct_sequential,
                        dtype=torch.float32, chunk_tokens=profile.chunk_tokens,
-                       prefetch=profile.prefetch, on_block=on_block)
+                       prefetch=profile.prefetch, on_block=on_block, ranks=ranks)
 
 
 def write_checkpoint(source: Checkpoint, plan: Plan, stage: Path, *, model_dir: Path, profile: Profile,
@@ -377,6 +377,8 @@ def _prune(ckpt: Checkpoint, tokens: torch.Tensor, repair_tokens: torch.Tensor |
     if not ranks.main:  # the others score their share of the rounds; rank 0 writes everything
         result = run_rounds(ckpt, tokens, sparsity=sparsity, profile=profile, method=method, seed=seed,
                             progress=progress, state=state, ranks=ranks)
+        if repair_tokens is not None:  # its share of the reconstruction's windows; rank 0 writes
+            repair_plan(ckpt, result.plan, repair_tokens, work_dir(out_dir) / "repair", profile, ranks=ranks)
         log.info("rank %d: %d forward tokens; rank 0 writes %s", ranks.rank, result.rank_tokens[ranks.rank],
                  out_dir)
         return None
@@ -397,7 +399,7 @@ def _prune(ckpt: Checkpoint, tokens: torch.Tensor, repair_tokens: torch.Tensor |
             t0 = time.perf_counter()
             on_repair = (lambda l: progress("repair", l + 1, n_layers)) if progress else None
             repair = repair_plan(ckpt, plan, repair_tokens, work_dir(out_dir) / "repair", profile,
-                                 on_block=on_repair)
+                                 on_block=on_repair, ranks=ranks)
             weights = ckpt.with_overlay(repair.files)
             repair_seconds = time.perf_counter() - t0
         shutil.rmtree(stage, ignore_errors=True)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from .conftest import edit_config, make_tiny, sample_words, write_word_tokenizer
 
@@ -128,6 +129,35 @@ def test_a_round_of_one_wave_is_shared_by_both_ranks(tmp_path, job):
     assert per_rank[0] == per_rank[1] > 0 and sum(per_rank) == single["forward_tokens"]
     for mine, theirs in zip(report["rounds"], single["rounds"]):
         assert mine["mask_loss_mean"] == pytest.approx(theirs["mask_loss_mean"], rel=1e-6)
+
+
+def test_reconstruction_shares_its_windows_and_matches_one_process(tmp_path, job):
+    """lsq over 2 ranks: each streams half the windows and the moments are summed before every
+    solve, so the repaired weights equal one process's up to the order of the sums (a rank that
+    kept only its own half would solve a different system)."""
+    from safetensors.torch import load_file
+
+    model_dir, _, text, _ = job
+    profile = tmp_path / "lsq.toml"
+    profile.write_text(PROFILE + 'reconstruct = "lsq"\nreconstruct_seqs = 8\nreconstruct_seq_len = 32\n')
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    subprocess.run(prune_args(model_dir, ref, profile, text), check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    procs = start_ranks(lambda rank: prune_args(model_dir, out, profile, text))
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    assert json.loads((out / "plan.json").read_text())["layers"] == json.loads((ref / "plan.json").read_text())["layers"]
+    mine, theirs = load_file(out / "model.safetensors"), load_file(ref / "model.safetensors")
+    assert mine.keys() == theirs.keys() and "model.layers.0.mlp.down_proj.bias" in mine
+    for name, t in theirs.items():  # an fp32 Gram summed in another order, then a ridge solve
+        assert (mine[name] - t).abs().max() <= 1e-3 * t.abs().max(), name
+    from lowmem_bonsai.engine.forward import streamed_nll
+    from lowmem_bonsai.model.checkpoint import Checkpoint
+
+    ids = torch.randint(0, 211, (2, 32), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(streamed_nll(Checkpoint(out), ids), streamed_nll(Checkpoint(ref), ids),
+                               rtol=1e-5, atol=0)
+    assert not (tmp_path / "out.partial").exists()
 
 
 def wait_mid_round(state: Path, proc: subprocess.Popen) -> None:

@@ -38,6 +38,7 @@ from safetensors.torch import save
 from ..engine.block import attention_heads, head_rows, mlp_channels
 from ..engine.forward import embed_tokens, sliding_mask
 from ..engine.memory import SOLVE_FP64_MAX
+from ..engine.ranks import SINGLE, Ranks
 from ..engine.rope import rope_tables
 from ..engine.streamer import BlockStreamer
 from ..model.checkpoint import Checkpoint
@@ -80,6 +81,16 @@ class Moments:
         if self.gram is not None:
             zp = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)  # (tokens, in + 1)
             self.gram.addmm_(zp.T, zp)
+
+    def summed(self, ranks: Ranks, *, what: str) -> Moments:
+        """Every rank's moments added up (fp64 sums; the Gram matrix back in fp32), on every rank."""
+        if ranks.world == 1:
+            return self
+        self.sums = ranks.sum(self.sums, what=what)
+        if self.gram is not None:
+            self.gram = ranks.sum(self.gram, what=what).float()
+        self.tokens = int(ranks.sum(torch.tensor([float(self.tokens)]), what=what).item())
+        return self
 
     def full_gram(self) -> torch.Tensor:
         """G with the constant's row and column exact, in :func:`solve_dtype`.  # (in + 1, in + 1)
@@ -162,11 +173,17 @@ def reconstruct(
     chunk_tokens: int = 4096,
     prefetch: int = 1,
     on_block: Callable[[int], None] | None = None,
+    ranks: Ranks = SINGLE,
 ) -> RepairReport:
     """Repair o_proj and down_proj of every layer that lost units; writes ``out_dir/layer-N.safetensors``.
 
     tokens: (S, T) calibration windows. Returns the report; lay the files over the source with
     ``ckpt.with_overlay(report.files)``.
+
+    With several ranks (every rank calls this with the same arguments) each streams its share of
+    the windows, the moments of every projection are summed over the ranks before its solve, so
+    every rank solves the same system and advances its windows with the same repaired layer; rank 0
+    alone writes the files.
     """
     if mode not in (Reconstruct.BIAS, Reconstruct.LSQ):
         raise ValueError(mode)
@@ -176,14 +193,16 @@ def reconstruct(
     cos, sin = rope_tables(cfg, t)
     attn_mask = sliding_mask(t, cfg.sliding_window)
     eps = cfg.rms_norm_eps
-    x = embed_tokens(ckpt, tokens, dtype=dtype)  # (S, T, H): the stream the statistics are taken on
+    mine = ranks.share(s_count)
+    x = embed_tokens(ckpt, tokens[mine.start : mine.stop], dtype=dtype)  # (S', T, H): the stream
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if ranks.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     files, layers = [], []
 
     def chunks():
-        for a in range(0, s_count, rows):
-            yield slice(a, min(a + rows, s_count))
+        for a in range(0, len(mine), rows):
+            yield slice(a, min(a + rows, len(mine)))
 
     for w in BlockStreamer(ckpt, plan=None, dtype=dtype, prefetch=prefetch):  # dense blocks
         lp = plan.layers[w.layer]
@@ -195,7 +214,8 @@ def reconstruct(
         def repair(key: str, error_key: str, weight: torch.Tensor, m: Moments, keep: torch.Tensor):
             """Solve one projection, record its full-width tensors; with ``sequential``, how the
             stream advances through it: (kept-column weight, bias, kept columns)."""
-            r = solve(weight, m, keep, mode=mode, ridge=ridge)
+            r = solve(weight, m.summed(ranks, what=f"the reconstruction of layer {info['layer']}"), keep,
+                      mode=mode, ridge=ridge)
             full = torch.zeros(weight.shape, dtype=r.weight.dtype)
             full[:, keep] = r.weight
             repaired[key], repaired[f"{key}_bias"] = full, r.bias
@@ -222,7 +242,7 @@ def reconstruct(
         for c in chunks():  # advance through the MLP
             act = mlp_channels(x[c], w, eps=eps)  # (rows, T, F)
             x[c] += F.linear(act if d_cols is None else act[..., d_cols], d_w, d_b)
-        if repaired:
+        if repaired and ranks.main:
             like = ckpt.get(ckpt.name("o", w.layer), rows=slice(0, 1)).dtype  # the source's dtype
             store = {ckpt.name(k, w.layer): v.to(like).contiguous() for k, v in repaired.items()}
             path = out_dir / f"layer-{w.layer:04d}.safetensors"
