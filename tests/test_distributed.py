@@ -110,12 +110,8 @@ def test_two_ranks_give_the_single_process_plan_and_shards(tmp_path, job):
     assert not (tmp_path / "out.partial").exists()
 
 
-def test_a_round_of_one_wave_is_shared_by_both_ranks(tmp_path, job):
-    """A large model's round is often a single wave: each rank scores half of its masks, and the
-    plan is the single process's (the halves' losses agree with the whole batch's to rounding)."""
-    model_dir, _, text, _ = job
-    profile = tmp_path / "one-wave.toml"
-    profile.write_text(PROFILE.replace("wave_masks = 2", "wave_masks = 16"))
+def one_process_and_two_ranks(model_dir: Path, profile: Path, text: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """The same prune by one process (``ref``) and by two ranks (``out``); their plans are equal."""
     ref, out = tmp_path / "ref", tmp_path / "out"
     subprocess.run(prune_args(model_dir, ref, profile, text), check=True, capture_output=True,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -123,6 +119,16 @@ def test_a_round_of_one_wave_is_shared_by_both_ranks(tmp_path, job):
     results = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], results
     assert json.loads((out / "plan.json").read_text())["layers"] == json.loads((ref / "plan.json").read_text())["layers"]
+    return ref, out
+
+
+def test_a_round_of_one_wave_is_shared_by_both_ranks(tmp_path, job):
+    """A large model's round is often a single wave: each rank scores half of its masks, and the
+    plan is the single process's (the halves' losses agree with the whole batch's to rounding)."""
+    model_dir, _, text, _ = job
+    profile = tmp_path / "one-wave.toml"
+    profile.write_text(PROFILE.replace("wave_masks = 2", "wave_masks = 16"))
+    ref, out = one_process_and_two_ranks(model_dir, profile, text, tmp_path)
     report = json.loads((out / "report.json").read_text())
     single = json.loads((ref / "report.json").read_text())
     per_rank = report["forward_tokens_per_rank"]
@@ -140,13 +146,7 @@ def test_reconstruction_shares_its_windows_and_matches_one_process(tmp_path, job
     model_dir, _, text, _ = job
     profile = tmp_path / "lsq.toml"
     profile.write_text(PROFILE + 'reconstruct = "lsq"\nreconstruct_seqs = 8\nreconstruct_seq_len = 32\n')
-    ref, out = tmp_path / "ref", tmp_path / "out"
-    subprocess.run(prune_args(model_dir, ref, profile, text), check=True, capture_output=True,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
-    procs = start_ranks(lambda rank: prune_args(model_dir, out, profile, text))
-    results = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], results
-    assert json.loads((out / "plan.json").read_text())["layers"] == json.loads((ref / "plan.json").read_text())["layers"]
+    ref, out = one_process_and_two_ranks(model_dir, profile, text, tmp_path)
     mine, theirs = load_file(out / "model.safetensors"), load_file(ref / "model.safetensors")
     assert mine.keys() == theirs.keys() and "model.layers.0.mlp.down_proj.bias" in mine
     for name, t in theirs.items():  # an fp32 Gram summed in another order, then a ridge solve
