@@ -385,3 +385,15 @@ def refused_import(tmp_path: Path, src: Path, match: str, **kwargs) -> None:
     assert_nothing_left(tmp_path, out)
 
 
+
+
+def mount_tmpfs(request, folder: Path, options: str, *, why: str) -> None:
+    """Mount a tmpfs with ``options`` on ``folder`` for one test (unmounted after it); skips the
+    test, saying ``why``, where this machine cannot (not root, no mount)."""
+    import os
+    import subprocess
+
+    mount = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)]
+    if os.geteuid() != 0 or not shutil.which("mount") or subprocess.run(mount, capture_output=True).returncode:
+        pytest.skip(why)
+    request.addfinalizer(lambda: subprocess.run(["umount", str(folder)], check=True))

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import struct
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from lowmem_bonsai.pipeline import prune_model, work_dir
 from lowmem_bonsai.model.plan import Plan
 from lowmem_bonsai.profiles import load_profile
 
-from .conftest import (BROKEN_CHECKPOINTS, make_tiny, refused, refused_import, truncate, write_gguf,
+from .conftest import (BROKEN_CHECKPOINTS, make_tiny, mount_tmpfs, refused, refused_import, truncate, write_gguf,
                        write_word_tokenizer)
 
 PROFILE = """# lowmem-bonsai prune M --out O --profile THIS.toml
@@ -196,11 +195,7 @@ def small_disk(request, tmp_path, monkeypatch) -> SmallDisk:
     path = tmp_path / "disk"
     path.mkdir()
     if request.param == "tmpfs":
-        mount = ["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(path)]
-        if os.geteuid() != 0 or not shutil.which("mount") or subprocess.run(
-                mount, capture_output=True).returncode:
-            pytest.skip("mounting a tmpfs needs root")
-        request.addfinalizer(lambda: subprocess.run(["umount", str(path)], check=True))
+        mount_tmpfs(request, path, "size=2M", why="mounting a tmpfs needs root")
         ballast = path / "ballast"
 
         def fill() -> None:  # leave 48 KB: room for the progress, not for the weights

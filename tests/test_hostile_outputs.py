@@ -24,7 +24,7 @@ from lowmem_bonsai.cli import app
 from lowmem_bonsai.pipeline import lock_path, prune_model, work_dir
 from lowmem_bonsai.profiles import load_profile
 
-from .conftest import refused, write_gguf
+from .conftest import mount_tmpfs, refused, write_gguf
 
 PROFILE = """# lowmem-bonsai prune M --out O --profile THIS.toml
 compute_dtype = "float32"
@@ -112,11 +112,7 @@ def unwritable(request, tmp_path):
     folder = tmp_path / "ro"
     folder.mkdir()
     if request.param == "read-only mount":
-        mount = ["mount", "-t", "tmpfs", "-o", "ro,size=1M", "tmpfs", str(folder)]
-        if os.geteuid() != 0 or not shutil.which("mount") or subprocess.run(
-                mount, capture_output=True).returncode:
-            pytest.skip("mounting a read-only tmpfs needs root")
-        request.addfinalizer(lambda: subprocess.run(["umount", str(folder)], check=True))
+        mount_tmpfs(request, folder, "ro,size=1M", why="mounting a read-only tmpfs needs root")
         return folder, "is on a read-only file system"
     if os.geteuid() == 0:
         pytest.skip("root writes into a folder without write permission")
