@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .settings import (AUTO, Allocation, DType, Estimator, HeadUnit, MaskCounts, Prior, Reconstruct, Score,
-                       names, one_of)
+from .settings import (AUTO, Allocation, DType, Eligible, Estimator, HeadUnit, MaskCounts, Prior, Reconstruct,
+                       Score, names, one_of)
 
 # An installed wheel carries the profiles in the package (pyproject maps profiles/ to
 # lowmem_bonsai/_profiles); a checkout reads the repository's top-level profiles/.
@@ -27,7 +27,8 @@ _DTYPE_OR_AUTO = (AUTO, *names(DType))
 CHOICES: dict[str, tuple[str, ...]] = {
     "compute_dtype": _DTYPE_OR_AUTO, "storage_dtype": _DTYPE_OR_AUTO, "prior": names(Prior),
     "estimator": names(Estimator), "head_unit": names(HeadUnit), "allocation": names(Allocation),
-    "mask_counts": names(MaskCounts), "score": names(Score), "reconstruct": names(Reconstruct),
+    "mask_counts": names(MaskCounts), "eligible": names(Eligible), "score": names(Score),
+    "reconstruct": names(Reconstruct),
 }
 
 
@@ -63,6 +64,10 @@ class Profile:
     mask_counts: str = MaskCounts.VARIED.value  # fixed: every mask drops half of each module's eligible units;
     #                             varied: a random count per module and pair, plus per-module scales
     #                             in the regression, so that layers' sensitivities are identifiable
+    eligible: str = Eligible.MODULE.value  # which units the masks may drop: module (each module's
+    #                             lowest-prior 2p share, so widths stay near-uniform) or global (all
+    #                             units ranked together by FLAP's standardized fluctuation; the lowest
+    #                             2p of the parameters, so the masks probe uneven widths)
     # reconstruction, after the units are chosen (reconstruct.py)
     reconstruct: str = "none"  # none | bias (FLAP's compensation) | lsq (ridge refit of the kept
     #                            columns of o_proj / down_proj and a bias)

@@ -58,6 +58,11 @@ class Allocation(Setting):
     GLOBAL = "global", "units ranked by estimated loss per parameter across modules"
 
 
+class Eligible(Setting):
+    MODULE = "module", "each module's lowest-prior 2p share"
+    GLOBAL = "global", "FLAP's scores ranked across all layers: the lowest 2p of the parameters"
+
+
 class MaskCounts(Setting):
     FIXED = "fixed", "every mask drops half of each module's eligible units"
     VARIED = "varied", "random counts, so layer sensitivities are identifiable"

@@ -149,6 +149,31 @@ def test_coarse_modules_are_neither_perturbed_nor_pruned():
     assert every[0].eligible.numel() == 2
 
 
+def test_global_eligibility_follows_the_ranking_across_layers():
+    """Units of all layers ranked together: the low-ranked layer gets the eligible units, uneven."""
+    from lowmem_bonsai.method.masks import Module
+    from lowmem_bonsai.method.prune import global_eligible, sample_round
+
+    g = torch.Generator().manual_seed(0)
+    mods = [Module(0, "attn", 12, 1000, 1), Module(0, "mlp", 96, 10, 8),
+            Module(1, "attn", 12, 1000, 1), Module(1, "mlp", 96, 10, 8)]
+    priors = [(torch.rand(12, generator=g).double(), torch.rand(96, generator=g).double())
+              for _ in range(2)]
+    # Layer 0's channels rank far below everything else; layer 1's attention is the next lowest.
+    ranking = [(torch.full((12,), 5.0).double(), torch.linspace(-9, -8, 96).double()),
+               (torch.linspace(-3, 3, 12).double(), torch.linspace(1, 2, 96).double())]
+    total = sum(m.n_units * m.unit_params for m in mods)  # 25,920 parameters; 2p = 0.2 of them
+    counts = global_eligible(mods, ranking, 0.1, [False] * 4)
+    assert counts == [0, 88, 5, 0]  # 88 channels (880) + 4 groups (4000) < 0.2 * total (5184): a 5th
+    assert sum(c * m.unit_params for c, m in zip(counts, mods)) >= 0.2 * total
+    rounds = sample_round(mods, priors, 0.1, 16, g, varied=True, ranking=ranking)
+    assert [r.eligible.numel() for r in rounds] == [0, 88, 5, 0]
+    assert rounds[2].eligible.tolist() == [0, 1, 2, 3, 4]  # the lowest-ranked groups, not lowest-prior
+    assert (rounds[1].masks == 0).any() and (rounds[3].masks == 1).all()
+    dropped = 1 - rounds[1].masks[:, rounds[1].eligible].mean()  # every pair perturbs a ranked MLP:
+    assert 0.3 < float(dropped) < 0.7  # each mask drops half the eligible channels on average
+
+
 def test_unreachable_sparsity_stops_with_a_reason_and_exit_0(tmp_path, sample_text, sparsity=0.9):
     """A round where no module has eligible units used to crash in design_of (torch.cat of [])."""
     make_tiny(tmp_path / "m", "llama-gqa-tied")

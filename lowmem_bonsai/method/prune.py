@@ -29,7 +29,7 @@ from ..model.config import DTYPES, ModelConfig
 from ..model.plan import Drop, Plan
 from ..outputs.resume import RunState
 from ..profiles import Profile
-from ..settings import Method, names
+from ..settings import Eligible, Method, names
 from . import select
 from .masks import Module, eligible_units, modules_of, sample_masks
 from .prior import flap_scores, layer_priors
@@ -341,13 +341,14 @@ def record(start: RoundStart, prior: PriorPass, choice: Choice, *, params_after:
 
 
 def draw_masks(modules: list[Module], priors: Priors, p: float, n_masks: int, gen: torch.Generator,
-               varied: bool) -> list[ModuleMasks] | None:
+               varied: bool, ranking: Priors | None = None) -> list[ModuleMasks] | None:
     """The round's sub-models; None when every module is at its minimum width."""
-    per_module = sample_round(modules, priors, p, n_masks, gen, varied)
+    per_module = sample_round(modules, priors, p, n_masks, gen, varied, ranking=ranking)
     if not any(mm.eligible.numel() for mm in per_module):
         # Every module is too coarse for this round's rate: perturb the coarse ones after all (a
         # small last round, or a model already near its minimum widths).
-        per_module = sample_round(modules, priors, p, n_masks, gen, varied, skip_coarse=False)
+        per_module = sample_round(modules, priors, p, n_masks, gen, varied, skip_coarse=False,
+                                  ranking=ranking)
     if not any(mm.eligible.numel() for mm in per_module):
         return None
     return per_module
@@ -437,7 +438,10 @@ def bonsai_choice(ckpt: Checkpoint, calib: torch.Tensor, plan: Plan, start: Roun
     """Draw masks -> score them -> regress the scores on the masks -> select by the betas."""
     n_masks = profile.masks_per_round
     varied = profile.mask_counts == "varied"
-    per_module = draw_masks(list(start.modules), prior.priors, start.share, n_masks, gen, varied)
+    ranking = None
+    if profile.eligible == Eligible.GLOBAL:
+        ranking = tuple(flap_scores(st, head_unit=profile.head_unit) for st in prior.stats)
+    per_module = draw_masks(list(start.modules), prior.priors, start.share, n_masks, gen, varied, ranking)
     if per_module is None:  # every module is at its minimum
         nan = float("nan")
         return Choice({}, n_masks, FitSummary(nan, nan, nan, nan, None, None))
@@ -462,8 +466,14 @@ def bonsai_choice(ckpt: Checkpoint, calib: torch.Tensor, plan: Plan, start: Roun
 
 
 def sample_round(modules: list[Module], priors: Priors, p: float, n_masks: int, gen: torch.Generator,
-                 varied: bool = False, skip_coarse: bool = True) -> list[ModuleMasks]:
+                 varied: bool = False, skip_coarse: bool = True, ranking: Priors | None = None,
+                 ) -> list[ModuleMasks]:
     """Eligible units and the keep-masks of every module for one round (``p``: share removed).
+
+    Each module's eligible units are its lowest-prior 2p share, or, with ``ranking`` (scores
+    comparable across layers, e.g. FLAP's), as many of its lowest-ranked units as a ranking of all
+    units together puts among the lowest 2p of the parameters (:func:`global_eligible`), so the
+    masks can probe, and the selection reach, very uneven widths.
 
     With ``skip_coarse``, a module too coarse to lose a unit at this round's rate (round(p * width)
     = 0, e.g. 3 KV groups at p = 0.1) is neither perturbed nor pruned: on SmolLM2, dropping one of
@@ -471,26 +481,61 @@ def sample_round(modules: list[Module], priors: Priors, p: float, n_masks: int, 
     scores' variance that the regression should spend on the units it can remove
     (tools/bench_regression.py).
     """
+    skipped = [skip_coarse and round(p * m.n_units) == 0 for m in modules]
+    if ranking is not None:
+        counts = global_eligible(modules, ranking, p, skipped)
     out = []
-    for m in modules:
+    for i, m in enumerate(modules):
         prior = prior_of(priors, m)
         room = m.n_units - m.min_units
         # MLP modules offer at least two pieces of `align` (= min_units) channels: a small last
         # round must still have a whole piece to remove.
         least = 2 * m.min_units if m.kind == "mlp" else 2
-        e = min(max(math.ceil(2 * p * m.n_units), least), room) if room >= 2 else 0
-        if skip_coarse and round(p * m.n_units) == 0:
-            e = 0
-        elig = eligible_units(prior, n_eligible=e)
+        if ranking is None:
+            e = min(max(math.ceil(2 * p * m.n_units), least), room) if room >= 2 else 0
+            e = 0 if skipped[i] else e
+            elig = eligible_units(prior, n_eligible=e)
+        else:
+            e = min(max(counts[i], least), room) if counts[i] and room >= 2 else 0
+            elig = eligible_units(prior_of(ranking, m), n_eligible=e)
         masks = sample_masks(prior, elig, n_units=m.n_units, n_masks=n_masks, gen=gen, varied=varied)
-        if e:
+        if e and (ranking is None or m.kind != "mlp"):
             # Coarse modules (few large units) are perturbed only in some pairs, so each mask drops
-            # about p of every module on average, as for fine modules.
+            # about p of every module on average, as for fine modules. (A globally ranked MLP's
+            # eligible share is what the ranking gives it: every pair perturbs it.)
             active = min(1.0, 2 * p * m.n_units / e)
             idle = torch.rand(n_masks // 2, generator=gen) >= active
             masks.view(n_masks // 2, 2, -1)[idle] = 1.0
         out.append(ModuleMasks(m, prior, elig, masks))
     return out
+
+
+def global_eligible(modules: list[Module], ranking: Priors, p: float, skipped: list[bool]) -> list[int]:
+    """Per module, how many of its units are among the lowest-ranked 2p of all parameters.
+
+    All removable units of the modules not ``skipped`` are ranked together by score (lowest
+    first) and taken until their parameters reach 2p of the model's; an MLP's count is rounded to
+    the nearest multiple of its ``min_units`` (the alignment), since it loses whole pieces.
+    """
+    units = []  # (score, module index, unit params)
+    total = sum(m.n_units * m.unit_params for m in modules)
+    for i, m in enumerate(modules):
+        if skipped[i] or m.n_units <= m.min_units:
+            continue
+        scores = torch.sort(prior_of(ranking, m)).values[: m.n_units - m.min_units]
+        units += [(float(v), i, m.unit_params) for v in scores.tolist()]
+    units.sort(key=lambda t: t[:2])
+    counts = [0] * len(modules)
+    taken = 0.0
+    for _, i, params in units:
+        if taken >= 2 * p * total:
+            break
+        counts[i] += 1
+        taken += params
+    for i, m in enumerate(modules):
+        if m.kind == "mlp" and counts[i]:
+            counts[i] = m.min_units * round(counts[i] / m.min_units)
+    return counts
 
 
 def mask_set(per_module: list[ModuleMasks], plan: Plan, a: int, b: int) -> MaskSet:
