@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .settings import (AUTO, Allocation, DType, Eligible, Estimator, HeadUnit, MaskCounts, Prior, Reconstruct,
-                       Score, names, one_of)
+from .settings import (AUTO, Allocation, DType, Eligible, Estimator, HeadUnit, MaskCounts, Prior,
+                       PriorScope, Reconstruct, Score, names, one_of)
 
 # An installed wheel carries the profiles in the package (pyproject maps profiles/ to
 # lowmem_bonsai/_profiles); a checkout reads the repository's top-level profiles/.
@@ -28,6 +28,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "compute_dtype": _DTYPE_OR_AUTO, "storage_dtype": _DTYPE_OR_AUTO, "prior": names(Prior),
     "estimator": names(Estimator), "head_unit": names(HeadUnit), "allocation": names(Allocation),
     "mask_counts": names(MaskCounts), "eligible": names(Eligible), "score": names(Score),
+    "prior_scope": names(PriorScope),
     "reconstruct": names(Reconstruct),
 }
 
@@ -68,6 +69,10 @@ class Profile:
     #                             lowest-prior 2p share, so widths stay near-uniform) or global (all
     #                             units ranked together by FLAP's standardized fluctuation; the lowest
     #                             2p of the parameters, so the masks probe uneven widths)
+    prior_scope: str = PriorScope.MODULE.value  # the regression's base (beta = scale x prior + a
+    #                             correction): module (each module's prior normalised to mean 1, so
+    #                             cross-layer differences come from the masks alone) or global (the
+    #                             unit's rank among all eligible units by FLAP's score; eligible = global)
     # reconstruction, after the units are chosen (reconstruct.py)
     reconstruct: str = "none"  # none | bias (FLAP's compensation) | lsq (ridge refit of the kept
     #                            columns of o_proj / down_proj and a bias)
@@ -100,6 +105,8 @@ class Profile:
              "reconstruct_seqs >= 1 and reconstruct_seq_len >= 2"),
             (self.reconstruct_ridge >= 0, "reconstruct_ridge must be >= 0"),
             (self.dist_timeout_s > 0, "dist_timeout_s must be > 0"),
+            (self.prior_scope == PriorScope.MODULE or self.eligible == Eligible.GLOBAL,
+             "prior_scope = \"global\" needs eligible = \"global\" (the cross-layer ranking)"),
             (self.memory_gb > 0 and self.prefetch >= 0 and self.threads >= 0 and self.wave_masks >= 0,
              "memory_gb > 0, prefetch >= 0, threads >= 0, wave_masks >= 0"),
         ]

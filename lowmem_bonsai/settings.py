@@ -63,6 +63,11 @@ class Eligible(Setting):
     GLOBAL = "global", "FLAP's scores ranked across all layers: the lowest 2p of the parameters"
 
 
+class PriorScope(Setting):
+    MODULE = "module", "each module's prior normalised to mean 1"
+    GLOBAL = "global", "the eligible units' rank in the cross-layer ranking (needs eligible = global)"
+
+
 class MaskCounts(Setting):
     FIXED = "fixed", "every mask drops half of each module's eligible units"
     VARIED = "varied", "random counts, so layer sensitivities are identifiable"

@@ -37,6 +37,14 @@ def test_profile_rejects_unknown_keys_and_wrong_types(tmp_path):
     bad.write_text('masks_per_round = 7\n')
     with pytest.raises(UserError, match="even"):
         load_profile(bad)
+    bad.write_text('eligible = "everything"\n')
+    with pytest.raises(UserError, match="eligible must be module or global"):
+        load_profile(bad)
+    bad.write_text('prior_scope = "global"\n')  # the ranking it reads comes with eligible = "global"
+    with pytest.raises(UserError, match='prior_scope = "global" needs eligible = "global"'):
+        load_profile(bad)
+    bad.write_text('prior_scope = "global"\neligible = "global"\n')
+    assert load_profile(bad).prior_scope == "global"
 
 
 def test_planner_fits_13b_in_16gb_and_refuses_a_budget_that_cannot_work():

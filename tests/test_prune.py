@@ -72,13 +72,15 @@ def test_same_seed_same_plan_other_seed_other_plan(tmp_path, tiny, sample_text):
     assert plans[0] != plans[2]
 
 
-@pytest.mark.parametrize("counts", ["fixed", "varied"])
-def test_global_allocation_reaches_the_target(tmp_path, tiny, sample_text, counts):
+@pytest.mark.parametrize("counts,eligible", [("fixed", "module"), ("varied", "module"), ("varied", "global")])
+def test_global_allocation_reaches_the_target(tmp_path, tiny, sample_text, counts, eligible):
     _, model_dir = tiny
     report = prune_model(model_dir=model_dir, out_dir=tmp_path / "o", sparsity=0.5,
-                         profile=profile(allocation="global", mask_counts=counts), calib=sample_text)
+                         profile=profile(allocation="global", mask_counts=counts, eligible=eligible),
+                         calib=sample_text)
     assert abs(report["achieved_sparsity"] - 0.5) <= 0.02
     assert report["settings"]["profile"]["allocation"] == "global"
+    assert report["settings"]["profile"]["eligible"] == eligible
     assert all(l["channels"] % 8 == 0 for l in report["layers"])
 
 
@@ -172,6 +174,29 @@ def test_global_eligibility_follows_the_ranking_across_layers():
     assert (rounds[1].masks == 0).any() and (rounds[3].masks == 1).all()
     dropped = 1 - rounds[1].masks[:, rounds[1].eligible].mean()  # every pair perturbs a ranked MLP:
     assert 0.3 < float(dropped) < 0.7  # each mask drops half the eligible channels on average
+
+
+def test_global_prior_scope_ranks_the_eligible_units_across_layers():
+    """prior_scope = global: the regression's base prior is each eligible unit's rank in the
+    cross-layer ranking, not its module's prior normalised to mean 1."""
+    from lowmem_bonsai.method.masks import Module
+    from lowmem_bonsai.method.prune import design_of, sample_round
+
+    g = torch.Generator().manual_seed(0)
+    mods = [Module(0, "mlp", 64, 10, 8), Module(1, "mlp", 64, 10, 8)]
+    priors = [(None, torch.rand(64, generator=g).double()) for _ in range(2)]
+    ranking = [(None, torch.linspace(0, 1, 64).double()), (None, torch.linspace(0.5, 1.5, 64).double())]
+    rounds = sample_round(mods, priors, 0.2, 8, g, varied=True, ranking=ranking)
+    by_module = design_of(rounds)
+    ranked = design_of(rounds, ranking)
+    z = torch.cat([ranking[i][1][r.eligible] for i, r in enumerate(rounds)])
+    n = z.numel()
+    assert n == sum(r.eligible.numel() for r in rounds) > 0
+    assert torch.equal(torch.argsort(ranked.prior), torch.argsort(z))  # the ranking's order, across layers
+    assert sorted(ranked.prior.tolist()) == [k / n for k in range(1, n + 1)]
+    assert torch.equal(ranked.x, by_module.x) and ranked.owners == by_module.owners
+    for i in range(2):  # by module: mean 1 within each module
+        assert abs(float(by_module.prior[by_module.groups == i].mean()) - 1) < 1e-9
 
 
 def test_unreachable_sparsity_stops_with_a_reason_and_exit_0(tmp_path, sample_text, sparsity=0.9):

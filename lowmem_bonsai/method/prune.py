@@ -29,7 +29,7 @@ from ..model.config import DTYPES, ModelConfig
 from ..model.plan import Drop, Plan
 from ..outputs.resume import RunState
 from ..profiles import Profile
-from ..settings import Eligible, Method, names
+from ..settings import Eligible, Method, PriorScope, names
 from . import select
 from .masks import Module, eligible_units, modules_of, sample_masks
 from .prior import flap_scores, layer_priors
@@ -448,7 +448,7 @@ def bonsai_choice(ckpt: Checkpoint, calib: torch.Tensor, plan: Plan, start: Roun
     scores = score_masks(ckpt, calib, plan, per_module, wave=wave, fwd=fwd, soft=prior.teacher,
                          state=state, progress=progress, ranks=ranks, round_number=start.number)
     loss = scores.loss
-    d = design_of(per_module)
+    d = design_of(per_module, ranking if profile.prior_scope == PriorScope.GLOBAL else None)
     f = fit(d.x, -loss, prior=d.prior, kinds=d.kinds, estimator=profile.estimator, gen=gen,
             groups=d.groups if varied else None)
     beta_of = {d.owners[i]: float(f.beta[i]) for i in range(len(d.owners)) if f.informed[i]}
@@ -558,13 +558,20 @@ class Design:
     """The regression's view of a round: one column per eligible unit."""
 
     x: torch.Tensor  # (M, D) 1 = kept
-    prior: torch.Tensor  # (D,) normalised to mean 1 within each module
+    prior: torch.Tensor  # (D,) normalised to mean 1 within each module, or a rank in (0, 1]
     kinds: torch.Tensor  # (D,) 0 = attention unit, 1 = MLP channel
     groups: torch.Tensor  # (D,) index into per_module
     owners: list[tuple[int, int]]  # (index into per_module, local unit index) per column
 
 
-def design_of(per_module: list[ModuleMasks]) -> Design:
+def design_of(per_module: list[ModuleMasks], ranking: Priors | None = None) -> Design:
+    """The masks' eligible columns and the regression's base prior for each.
+
+    The base prior is each module's prior normalised to mean 1 over its eligible units, or, with
+    ``ranking`` (scores comparable across layers), the unit's rank among all eligible units,
+    scaled to (0, 1]: the regression then starts from the ranking's order across layers and the
+    masks correct it.
+    """
     cols, pri, kinds, groups, owners = [], [], [], [], []
     for idx, mm in enumerate(per_module):
         elig = mm.eligible
@@ -576,7 +583,14 @@ def design_of(per_module: list[ModuleMasks]) -> Design:
         kinds.append(torch.full((elig.numel(),), 0 if mm.module.kind != "mlp" else 1))
         groups.append(torch.full((elig.numel(),), idx))
         owners += [(idx, int(u)) for u in elig]
-    return Design(torch.cat(cols, 1), torch.cat(pri), torch.cat(kinds), torch.cat(groups), owners)
+        if ranking is not None:
+            pri[-1] = prior_of(ranking, mm.module)[elig].double()
+    prior = torch.cat(pri)
+    if ranking is not None:
+        ranks = torch.empty_like(prior)
+        ranks[torch.argsort(prior, stable=True)] = torch.arange(1, prior.numel() + 1, dtype=prior.dtype)
+        prior = ranks / prior.numel()
+    return Design(torch.cat(cols, 1), prior, torch.cat(kinds), torch.cat(groups), owners)
 
 
 def wave_size(cfg: ModelConfig, calib: torch.Tensor, profile: Profile, device: torch.device) -> int:
