@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .settings import (AUTO, Allocation, DType, Eligible, Estimator, HeadUnit, MaskCounts, Prior,
-                       PriorScope, Reconstruct, Score, names, one_of)
+from .settings import (AUTO, Allocation, DType, Eligible, Estimator, HeadUnit, MaskCounts, MaskFill,
+                       Prior, PriorScope, Reconstruct, Score, names, one_of)
 
 # An installed wheel carries the profiles in the package (pyproject maps profiles/ to
 # lowmem_bonsai/_profiles); a checkout reads the repository's top-level profiles/.
@@ -28,7 +28,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "compute_dtype": _DTYPE_OR_AUTO, "storage_dtype": _DTYPE_OR_AUTO, "prior": names(Prior),
     "estimator": names(Estimator), "head_unit": names(HeadUnit), "allocation": names(Allocation),
     "mask_counts": names(MaskCounts), "eligible": names(Eligible), "score": names(Score),
-    "prior_scope": names(PriorScope),
+    "prior_scope": names(PriorScope), "mask_fill": names(MaskFill),
     "reconstruct": names(Reconstruct),
 }
 
@@ -73,6 +73,10 @@ class Profile:
     #                             correction): module (each module's prior normalised to mean 1, so
     #                             cross-layer differences come from the masks alone) or global (the
     #                             unit's rank among all eligible units by FLAP's score; eligible = global)
+    mask_fill: str = MaskFill.ZERO.value  # what a sub-model's dropped unit feeds o_proj / down_proj:
+    #                             zero, or mean (its mean over the round's calibration tokens: FLAP's
+    #                             bias compensation in every sub-model, so the masks score what a
+    #                             repair cannot restore)
     # reconstruction, after the units are chosen (reconstruct.py)
     reconstruct: str = "none"  # none | bias (FLAP's compensation) | lsq (ridge refit of the kept
     #                            columns of o_proj / down_proj and a bias)

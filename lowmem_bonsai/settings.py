@@ -68,6 +68,11 @@ class PriorScope(Setting):
     GLOBAL = "global", "the eligible units' rank in the cross-layer ranking (needs eligible = global)"
 
 
+class MaskFill(Setting):
+    ZERO = "zero", "a dropped unit's output is 0"
+    MEAN = "mean", "a dropped unit's o_proj / down_proj input is its mean (FLAP's compensation)"
+
+
 class MaskCounts(Setting):
     FIXED = "fixed", "every mask drops half of each module's eligible units"
     VARIED = "varied", "random counts, so layer sensitivities are identifiable"

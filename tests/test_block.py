@@ -57,6 +57,43 @@ def test_masks_equal_slicing_and_rows_are_independent(tmp_path):
     torch.testing.assert_close(out[1], streamed_nll(ckpt, tokens, plan=plan)[0], rtol=1e-5, atol=0)
 
 
+def test_mean_fill_equals_removal_with_flaps_bias(tmp_path):
+    """mask_fill = mean: a dropped unit's input to o_proj / down_proj is a constant f, which is the
+    plan's slicing plus the bias W[:, removed] f on o_proj and down_proj (FLAP's compensation)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    make_tiny(tmp_path / "m", "llama-gqa-tied")
+    ckpt = Checkpoint(tmp_path / "m")
+    cfg = ckpt.config
+    plan = plan_for(cfg.num_attention_heads, cfg.num_key_value_heads)
+    g = torch.Generator().manual_seed(5)
+    n, hd, f_width = cfg.num_attention_heads, cfg.head_dim, cfg.intermediate_size
+    head_fill = [torch.randn(n * hd, generator=g) for _ in plan.layers]
+    chan_fill = [torch.randn(f_width, generator=g) for _ in plan.layers]
+    head = [torch.zeros(1, n) for _ in plan.layers]
+    chan = [torch.zeros(1, f_width) for _ in plan.layers]
+    # The same model with the compensation as biases, sliced by the plan.
+    shutil.copytree(tmp_path / "m", tmp_path / "b")
+    (path,) = (tmp_path / "b").glob("*.safetensors")
+    tensors = load_file(path)
+    for l, lp in enumerate(plan.layers):
+        head[l][0, list(lp.heads)] = 1
+        chan[l][0, list(lp.channels)] = 1
+        for proj, mask, fill in (("self_attn.o_proj", head[l][0].repeat_interleave(hd), head_fill[l]),
+                                 ("mlp.down_proj", chan[l][0], chan_fill[l])):
+            w = tensors[f"model.layers.{l}.{proj}.weight"]
+            tensors[f"model.layers.{l}.{proj}.bias"] = (w.double() @ ((1 - mask) * fill).double()).to(w.dtype)
+    save_file(tensors, path)
+    tokens = torch.randint(0, 211, (2, 24), generator=torch.Generator().manual_seed(6))
+    filled = streamed_nll(ckpt, tokens, masks=MaskSet(head, chan, head_fill, chan_fill))[0]
+    biased = streamed_nll(Checkpoint(tmp_path / "b"), tokens, plan=plan)[0]
+    torch.testing.assert_close(filled, biased, rtol=1e-5, atol=0)
+    zeroed = streamed_nll(ckpt, tokens, masks=MaskSet(head, chan))[0]
+    assert (filled - zeroed).abs().max() > 1e-3  # the fill does change the sub-model
+
+
 def test_streamer_holds_at_most_prefetch_plus_one(tmp_path):
     make_tiny(tmp_path, "llama-mha-untied", layers=5)
     ckpt = Checkpoint(tmp_path)

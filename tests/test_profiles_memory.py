@@ -40,6 +40,9 @@ def test_profile_rejects_unknown_keys_and_wrong_types(tmp_path):
     bad.write_text('eligible = "everything"\n')
     with pytest.raises(UserError, match="eligible must be module or global"):
         load_profile(bad)
+    bad.write_text('mask_fill = "median"\n')
+    with pytest.raises(UserError, match="mask_fill must be zero or mean"):
+        load_profile(bad)
     bad.write_text('prior_scope = "global"\n')  # the ranking it reads comes with eligible = "global"
     with pytest.raises(UserError, match='prior_scope = "global" needs eligible = "global"'):
         load_profile(bad)

@@ -236,14 +236,26 @@ def block_forward(
     channel_mask: torch.Tensor | None = None,
     attn_mask: torch.Tensor | None = None,
     stats: UnitStats | None = None,
+    head_fill: torch.Tensor | None = None,
+    channel_fill: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x: (N, T, H) -> (N, T, H). Masks are per row: head_mask (N, n_heads), channel_mask (N, F)."""
+    """x: (N, T, H) -> (N, T, H). Masks are per row: head_mask (N, n_heads), channel_mask (N, F).
+
+    With ``head_fill`` (n_heads hd,) / ``channel_fill`` (F,), a dropped unit's input to o_proj /
+    down_proj is that constant instead of 0 (fill + mask (y - fill)): with the inputs' means,
+    every sub-model carries FLAP's bias compensation.
+    """
     n, t, _ = x.shape
     nq, hd = w.n_heads, w.head_dim
     if nq:
         y = attention_heads(x, w, cos, sin, eps=eps, attn_mask=attn_mask)  # (N, T, nq hd)
         if head_mask is not None:
-            y = (y.view(n, t, nq, hd) * head_mask[:, None, :, None].to(y.dtype)).view(n, t, nq * hd)
+            m = head_mask[:, None, :, None].to(y.dtype)
+            if head_fill is None:
+                y = (y.view(n, t, nq, hd) * m).view(n, t, nq * hd)
+            else:
+                f = head_fill.to(y.dtype).view(nq, hd)
+                y = (f + m * (y.view(n, t, nq, hd) - f)).view(n, t, nq * hd)
         if stats is not None:
             a = y
         x = x + F.linear(y, w.o, w.o_bias)
@@ -251,7 +263,12 @@ def block_forward(
         x = x + w.o_bias
     act = mlp_channels(x, w, eps=eps)  # (N, T, F)
     if channel_mask is not None:
-        act = act * channel_mask[:, None, :].to(act.dtype)
+        m = channel_mask[:, None, :].to(act.dtype)
+        if channel_fill is None:
+            act = act * m
+        else:
+            f = channel_fill.to(act.dtype)
+            act = f + m * (act - f)
     if stats is not None:
         stats.add(a if nq else act.new_zeros(n * t, 0), act)
     return x + F.linear(act, w.down, w.down_bias)

@@ -31,6 +31,9 @@ class MaskSet:
 
     head: list[torch.Tensor]  # per layer: (G, n_heads_l)
     channel: list[torch.Tensor]  # per layer: (G, F_l)
+    # What a dropped unit's o_proj / down_proj input becomes instead of 0 (None: 0), per layer:
+    head_fill: list[torch.Tensor] | None = None  # (n_heads_l hd,)
+    channel_fill: list[torch.Tensor] | None = None  # (F_l,)
 
     @property
     def n_masks(self) -> int:
@@ -202,8 +205,11 @@ def streamed_pass(
 
     for w in BlockStreamer(ckpt, plan=plan, dtype=dtype, prefetch=prefetch, device=dev):
         layer_stats = UnitStats.zeros(w) if want_stats else None
+        hf = cf = None
         if masks is not None:
             head_m, chan_m = masks.head[w.layer].to(dev), masks.channel[w.layer].to(dev)
+            if masks.head_fill is not None and masks.channel_fill is not None:
+                hf, cf = masks.head_fill[w.layer].to(dev), masks.channel_fill[w.layer].to(dev)
         for a in range(0, hidden.shape[0], rows_per_chunk):
             b = min(a + rows_per_chunk, hidden.shape[0])
             hm = cm = None
@@ -212,7 +218,7 @@ def streamed_pass(
                 cm = chan_m[row_mask[a:b]]  # (rows, F)
             hidden[a:b] = block_forward(hidden[a:b], w, cos, sin, eps=cfg.rms_norm_eps,
                                         head_mask=hm, channel_mask=cm, attn_mask=attn_mask,
-                                        stats=layer_stats)
+                                        stats=layer_stats, head_fill=hf, channel_fill=cf)
         if layer_stats is not None:
             stats.append(ColumnStats.of(w, layer_stats))
         if on_block is not None:

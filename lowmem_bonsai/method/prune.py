@@ -29,7 +29,7 @@ from ..model.config import DTYPES, ModelConfig
 from ..model.plan import Drop, Plan
 from ..outputs.resume import RunState
 from ..profiles import Profile
-from ..settings import Eligible, Method, PriorScope, names
+from ..settings import Eligible, MaskFill, Method, PriorScope, names
 from . import select
 from .masks import Module, eligible_units, modules_of, sample_masks
 from .prior import flap_scores, layer_priors
@@ -361,16 +361,17 @@ def wave_bounds(n_masks: int, wave: int) -> list[tuple[int, int]]:
 
 def score_wave(ckpt: Checkpoint, calib: torch.Tensor, plan: Plan, per_module: list[ModuleMasks],
                a: int, b: int, *, fwd: Forward, soft: SoftTargets | None,
-               on_block: Callable[[int], None] | None = None) -> torch.Tensor:
+               on_block: Callable[[int], None] | None = None, fill: Fills | None = None) -> torch.Tensor:
     """Mean next-token NLL of masks a..b, from one streamed pass.  # (b - a,) fp64"""
-    nll = streamed_nll(ckpt, calib, plan=plan, masks=mask_set(per_module, plan, a, b), soft=soft,
+    nll = streamed_nll(ckpt, calib, plan=plan, masks=mask_set(per_module, plan, a, b, fill), soft=soft,
                        on_block=on_block, **fwd.kwargs())
     return nll.sum(1) / (calib.shape[0] * (calib.shape[1] - 1))
 
 
 def score_masks(ckpt: Checkpoint, calib: torch.Tensor, plan: Plan, per_module: list[ModuleMasks], *,
                 wave: int, fwd: Forward, soft: SoftTargets | None, state: RunState | None,
-                progress: Progress | None, ranks: Ranks = SINGLE, round_number: int = 0) -> MaskScores:
+                progress: Progress | None, ranks: Ranks = SINGLE, round_number: int = 0,
+                fill: Fills | None = None) -> MaskScores:
     """Every mask's loss, wave by wave; waves the state already holds are not scored again.
 
     With several ranks the waves still to score are dealt out in steps of one wave per rank, so
@@ -403,7 +404,8 @@ def score_masks(ckpt: Checkpoint, calib: torch.Tensor, plan: Plan, per_module: l
     for step, shares in zip(steps, mine):
         pieces = []
         for index, a, b in shares:
-            loss = score_wave(ckpt, calib, plan, per_module, a, b, fwd=fwd, soft=soft, on_block=on_block)
+            loss = score_wave(ckpt, calib, plan, per_module, a, b, fwd=fwd, soft=soft, on_block=on_block,
+                              fill=fill)
             pieces.append((index, a, loss))
             tokens += (b - a) * calib.numel()
         got = [p for rank_pieces in ranks.gather(pieces, what=f"the masked passes of round {round_number}")
@@ -445,8 +447,9 @@ def bonsai_choice(ckpt: Checkpoint, calib: torch.Tensor, plan: Plan, start: Roun
     if per_module is None:  # every module is at its minimum
         nan = float("nan")
         return Choice({}, n_masks, FitSummary(nan, nan, nan, nan, None, None))
+    fill = input_means(prior.stats) if profile.mask_fill == MaskFill.MEAN else None
     scores = score_masks(ckpt, calib, plan, per_module, wave=wave, fwd=fwd, soft=prior.teacher,
-                         state=state, progress=progress, ranks=ranks, round_number=start.number)
+                         state=state, progress=progress, ranks=ranks, round_number=start.number, fill=fill)
     loss = scores.loss
     d = design_of(per_module, ranking if profile.prior_scope == PriorScope.GLOBAL else None)
     f = fit(d.x, -loss, prior=d.prior, kinds=d.kinds, estimator=profile.estimator, gen=gen,
@@ -538,7 +541,16 @@ def global_eligible(modules: list[Module], ranking: Priors, p: float, skipped: l
     return counts
 
 
-def mask_set(per_module: list[ModuleMasks], plan: Plan, a: int, b: int) -> MaskSet:
+Fills = tuple[list[torch.Tensor], list[torch.Tensor]]  # per layer: o_proj's and down_proj's inputs
+
+
+def input_means(stats: tuple[ColumnStats, ...]) -> Fills:
+    """Every layer's mean o_proj and down_proj input over the prior pass's tokens (mask_fill = mean)."""
+    return ([(s.act.head_sum / max(s.act.tokens, 1)).float() for s in stats],
+            [(s.act.chan_sum / max(s.act.tokens, 1)).float() for s in stats])
+
+
+def mask_set(per_module: list[ModuleMasks], plan: Plan, a: int, b: int, fill: Fills | None = None) -> MaskSet:
     """Masks a..b of a round as the forward pass takes them (per-layer head and channel masks)."""
     head, chan = [], []
     for mm in per_module:
@@ -550,7 +562,7 @@ def mask_set(per_module: list[ModuleMasks], plan: Plan, a: int, b: int) -> MaskS
             head.append(masks.repeat(1, len(lp.kv_heads)))
         else:
             chan.append(masks)
-    return MaskSet(head, chan)
+    return MaskSet(head, chan) if fill is None else MaskSet(head, chan, *fill)
 
 
 @dataclass(slots=True)
