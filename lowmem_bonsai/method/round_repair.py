@@ -74,7 +74,7 @@ class RoundRepairs:
                  self.profile.reconstruct, folder)
         rep = reconstruct(self.source, plan, self.tokens, folder, **settings_of(self.profile),
                           on_block=on_block, ranks=self.ranks, write=True)
-        self._agree(rep.files, what=f"the repair before round {number}")
+        same_files(rep.files, self.ranks, what=f"the repair before round {number}")
         if self.ranks.main:
             write_json_atomic(folder / DONE, {"round": finished, "layers": plan.to_json()["layers"],
                                               "files": [p.name for p in rep.files]})
@@ -91,21 +91,6 @@ class RoundRepairs:
             return None
         return files if ok else None
 
-    def _agree(self, files: list[Path], *, what: str) -> None:
-        """Rank 0's bytes in every rank's copy (they solved the same system; this makes it certain)."""
-        if self.ranks.world == 1:
-            return
-        mine = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-        every = self.ranks.gather(mine, what=what)
-        differ = sorted(name for name in every[0] if any(d.get(name) != every[0][name] for d in every))
-        by_name = {p.name: p for p in files}
-        for name in differ:
-            data = self.ranks.broadcast(by_name[name].read_bytes() if self.ranks.main else None, what=what)
-            if not self.ranks.main:
-                write_bytes_atomic(by_name[name], data)
-        if differ:
-            log.info("rank %d: took rank 0's bytes for %d repaired files", self.ranks.rank, len(differ))
-
     def close(self) -> None:
         """Remove the repairs made so far (rank 0's folders, another rank's temporary one)."""
         if self.ranks.main:
@@ -114,3 +99,20 @@ class RoundRepairs:
         elif self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch = None
+
+
+def same_files(files: list[Path], ranks: Ranks, *, what: str) -> None:
+    """Rank 0's bytes in every rank's copy of ``files`` (each rank's own folder, the same names):
+    the ranks solved the same system, so they agree already; this makes it certain."""
+    if ranks.world == 1:
+        return
+    mine = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    every = ranks.gather(mine, what=what)
+    differ = sorted(name for name in every[0] if any(d.get(name) != every[0][name] for d in every))
+    by_name = {p.name: p for p in files}
+    for name in differ:
+        data = ranks.broadcast(by_name[name].read_bytes() if ranks.main else None, what=what)
+        if not ranks.main:
+            write_bytes_atomic(by_name[name], data)
+    if differ:
+        log.info("rank %d: took rank 0's bytes for %d of %d repaired files", ranks.rank, len(differ), len(files))
