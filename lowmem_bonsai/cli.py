@@ -235,8 +235,10 @@ def estimate_cmd(
     typer.echo(f"writing    one tensor at a time, peak {m['write_gb']:.2f} GiB (after the rounds; counted in the total)")
     r = e["reconstruction"]
     if r["mode"] != "none":
+        when = ("after the rounds" if r["repairs"] == 1 else
+                f"{r['repairs']} repairs: before every round after the first, and after the rounds")
         typer.echo(f"repair     {r['mode']}: {r['forward_tokens']:,} forward tokens, {r['tflops']:.1f} TFLOP, "
-                   f"peak {m['reconstruction_gb']:.2f} GiB (after the rounds; counted in the total)")
+                   f"peak {m['reconstruction_gb']:.2f} GiB ({when}; counted in the total)")
     if e["disk_import_gb"]:
         typer.echo(f"disk       {e['disk_peak_gb']:.2f} GiB at the peak: {e['disk_import_gb']:.2f} for the GGUF's "
                    f"import (OUT.partial/source, removed at the end) + {e['disk_output_gb']:.2f} for the pruned model")

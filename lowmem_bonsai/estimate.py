@@ -30,7 +30,7 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
     waves of a last step with fewer waves than ranks), and of the reconstruction's windows (its
     solves run on every rank).
     """
-    check_settings(sparsity=sparsity, method=method)
+    check_settings(sparsity=sparsity, method=method, profile=profile)
     if ranks < 1:
         raise UserError(f"--ranks {ranks}: expected at least 1")
     if ranks > profile.calib_seqs:
@@ -76,6 +76,8 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         flops.append(tokens_per_round * (per_token + attn))
         rank_flops.append(rank_tokens_per_round * (per_token + attn))
     repair_tokens = repair_flops = rank_repair_flops = 0
+    # the final repair, and with reconstruct_in_rounds one more before every round after the first
+    repairs = 1 + (rounds - 1 if profile.reconstruct_in_rounds else 0)
     if profile.reconstruct != "none":
         # two passes of the dense blocks, the Gram matrices of both projections' inputs, one solve each
         repair_tokens = 2 * profile.reconstruct_seqs * profile.reconstruct_seq_len
@@ -85,6 +87,8 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         repair_flops = repair_tokens * 2 * total + repair_tokens * grams + solves
         rank_repair_flops = math.ceil(profile.reconstruct_seqs / ranks) * (repair_flops - solves) \
             / profile.reconstruct_seqs + solves
+        repair_tokens, repair_flops, rank_repair_flops = (repairs * x for x in (
+            repair_tokens, repair_flops, rank_repair_flops))
     if device is not None:
         dtype_name, rates = pick_compute_dtype(profile.compute_dtype, device)
         gflops = measure_matmul_gflops(DTYPES[dtype_name], seconds=measure_seconds, device=device)
@@ -111,8 +115,8 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         "ranks": ranks,
         "forward_tokens_per_round_per_rank": rank_tokens_per_round,  # the busiest rank's
         "masks_per_round_per_rank": rank_masks,
-        "reconstruction": {"mode": profile.reconstruct, "forward_tokens": repair_tokens,
-                           "tflops": repair_flops / 1e12},
+        "reconstruction": {"mode": profile.reconstruct, "repairs": repairs if profile.reconstruct != "none" else 0,
+                           "forward_tokens": repair_tokens, "tflops": repair_flops / 1e12},
         "compute_dtype": dtype_name,
         "matmul_gflops_by_dtype": rates,
         # The executor reached 85-95% of the matmul rate on SmolLM2 in fp32 (README); ETA assumes 80%.

@@ -26,7 +26,8 @@ from .outputs.report import build_report, plot
 from .outputs.resume import RunState, run_lock
 from .outputs.writer import copy_tokenizer, pruned_config, write_pruned
 from .profiles import Profile
-from .method.reconstruct import RepairReport, reconstruct
+from .method.reconstruct import RepairReport, reconstruct, settings_of
+from .method.round_repair import RoundRepairs
 from .model.plan import Plan
 from .settings import AUTO, Method, Reconstruct
 from .texts import text_file
@@ -235,10 +236,7 @@ def _failed(exc: UserError | None, state: RunState, out_dir: Path) -> UserError 
 def repair_plan(ckpt: Checkpoint, plan: Plan, tokens: torch.Tensor, folder: Path, profile: Profile, *,
                 on_block=None, ranks: Ranks = SINGLE) -> RepairReport:
     """The profile's reconstruction of ``plan`` on ``tokens``; files in ``folder`` (by rank 0)."""
-    return reconstruct(ckpt, plan, tokens, folder, mode=profile.reconstruct,
-                       ridge=profile.reconstruct_ridge, sequential=profile.reconstruct_sequential,
-                       dtype=torch.float32, chunk_tokens=profile.chunk_tokens,
-                       prefetch=profile.prefetch, on_block=on_block, ranks=ranks)
+    return reconstruct(ckpt, plan, tokens, folder, **settings_of(profile), on_block=on_block, ranks=ranks)
 
 
 def write_checkpoint(source: Checkpoint, plan: Plan, stage: Path, *, model_dir: Path, profile: Profile,
@@ -277,7 +275,7 @@ def prune_model(
     if profile.threads:
         torch.set_num_threads(profile.threads)
     out_dir = Path(out_dir)
-    check_settings(sparsity=sparsity, method=method)
+    check_settings(sparsity=sparsity, method=method, profile=profile)
     if not 0 <= seed < 2**64:
         raise UserError(f"--seed {seed}: expected 0 to 2**64 - 1 (the random generator's range)")
     source = Path(model_dir)
@@ -374,9 +372,17 @@ def _prune(ckpt: Checkpoint, tokens: torch.Tensor, repair_tokens: torch.Tensor |
         log.info("%s", memory_budget)
     if imported:
         settings["imported_from"] = str(source)
+    between = None  # reconstruct_in_rounds: the repair before every round after the first
+    if profile.reconstruct_in_rounds:
+        between = RoundRepairs(ckpt, repair_tokens, work=work_dir(out_dir), profile=profile, ranks=ranks,
+                               progress=progress)
     if not ranks.main:  # the others score their share of the rounds; rank 0 writes everything
-        result = run_rounds(ckpt, tokens, sparsity=sparsity, profile=profile, method=method, seed=seed,
-                            progress=progress, state=state, ranks=ranks)
+        try:
+            result = run_rounds(ckpt, tokens, sparsity=sparsity, profile=profile, method=method, seed=seed,
+                                progress=progress, state=state, ranks=ranks, repair=between)
+        finally:
+            if between is not None:
+                between.close()  # its temporary folder
         if repair_tokens is not None:  # its share of the reconstruction's windows; rank 0 writes
             repair_plan(ckpt, result.plan, repair_tokens, work_dir(out_dir) / "repair", profile, ranks=ranks)
         log.info("rank %d: %d forward tokens; rank 0 writes %s", ranks.rank, result.rank_tokens[ranks.rank],
@@ -386,7 +392,9 @@ def _prune(ckpt: Checkpoint, tokens: torch.Tensor, repair_tokens: torch.Tensor |
     try:
         result: PruneResult = run_rounds(ckpt, tokens, sparsity=sparsity, profile=profile,
                                          method=method, seed=seed, progress=progress, state=state,
-                                         ranks=ranks)
+                                         ranks=ranks, repair=between)
+        if between is not None:
+            between.close()  # the final repair starts again from the source
         plan = result.plan
         # plan.json says how the plan was made, not what this machine had free while it ran
         # (report.json keeps the budget): a resumed run writes the same bytes.
@@ -395,7 +403,7 @@ def _prune(ckpt: Checkpoint, tokens: torch.Tensor, repair_tokens: torch.Tensor |
                           "source": str(source), "source_hashes": hashes})
         n_layers = ckpt.config.num_hidden_layers
         weights, repair = ckpt, None  # the source, or the source with its repaired tensors
-        if repair_tokens is not None:
+        if repair_tokens is not None:  # refit from the source (ckpt), never from a round's repair
             t0 = time.perf_counter()
             on_repair = (lambda l: progress("repair", l + 1, n_layers)) if progress else None
             repair = repair_plan(ckpt, plan, repair_tokens, work_dir(out_dir) / "repair", profile,

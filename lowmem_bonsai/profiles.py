@@ -85,6 +85,10 @@ class Profile:
     reconstruct_ridge: float = 1e-3  # lsq's ridge, relative to the mean diagonal of the Gram matrix
     reconstruct_sequential: bool = True  # inputs from the repaired earlier layers (else one-shot:
     #                                      statistics of the dense model, as FLAP takes them)
+    reconstruct_in_rounds: bool = False  # also repair the plan after every round but the last, so
+    #                                     the next round's prior, masks and selection score the
+    #                                     repaired model (the final repair is still refit from the
+    #                                     source's weights; each in-round repair costs as much as it)
     # distributed (torchrun): how long a rank waits for the others at an exchange before it names
     # the ranks that did not come and stops; must exceed one wave's time (ranks wait for the slowest)
     dist_timeout_s: float = 1800.0
@@ -108,6 +112,9 @@ class Profile:
             (self.reconstruct_seqs >= 1 and self.reconstruct_seq_len >= 2,
              "reconstruct_seqs >= 1 and reconstruct_seq_len >= 2"),
             (self.reconstruct_ridge >= 0, "reconstruct_ridge must be >= 0"),
+            (self.reconstruct != Reconstruct.NONE or not self.reconstruct_in_rounds,
+             "reconstruct_in_rounds = true needs reconstruct = bias or lsq (the repair it runs "
+             "between the rounds)"),
             (self.dist_timeout_s > 0, "dist_timeout_s must be > 0"),
             (self.prior_scope == PriorScope.MODULE or self.eligible == Eligible.GLOBAL,
              "prior_scope = \"global\" needs eligible = \"global\" (the cross-layer ranking)"),

@@ -160,6 +160,60 @@ def test_reconstruction_shares_its_windows_and_matches_one_process(tmp_path, job
     assert not (tmp_path / "out.partial").exists()
 
 
+def test_a_repair_between_the_rounds_is_the_same_on_every_rank(tmp_path, job, monkeypatch):
+    """reconstruct_in_rounds over 2 ranks: every rank repairs the plan before each round after the
+    first (rank 1 into a temporary folder of its own, removed at the end) and scores it, so the
+    plan is the single process's."""
+    from safetensors.torch import load_file
+
+    model_dir, _, text, _ = job
+    profile = tmp_path / "in-rounds.toml"
+    # float32: the ranks' other order of summing the moments moves the repair by rounding, and the
+    # losses of the model it repairs by fp32's rounding, not by a measured dtype's (fp16 here)
+    profile.write_text(PROFILE + 'reconstruct = "lsq"\nreconstruct_seqs = 8\nreconstruct_seq_len = 32\n'
+                       'reconstruct_in_rounds = true\ncompute_dtype = "float32"\n')
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))  # where rank 1 keeps its copy
+    ref, out = one_process_and_two_ranks(model_dir, profile, text, tmp_path)
+    report = json.loads((out / "report.json").read_text())
+    single = json.loads((ref / "report.json").read_text())
+    assert [r["repair_tokens"] for r in report["rounds"]] == [0] + [2 * 8 * 32] * (len(report["rounds"]) - 1)
+    assert len(report["rounds"]) >= 3
+    for mine, theirs in zip(report["rounds"], single["rounds"]):
+        assert mine["calib_loss"] == pytest.approx(theirs["calib_loss"], rel=1e-6)
+    per_rank = report["forward_tokens_per_rank"]
+    assert per_rank[0] == per_rank[1] and sum(per_rank) == single["forward_tokens_per_rank"][0]
+    mine, theirs = load_file(out / "model.safetensors"), load_file(ref / "model.safetensors")
+    for name, t in theirs.items():
+        assert (mine[name] - t).abs().max() <= 1e-3 * t.abs().max(), name
+    assert not list(scratch.iterdir()) and not (tmp_path / "out.partial").exists()
+
+
+SAME_FILES = """
+import sys
+from pathlib import Path
+from lowmem_bonsai.engine.ranks import join
+from lowmem_bonsai.method.round_repair import same_files
+ranks = join(timeout_s=30, device="cpu")
+folder = Path(sys.argv[1]) / f"rank{ranks.rank}"
+folder.mkdir()
+files = [folder / "layer-0000.safetensors", folder / "layer-0001.safetensors"]
+files[0].write_bytes(b"the same on every rank")
+files[1].write_bytes(f"rank {ranks.rank}'s rounding".encode())
+same_files(files, ranks, what="the test")
+print([p.read_bytes().decode() for p in files])
+ranks.close()
+"""
+
+
+def test_a_rank_whose_repair_differs_takes_rank_0s_bytes(tmp_path):
+    procs = start_ranks(lambda rank: [sys.executable, "-c", SAME_FILES, str(tmp_path)])
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    assert [r[0].strip() for r in results] == [str(["the same on every rank", "rank 0's rounding"])] * 2
+
+
 def wait_mid_round(state: Path, proc: subprocess.Popen) -> None:
     """Until rank 0 has saved some waves of a round after the first."""
     def mid_round() -> bool:

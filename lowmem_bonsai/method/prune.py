@@ -4,7 +4,8 @@ Every pass streams the blocks from the source checkpoint, sliced to the current 
 run smaller GEMMs. The ``prior``, ``magnitude`` and ``random`` methods skip the masks and remove the
 lowest-prior share of every module in the same rounds (the forward-only baselines); ``bonsai``
 chooses by a regression on the losses of masked sub-models (draw masks -> score them in waves ->
-fit -> select).
+fit -> select). With a ``repair`` callable (reconstruct_in_rounds), rounds after the first stream
+the source with the repair of the plan entering them laid over it.
 """
 
 from __future__ import annotations
@@ -43,7 +44,21 @@ ONE_SHOT = (Method.FLAP,)  # methods that remove the whole target in one round
 # progress(stage, done, total): stage is "prior", "masks" (blocks of all waves) or "round"
 Progress = Callable[[str, int, int], None]
 
-__all__ = ["PruneResult", "RoundReport", "check_settings", "design_of", "mask_set", "modules_of",
+
+@dataclass(frozen=True, slots=True)
+class Repaired:
+    """What a round scores in place of the source when the plan entering it was repaired between
+    the rounds (profile key reconstruct_in_rounds)."""
+
+    weights: Checkpoint  # the source with the repaired tensors laid over it
+    forward_tokens: int  # what the repair costs (counted in the round's report, resumed or not)
+    computed: int  # forward tokens this rank computed for it in this run (0: found already made)
+
+
+# repair(round number, plan entering it): the weights that round scores (rounds 2, 3, ...)
+RepairBetween = Callable[[int, Plan], Repaired]
+
+__all__ = ["PruneResult", "Repaired", "RepairBetween", "RoundReport", "check_settings", "design_of", "mask_set", "modules_of",
            "run_rounds", "sample_round", "wave_size"]
 
 
@@ -65,6 +80,7 @@ class RoundReport:
     removed_groups: int = 0
     removed_head_slots: int = 0
     removed_channels: int = 0
+    repair_tokens: int = 0  # forward tokens of the repair this round scored (in forward_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,11 +160,15 @@ class MaskScores:
     tokens: int  # forward tokens this rank computed
 
 
-def check_settings(*, sparsity: float, method: str) -> None:
+def check_settings(*, sparsity: float, method: str, profile: Profile | None = None) -> None:
     if method not in names(Method):
         raise UserError(f"--method {method}: expected one of {', '.join(names(Method))}")
     if not 0 < sparsity < 1:
         raise UserError(f"--sparsity {sparsity}: must be between 0 and 1 (exclusive)")
+    if profile is not None and profile.reconstruct_in_rounds and method in ONE_SHOT:
+        raise UserError(f"--method {method} removes the whole target in one round, so there is no "
+                        f"round to repair between: set reconstruct_in_rounds = false in profile "
+                        f"'{profile.name}'")
 
 
 def run_rounds(
@@ -162,8 +182,13 @@ def run_rounds(
     progress: Progress | None = None,
     state: RunState | None = None,
     ranks: Ranks = SINGLE,
+    repair: RepairBetween | None = None,
 ) -> PruneResult:
     """Prune ``ckpt`` to ``sparsity`` (fraction of non-embedding params removed); returns the plan.
+
+    With ``repair``, every round after the first scores ``repair(round, plan entering it)``'s
+    weights instead of ``ckpt``'s (its prior pass, masks and selection); the round that reaches the
+    target is the last one repaired for, so the final repair is the caller's.
 
     With ``state``, progress is checkpointed after every wave and round, and a state holding
     earlier progress is continued from where it stopped. With several ``ranks``, every rank calls
@@ -201,16 +226,21 @@ def run_rounds(
             state.begin_round(start.number, gen)
         if progress:
             progress("round", start.number - 1, max(expected_rounds, start.number))
+        weights, repaired = ckpt, None
+        if repair is not None and start.number > 1:  # (a resumed round asks again: same weights)
+            repaired = repair(start.number, plan)
+            weights, tokens = repaired.weights, tokens + repaired.computed
         on_prior = (lambda l: progress("prior", l + 1, cfg.num_hidden_layers)) if progress else None
-        prior = prior_pass(ckpt, calib, plan, kind=prior_kind, gen=gen, head_unit=profile.head_unit,
+        prior = prior_pass(weights, calib, plan, kind=prior_kind, gen=gen, head_unit=profile.head_unit,
                            teacher=method == Method.BONSAI and profile.score == "kl", fwd=fwd,
                            on_block=on_prior, ranks=ranks)
-        choice = choose(ckpt, calib, plan, start, prior, method=method, profile=profile, gen=gen,
+        choice = choose(weights, calib, plan, start, prior, method=method, profile=profile, gen=gen,
                         fwd=fwd, wave=wave, state=state, progress=progress, ranks=ranks)
         tokens += prior.tokens + choice.tokens
         plan = agree(plan.without(cfg, choice.drop), gen, ranks, round_number=start.number)
-        report = record(start, prior, choice, params_after=plan.params(cfg),
-                        pass_tokens=calib.numel(), seconds=time.perf_counter() - t0)
+        report = record(start, prior, choice, params_after=plan.params(cfg), pass_tokens=calib.numel(),
+                        repair_tokens=repaired.forward_tokens if repaired else 0,
+                        seconds=time.perf_counter() - t0)
         rounds.append(report)
         if state is not None:
             state.end_round(plan, report, gen)
@@ -324,7 +354,7 @@ def choose(ckpt: Checkpoint, calib: torch.Tensor, plan: Plan, start: RoundStart,
 
 
 def record(start: RoundStart, prior: PriorPass, choice: Choice, *, params_after: int, pass_tokens: int,
-           seconds: float) -> RoundReport:
+           seconds: float, repair_tokens: int = 0) -> RoundReport:
     """The round's report: what it removed, what it saw, what it cost."""
     f = choice.fit
     kinds = {"attn": 0, "heads": 0, "mlp": 0}
@@ -333,11 +363,12 @@ def record(start: RoundStart, prior: PriorPass, choice: Choice, *, params_after:
     return RoundReport(
         round=start.number, params_before=start.params_before, params_after=params_after,
         calib_loss=prior.calib_loss, masks=choice.masks,
-        forward_tokens=(1 + choice.masks) * pass_tokens, seconds=seconds,
+        forward_tokens=(1 + choice.masks) * pass_tokens + repair_tokens, seconds=seconds,
         mask_loss_mean=f.mask_loss_mean if f else None, mask_loss_std=f.mask_loss_std if f else None,
         cv_tau=f.cv_tau if f else None, train_tau=f.train_tau if f else None,
         penalty=f.penalty if f else None, module_penalty=f.module_penalty if f else None,
-        removed_groups=kinds["attn"], removed_head_slots=kinds["heads"], removed_channels=kinds["mlp"])
+        removed_groups=kinds["attn"], removed_head_slots=kinds["heads"], removed_channels=kinds["mlp"],
+        repair_tokens=repair_tokens)
 
 
 def draw_masks(modules: list[Module], priors: Priors, p: float, n_masks: int, gen: torch.Generator,

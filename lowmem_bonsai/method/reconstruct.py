@@ -22,6 +22,10 @@ all statistics come from one pass of the dense model (one-shot, as FLAP does).
 The repaired tensors are written full-width (removed columns zero) in the source's names, one
 safetensors file per layer, and laid over the source checkpoint (``Checkpoint.with_overlay``):
 the streamer, the shard writer and the GGUF exporter then slice them like any other weight.
+
+The refit always starts from the source's weights: its target is the unpruned layer's W z, and a
+checkpoint with an earlier repair laid over it (reconstruct_in_rounds) holds a W already pruned (zero
+columns) and a bias the target would leave out, so :func:`reconstruct` refuses one.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,10 +49,17 @@ from ..engine.streamer import BlockStreamer
 from ..model.checkpoint import Checkpoint
 from ..model.plan import Plan
 from ..outputs.atomic import write_bytes_atomic
+from ..profiles import Profile
 from ..settings import Reconstruct
 
 log = logging.getLogger(__name__)
 
+
+def settings_of(profile: Profile) -> dict[str, Any]:
+    """:func:`reconstruct`'s settings in ``profile`` (its reconstruct_* keys and how it streams)."""
+    return dict(mode=profile.reconstruct, ridge=profile.reconstruct_ridge,
+                sequential=profile.reconstruct_sequential, dtype=torch.float32,
+                chunk_tokens=profile.chunk_tokens, prefetch=profile.prefetch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +186,7 @@ def reconstruct(
     prefetch: int = 1,
     on_block: Callable[[int], None] | None = None,
     ranks: Ranks = SINGLE,
+    write: bool | None = None,
 ) -> RepairReport:
     """Repair o_proj and down_proj of every layer that lost units; writes ``out_dir/layer-N.safetensors``.
 
@@ -183,10 +196,17 @@ def reconstruct(
     With several ranks (every rank calls this with the same arguments) each streams its share of
     the windows, the moments of every projection are summed over the ranks before its solve, so
     every rank solves the same system and advances its windows with the same repaired layer; rank 0
-    alone writes the files.
+    alone writes the files, unless ``write`` says whether this rank does.
+
+    ``ckpt`` must be the source itself, not a checkpoint with a repair laid over it (see the
+    module's notes).
     """
     if mode not in (Reconstruct.BIAS, Reconstruct.LSQ):
         raise ValueError(mode)
+    if ckpt.overlays:
+        raise ValueError(f"reconstruct refits from the source's weights; got {ckpt.dir} with "
+                         f"{len(ckpt.overlays)} repaired files laid over it")
+    write = ranks.main if write is None else write
     cfg = ckpt.config
     s_count, t = tokens.shape
     rows = max(1, chunk_tokens // t)
@@ -196,7 +216,7 @@ def reconstruct(
     mine = ranks.share(s_count)
     x = embed_tokens(ckpt, tokens[mine.start : mine.stop], dtype=dtype)  # (S', T, H): the stream
     out_dir = Path(out_dir)
-    if ranks.main:
+    if write:
         out_dir.mkdir(parents=True, exist_ok=True)
     files, layers = [], []
 
@@ -242,7 +262,7 @@ def reconstruct(
         for c in chunks():  # advance through the MLP
             act = mlp_channels(x[c], w, eps=eps)  # (rows, T, F)
             x[c] += F.linear(act if d_cols is None else act[..., d_cols], d_w, d_b)
-        if repaired and ranks.main:
+        if repaired and write:
             like = ckpt.get(ckpt.name("o", w.layer), rows=slice(0, 1)).dtype  # the source's dtype
             store = {ckpt.name(k, w.layer): v.to(like).contiguous() for k, v in repaired.items()}
             path = out_dir / f"layer-{w.layer:04d}.safetensors"

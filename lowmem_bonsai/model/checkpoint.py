@@ -95,6 +95,7 @@ class Checkpoint:
         self._check_tensors()
         self._handles: dict[Path, object] = {}
         self._lock = threading.Lock()
+        self.overlays: tuple[Path, ...] = ()  # files laid over the source (:meth:`with_overlay`)
 
     def _index(self) -> dict[str, TensorInfo]:
         index_path = self.dir / INDEX_NAME
@@ -189,6 +190,7 @@ class Checkpoint:
         other.tensors = dict(self.tensors)
         for path in files:
             other.tensors.update(_read_header(Path(path)))
+        other.overlays = (*self.overlays, *map(Path, files))
         other._handles, other._lock = {}, threading.Lock()
         return other
 
