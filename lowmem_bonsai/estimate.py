@@ -59,10 +59,10 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
     rounds = profile.rounds_for(sparsity)
     t = profile.seq_len
     masks = profile.masks_per_round if method == Method.BONSAI else 0
-    tokens_per_round = profile.calib_seqs * t * (1 + masks)
+    tokens_per_round = t * (profile.prior_windows + profile.calib_seqs * masks)
     # The slowest rank's share of a round: its windows of the prior pass, a whole wave per step of
     # one wave per rank, then its slice of each of the last step's waves (prune.wave_shares).
-    rank_seqs = math.ceil(profile.calib_seqs / ranks)
+    rank_seqs = math.ceil(profile.prior_windows / ranks)
     rank_masks = 0
     if masks:
         full, rest = divmod(mem.waves, ranks)

@@ -96,11 +96,12 @@ def calibration_sets(model_dir: Path, calib: Path | str, profile: Profile, *,
     reconstruction's, from one reading of the text, only as far as they need.  # (S, T), (S', T')"""
     if repair is None:
         repair = profile.reconstruct != Reconstruct.NONE
-    need = profile.calib_seqs * profile.seq_len  # a huge file is not read whole for a few windows
+    need = profile.prior_windows * profile.seq_len  # a huge file is not read whole for a few windows
     if repair:
         need = max(need, profile.reconstruct_seqs * profile.reconstruct_seq_len)
     ids = tokenize_file(load_tokenizer(model_dir), calib, max_tokens=need)
-    tokens = first_windows(ids, calib, seq_len=profile.seq_len, seqs=profile.calib_seqs)
+    # the prior pass's windows; the masks use the first calib_seqs of them (run_rounds)
+    tokens = first_windows(ids, calib, seq_len=profile.seq_len, seqs=profile.prior_windows)
     repair_tokens = None
     if repair:
         repair_tokens = first_windows(ids, calib, seq_len=profile.reconstruct_seq_len,
@@ -315,7 +316,7 @@ def prune_model(
 def _settings(method: str, sparsity: float, seed: int, calib: Path | str, tokens: torch.Tensor,
               profile: Profile) -> dict[str, Any]:
     return {"method": method, "sparsity": sparsity, "seed": seed, "calib": str(calib),
-            "calib_seqs": int(tokens.shape[0]),
+            "calib_seqs": int(min(tokens.shape[0], profile.calib_seqs)), "prior_seqs": int(tokens.shape[0]),
             "profile": {k: getattr(profile, k) for k in profile.__dataclass_fields__}}
 
 

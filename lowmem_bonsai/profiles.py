@@ -51,6 +51,8 @@ class Profile:
     masks_per_round: int = 64  # sub-models scored per round (antithetic pairs: must be even)
     wave_masks: int = 0  # masks per streamed pass; 0 = sized from memory_gb
     calib_seqs: int = 8
+    prior_seqs: int = 0  # windows of seq_len tokens for each round's unmasked prior pass (priors,
+    #                      FLAP's ranking); 0 = calib_seqs. Its first calib_seqs are the masks' windows
     seq_len: int = 256
     prune_frac: float = 0.05  # fraction of the original non-embedding params removed per round
     align: int = 32  # kept MLP widths are multiples of this (quantization wants 32 or 256)
@@ -103,6 +105,7 @@ class Profile:
              "masks_per_round must be an even number >= 2 (masks come in antithetic pairs)"),
             (0 < self.prune_frac <= 0.5, "prune_frac must be in (0, 0.5]"),
             (self.calib_seqs >= 1 and self.seq_len >= 2, "calib_seqs >= 1 and seq_len >= 2"),
+            (self.prior_seqs >= 0, "prior_seqs must be >= 0 (0: calib_seqs)"),
             (self.align >= 1, "align must be >= 1"),
             *((getattr(self, key) in allowed, f"{key} must be {one_of(allowed)}")
               for key, allowed in CHOICES.items()),
@@ -124,6 +127,11 @@ class Profile:
         for ok, msg in checks:
             if not ok:
                 raise UserError(f"profile '{self.name}': {msg}")
+
+    @property
+    def prior_windows(self) -> int:
+        """Windows of the prior pass: prior_seqs, at least calib_seqs (the masks' windows)."""
+        return max(self.prior_seqs, self.calib_seqs)
 
     def rounds_for(self, sparsity: float) -> int:
         """Rounds to reach ``sparsity`` at prune_frac per round (the last one may be smaller)."""

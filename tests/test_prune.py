@@ -199,6 +199,24 @@ def test_global_prior_scope_ranks_the_eligible_units_across_layers():
         assert abs(float(by_module.prior[by_module.groups == i].mean()) - 1) < 1e-9
 
 
+def test_prior_seqs_widen_the_prior_pass_not_the_masks(tmp_path, tiny, sample_text):
+    """prior_seqs = 8 > calib_seqs = 2: each round's unmasked pass reads 8 windows (its loss is
+    theirs), the masks read the first 2, and the forward tokens count both."""
+    from lowmem_bonsai.pipeline import calibration_tokens
+
+    _, model_dir = tiny
+    prof = profile(calib_seqs=2, prior_seqs=8, masks_per_round=4)
+    report = prune_model(model_dir=model_dir, out_dir=tmp_path / "o", sparsity=0.1, profile=prof,
+                         calib=sample_text)
+    windows = calibration_tokens(model_dir, sample_text, prof)
+    assert windows.shape == (8, 32)
+    r1 = report["rounds"][0]
+    nll = streamed_nll(Checkpoint(model_dir), windows)[0]
+    assert r1["calib_loss"] == pytest.approx(float(nll.sum()) / (8 * 31), rel=1e-5)
+    assert r1["forward_tokens"] == 8 * 32 + 4 * 2 * 32
+    assert report["settings"]["calib_seqs"] == 2 and report["settings"]["prior_seqs"] == 8
+
+
 def test_unreachable_sparsity_stops_with_a_reason_and_exit_0(tmp_path, sample_text, sparsity=0.9):
     """A round where no module has eligible units used to crash in design_of (torch.cat of [])."""
     make_tiny(tmp_path / "m", "llama-gqa-tied")

@@ -126,7 +126,12 @@ def plan_memory(config: ModelConfig, profile: Profile, *, storage_bytes: int = 2
             "chunk_tokens, calib_seqs or seq_len, or use compute_dtype bfloat16"
         )
     wave = max(2, wave - wave % 2)
-    total = fixed + wave * per_mask
+    # the prior pass holds the hidden rows of all its windows (prior_seqs may exceed a wave's)
+    prior_rows = profile.prior_windows * t * (h * b + 3 * 4)
+    total = fixed + max(wave * per_mask, prior_rows)
+    if total > budget and prior_rows > wave * per_mask:
+        raise UserError(f"profile '{profile.name}': {where} is too small for the prior pass over "
+                        f"{profile.prior_windows} windows ({total / gb:.1f} GB); lower prior_seqs")
     repair = repair_bytes(config, profile, storage_bytes=storage_bytes) if profile.reconstruct != "none" else 0
     if repair > profile.memory_gb * gb:
         raise UserError(
@@ -139,7 +144,7 @@ def plan_memory(config: ModelConfig, profile: Profile, *, storage_bytes: int = 2
                device_total_gb=total / gb, device_budget_gb=budget / gb) if on_gpu else {}
     return MemoryPlan(
         wave_masks=wave, waves=math.ceil(profile.masks_per_round / wave),
-        resident_blocks_gb=resident / gb, hidden_store_gb=wave * per_mask / gb,
+        resident_blocks_gb=resident / gb, hidden_store_gb=max(wave * per_mask, prior_rows) / gb,
         activations_gb=activations / gb, head_gb=head / gb, runtime_gb=RUNTIME_GB,
         total_gb=max(host_fixed if on_gpu else total, repair, write) / gb, budget_gb=profile.memory_gb,
         reconstruction_gb=repair / gb, write_gb=write / gb, **gpu,

@@ -198,6 +198,9 @@ def run_rounds(
     """
     check_settings(sparsity=sparsity, method=method)
     cfg = ckpt.config
+    prior_calib = calib  # the prior pass's windows; the masks take the first calib_seqs
+    if profile.prior_seqs > profile.calib_seqs:
+        calib = calib[: profile.calib_seqs]
     if calib.shape[0] < ranks.world:
         raise UserError(f"{ranks.world} ranks need at least as many calibration windows; the profile "
                         f"gives {calib.shape[0]} (raise calib_seqs, or start fewer ranks)")
@@ -231,15 +234,15 @@ def run_rounds(
             repaired = repair(start.number, plan)
             weights, tokens = repaired.weights, tokens + repaired.computed
         on_prior = (lambda l: progress("prior", l + 1, cfg.num_hidden_layers)) if progress else None
-        prior = prior_pass(weights, calib, plan, kind=prior_kind, gen=gen, head_unit=profile.head_unit,
+        prior = prior_pass(weights, prior_calib, plan, kind=prior_kind, gen=gen, head_unit=profile.head_unit,
                            teacher=method == Method.BONSAI and profile.score == "kl", fwd=fwd,
-                           on_block=on_prior, ranks=ranks)
+                           on_block=on_prior, ranks=ranks, mask_rows=calib.shape[0])
         choice = choose(weights, calib, plan, start, prior, method=method, profile=profile, gen=gen,
                         fwd=fwd, wave=wave, state=state, progress=progress, ranks=ranks)
         tokens += prior.tokens + choice.tokens
         plan = agree(plan.without(cfg, choice.drop), gen, ranks, round_number=start.number)
         report = record(start, prior, choice, params_after=plan.params(cfg), pass_tokens=calib.numel(),
-                        repair_tokens=repaired.forward_tokens if repaired else 0,
+                        prior_tokens=prior_calib.numel(), repair_tokens=repaired.forward_tokens if repaired else 0,
                         seconds=time.perf_counter() - t0)
         rounds.append(report)
         if state is not None:
@@ -294,8 +297,11 @@ def next_round(cfg: ModelConfig, plan: Plan, *, number: int, sparsity: float, pr
 
 def prior_pass(ckpt: Checkpoint, calib: torch.Tensor, plan: Plan, *, kind: str, gen: torch.Generator,
                head_unit: str, teacher: bool, fwd: Forward,
-               on_block: Callable[[int], None] | None = None, ranks: Ranks = SINGLE) -> PriorPass:
+               on_block: Callable[[int], None] | None = None, ranks: Ranks = SINGLE,
+               mask_rows: int | None = None) -> PriorPass:
     """One unmasked pass of the current model: its calibration loss, column statistics and priors.
+
+    ``mask_rows``: the teacher (score kl) covers only the first ``mask_rows`` windows, the masks'.
 
     With several ranks, each passes its share of the sequences; the column statistics are summed
     (fp64) and the per-sequence losses and teacher distributions gathered, so every rank ends with
@@ -317,6 +323,8 @@ def prior_pass(ckpt: Checkpoint, calib: torch.Tensor, plan: Plan, *, kind: str, 
     priors = tuple(layer_priors(ckpt, list(stats), kind, gen, head_unit))
     if not math.isfinite(calib_loss):  # a non-finite lm_head or final norm (or a random prior)
         raise ckpt.nonfinite_error(found="the calibration loss")
+    if soft is not None and mask_rows is not None:
+        soft = SoftTargets(soft.ids[:mask_rows], soft.probs[:mask_rows])
     return PriorPass(calib_loss, stats, priors, soft, base.tokens)
 
 
@@ -354,6 +362,7 @@ def choose(ckpt: Checkpoint, calib: torch.Tensor, plan: Plan, start: RoundStart,
 
 
 def record(start: RoundStart, prior: PriorPass, choice: Choice, *, params_after: int, pass_tokens: int,
+           prior_tokens: int | None = None,
            seconds: float, repair_tokens: int = 0) -> RoundReport:
     """The round's report: what it removed, what it saw, what it cost."""
     f = choice.fit
@@ -363,7 +372,8 @@ def record(start: RoundStart, prior: PriorPass, choice: Choice, *, params_after:
     return RoundReport(
         round=start.number, params_before=start.params_before, params_after=params_after,
         calib_loss=prior.calib_loss, masks=choice.masks,
-        forward_tokens=(1 + choice.masks) * pass_tokens + repair_tokens, seconds=seconds,
+        forward_tokens=(pass_tokens if prior_tokens is None else prior_tokens) + choice.masks * pass_tokens
+        + repair_tokens, seconds=seconds,
         mask_loss_mean=f.mask_loss_mean if f else None, mask_loss_std=f.mask_loss_std if f else None,
         cv_tau=f.cv_tau if f else None, train_tau=f.train_tau if f else None,
         penalty=f.penalty if f else None, module_penalty=f.module_penalty if f else None,
