@@ -93,6 +93,9 @@ def main() -> None:
         for r in a.repairs:
             if r.split("-")[0] not in ("bias", "lsq") or r.split("-")[1:] not in ([], ["oneshot"]):
                 ap.error(f"--repairs {r}: expected bias, lsq, bias-oneshot or lsq-oneshot")
+        if profile.reconstruct_in_rounds:
+            ap.error("--repairs repairs an unrepaired prune after it ends; reconstruct_in_rounds repairs "
+                     "inside the prune: leave out --repairs (the prune's own repair is measured)")
         # the prune itself is made without repair; calibration must still end before evaluation
         repair_profile = profile.replace(reconstruct="lsq") if profile.reconstruct == "none" else profile
         profile = profile.replace(reconstruct="none")
