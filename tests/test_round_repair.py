@@ -28,7 +28,10 @@ SPARSITY = 0.2  # two rounds of prune_frac 0.1 (a third, small one where widths 
 def _profile(in_rounds: bool) -> Profile:
     return load_profile(None).replace(seq_len=32, calib_seqs=4, masks_per_round=8, align=8, prune_frac=0.1,
                                       reconstruct="lsq", reconstruct_seqs=8, reconstruct_seq_len=32,
-                                      compute_dtype="float32", threads=1, reconstruct_in_rounds=in_rounds)
+                                      compute_dtype="float32", threads=1, reconstruct_in_rounds=in_rounds,
+                                      # the module-local sampler: a 10 % prune then ends with a round
+                                      # that removes nothing (test_a_repair_between_rounds_...)
+                                      eligible="module", prior_seqs=0)
 
 
 def _prune(setup, out: Path, *, in_rounds: bool, sparsity: float = SPARSITY, **kwargs) -> dict:
@@ -86,7 +89,7 @@ def test_rounds_after_the_first_score_the_repaired_plan(setup, runs):
     assert abs(want - unrepaired) > 1e-5 * abs(want)  # the tolerance above tells the two apart
 
     # The repairs between the rounds count in the forward tokens: two passes of the repair's windows.
-    scored = (1 + 8) * tokens.numel()
+    scored = tokens.numel() + 8 * tokens[:4].numel()  # the prior pass's windows, then 8 masks on the first 4
     assert [r["repair_tokens"] for r in on["rounds"]] == [0] + [2 * repair_tokens.numel()] * (len(on["rounds"]) - 1)
     assert [r["forward_tokens"] for r in on["rounds"]] == [scored + r["repair_tokens"] for r in on["rounds"]]
     assert on["forward_tokens"] == sum(r["forward_tokens"] for r in on["rounds"]) > off["forward_tokens"]
