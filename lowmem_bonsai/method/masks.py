@@ -1,7 +1,8 @@
 """Mask sampler: which units each sub-model of a round drops.
 
-Per module (one layer's attention or MLP) only the eligible units (lowest-prior 2p share) are ever
-dropped. Masks come in antithetic pairs: the first drops ``n_drop`` eligible units drawn without
+Per module (one layer's attention or MLP) only the eligible units are ever dropped: the lowest-prior
+2p share of the module, or (``eligible = "global"``, prune.sample_round) the module's units among
+the lowest 2p of all parameters in FLAP's cross-layer ranking. Masks come in antithetic pairs: the first drops ``n_drop`` eligible units drawn without
 replacement with probability proportional to (max prior - prior), its partner drops the rest of the
 eligible set. Every unit thus appears dropped in exactly half of the masks, which decorrelates the
 regression's features.
