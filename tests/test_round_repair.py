@@ -4,11 +4,9 @@ from the source, a resume reuses or redoes the repair between the rounds, bad se
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from lowmem_bonsai.cli import app
