@@ -43,6 +43,8 @@ ONE_SHOT = (Method.FLAP,)  # methods that remove the whole target in one round
 
 # progress(stage, done, total): stage is "prior", "masks" (blocks of all waves) or "round"
 Progress = Callable[[str, int, int], None]
+# What a dropped unit's o_proj / down_proj input becomes (mask_fill = mean), per layer
+Fills = tuple[list[torch.Tensor], list[torch.Tensor]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +60,8 @@ class Repaired:
 # repair(round number, plan entering it): the weights that round scores (rounds 2, 3, ...)
 RepairBetween = Callable[[int, Plan], Repaired]
 
-__all__ = ["PruneResult", "Repaired", "RepairBetween", "RoundReport", "check_settings", "design_of", "mask_set", "modules_of",
-           "run_rounds", "sample_round", "wave_size"]
+__all__ = ["PruneResult", "Repaired", "RepairBetween", "RoundReport", "check_settings", "design_of",
+           "mask_set", "modules_of", "run_rounds", "sample_round", "wave_size"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,8 +364,7 @@ def choose(ckpt: Checkpoint, calib: torch.Tensor, plan: Plan, start: RoundStart,
 
 
 def record(start: RoundStart, prior: PriorPass, choice: Choice, *, params_after: int, pass_tokens: int,
-           prior_tokens: int | None = None,
-           seconds: float, repair_tokens: int = 0) -> RoundReport:
+           prior_tokens: int, seconds: float, repair_tokens: int = 0) -> RoundReport:
     """The round's report: what it removed, what it saw, what it cost."""
     f = choice.fit
     kinds = {"attn": 0, "heads": 0, "mlp": 0}
@@ -372,8 +373,7 @@ def record(start: RoundStart, prior: PriorPass, choice: Choice, *, params_after:
     return RoundReport(
         round=start.number, params_before=start.params_before, params_after=params_after,
         calib_loss=prior.calib_loss, masks=choice.masks,
-        forward_tokens=(pass_tokens if prior_tokens is None else prior_tokens) + choice.masks * pass_tokens
-        + repair_tokens, seconds=seconds,
+        forward_tokens=prior_tokens + choice.masks * pass_tokens + repair_tokens, seconds=seconds,
         mask_loss_mean=f.mask_loss_mean if f else None, mask_loss_std=f.mask_loss_std if f else None,
         cv_tau=f.cv_tau if f else None, train_tau=f.train_tau if f else None,
         penalty=f.penalty if f else None, module_penalty=f.module_penalty if f else None,
@@ -582,9 +582,6 @@ def global_eligible(modules: list[Module], ranking: Priors, p: float, skipped: l
     return counts
 
 
-Fills = tuple[list[torch.Tensor], list[torch.Tensor]]  # per layer: o_proj's and down_proj's inputs
-
-
 def input_means(stats: tuple[ColumnStats, ...]) -> Fills:
     """Every layer's mean o_proj and down_proj input over the prior pass's tokens (mask_fill = mean)."""
     return ([(s.act.head_sum / max(s.act.tokens, 1)).float() for s in stats],
@@ -631,13 +628,14 @@ def design_of(per_module: list[ModuleMasks], ranking: Priors | None = None) -> D
         if not elig.numel():
             continue
         cols.append(mm.masks[:, elig])
-        pe = mm.prior[elig]
-        pri.append(pe / pe.mean().clamp_min(1e-30))  # mean 1 over the module's eligible units
+        if ranking is None:
+            pe = mm.prior[elig]
+            pri.append(pe / pe.mean().clamp_min(1e-30))  # mean 1 over the module's eligible units
+        else:
+            pri.append(prior_of(ranking, mm.module)[elig].double())  # ranked across modules below
         kinds.append(torch.full((elig.numel(),), 0 if mm.module.kind != "mlp" else 1))
         groups.append(torch.full((elig.numel(),), idx))
         owners += [(idx, int(u)) for u in elig]
-        if ranking is not None:
-            pri[-1] = prior_of(ranking, mm.module)[elig].double()
     prior = torch.cat(pri)
     if ranking is not None:
         ranks = torch.empty_like(prior)
