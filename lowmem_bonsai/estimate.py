@@ -17,7 +17,8 @@ from .model.checkpoint import Checkpoint
 from .model.config import DTYPES, parse_config
 from .llamacpp.from_gguf import gguf_config, gguf_import_peak_bytes, is_gguf_model
 from .profiles import Profile
-from .settings import AUTO, Method
+from .method.reconstruct import passes
+from .settings import AUTO, Method, RepairTarget
 
 
 def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str = Method.BONSAI,
@@ -79,9 +80,12 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
     # the final repair, and with reconstruct_in_rounds one more before every round after the first
     repairs = 1 + (rounds - 1 if profile.reconstruct_in_rounds else 0)
     if profile.reconstruct != "none":
-        # two passes of the dense blocks, the Gram matrices of both projections' inputs, one solve each
-        repair_tokens = 2 * profile.reconstruct_seqs * profile.reconstruct_seq_len
+        # two passes of the blocks (four with the dense model's stream beside), the Gram matrices of
+        # both projections' inputs (and the cross moments with an explicit target), one solve each
+        repair_tokens = passes(profile.reconstruct_target) * profile.reconstruct_seqs * profile.reconstruct_seq_len
+        cross = profile.reconstruct_target != RepairTarget.LAYER
         grams = sum((s.num_attention_heads * cfg.head_dim + 1) ** 2 + (s.intermediate_size + 1) ** 2
+                    + cross * cfg.hidden_size * (s.num_attention_heads * cfg.head_dim + s.intermediate_size + 2)
                     for s in cfg.layers)
         solves = sum((s.num_attention_heads * cfg.head_dim) ** 3 + s.intermediate_size ** 3 for s in cfg.layers)
         repair_flops = repair_tokens * 2 * total + repair_tokens * grams + solves

@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import UserError
 from .settings import (AUTO, Allocation, DType, Eligible, Estimator, HeadUnit, MaskCounts, MaskFill,
-                       Prior, PriorScope, Reconstruct, Score, names, one_of)
+                       Prior, PriorScope, Reconstruct, RepairTarget, Score, names, one_of)
 
 # An installed wheel carries the profiles in the package (pyproject maps profiles/ to
 # lowmem_bonsai/_profiles); a checkout reads the repository's top-level profiles/.
@@ -29,7 +29,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "estimator": names(Estimator), "head_unit": names(HeadUnit), "allocation": names(Allocation),
     "mask_counts": names(MaskCounts), "eligible": names(Eligible), "score": names(Score),
     "prior_scope": names(PriorScope), "mask_fill": names(MaskFill),
-    "reconstruct": names(Reconstruct),
+    "reconstruct": names(Reconstruct), "reconstruct_target": names(RepairTarget),
 }
 
 
@@ -87,6 +87,12 @@ class Profile:
     reconstruct_ridge: float = 1e-3  # lsq's ridge, relative to the mean diagonal of the Gram matrix
     reconstruct_sequential: bool = True  # inputs from the repaired earlier layers (else one-shot:
     #                                      statistics of the dense model, as FLAP takes them)
+    reconstruct_target: str = RepairTarget.LAYER.value  # what a repaired projection reproduces:
+    #                             layer (the unpruned projection on the pruned model's inputs), dense
+    #                             (the dense model's output of it, on the dense model's inputs), stream
+    #                             (the dense model's residual stream after it, so earlier layers' drift
+    #                             is corrected too); dense and stream carry the dense model's stream
+    #                             beside the pruned one (sequential only)
     reconstruct_in_rounds: bool = False  # also repair the plan after every round but the last, so
     #                                     the next round's prior, masks and selection score the
     #                                     repaired model (the final repair is still refit from the
@@ -115,6 +121,9 @@ class Profile:
             (self.reconstruct_seqs >= 1 and self.reconstruct_seq_len >= 2,
              "reconstruct_seqs >= 1 and reconstruct_seq_len >= 2"),
             (self.reconstruct_ridge >= 0, "reconstruct_ridge must be >= 0"),
+            (self.reconstruct_target == RepairTarget.LAYER or self.reconstruct_sequential,
+             f"reconstruct_target = \"{self.reconstruct_target}\" needs reconstruct_sequential = true "
+             "(one-shot statistics are the dense model's: its target is the layer's own)"),
             (self.reconstruct != Reconstruct.NONE or not self.reconstruct_in_rounds,
              "reconstruct_in_rounds = true needs reconstruct = bias or lsq (the repair it runs "
              "between the rounds)"),

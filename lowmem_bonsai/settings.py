@@ -35,6 +35,14 @@ class Reconstruct(Setting):
     LSQ = "lsq", "ridge least-squares refit of o_proj / down_proj and a bias"
 
 
+class RepairTarget(Setting):
+    """What a repaired projection is fitted to reproduce (reconstruct.py)."""
+
+    LAYER = "layer", "the unpruned projection on the pruned model's own inputs"
+    DENSE = "dense", "the dense model's projection output, on the dense model's inputs"
+    STREAM = "stream", "the dense model's residual stream after the projection"
+
+
 class Prior(Setting):
     WANDA = "wanda"
     MAGNITUDE = "magnitude"

@@ -58,9 +58,107 @@ def test_solve_matches_torch_least_squares():
     assert r.error_after == pytest.approx(float(resid), rel=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["bias", "lsq"])
-def test_one_shot_repair_equals_the_formula_on_transformers_activations(tmp_path, mode):
+def test_solve_fits_an_explicit_target():
+    """A target other than W z (reconstruct_target dense / stream): torch's least squares for lsq,
+    mean(t - W_S z_S) for bias; and the target W z given explicitly is the implicit fit."""
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(600, 12, generator=g, dtype=torch.float64)
+    z[:, 4] += 1.5
+    w = torch.randn(7, 12, generator=g, dtype=torch.float64)
+    t = z @ w.T * 0.8 + torch.randn(600, 7, generator=g, dtype=torch.float64) + 0.3  # (tokens, out)
+    keep = torch.tensor([1, 2, 4, 6, 8, 11])
+    m = Moments(12, full=True, n_out=7)
+    m.add(z[:250], t[:250])
+    m.add(z[250:], t[250:])  # in two chunks, as the stream gives them
+    zp = torch.cat([z[:, keep], torch.ones(600, 1, dtype=torch.float64)], 1)
+    ref = torch.linalg.lstsq(zp, t).solution.T  # (7, |S| + 1)
+    r = solve(w, m, keep, mode="lsq", ridge=0.0)
+    torch.testing.assert_close(r.weight, ref[:, :-1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r.bias, ref[:, -1], rtol=1e-5, atol=1e-5)
+    resid = float(((t - zp @ ref.T) ** 2).sum() / (t ** 2).sum())
+    assert r.error_after == pytest.approx(resid, rel=1e-5)
+    plain = float(((t - z[:, keep] @ w[:, keep].T) ** 2).sum() / (t ** 2).sum())
+    assert r.error_before == pytest.approx(plain, rel=1e-5)
+    mb = Moments(12, full=False, n_out=7)
+    mb.add(z, t)
+    rb = solve(w, mb, keep, mode="bias", ridge=0.0)
+    torch.testing.assert_close(rb.weight, w[:, keep])
+    torch.testing.assert_close(rb.bias, (t - z[:, keep] @ w[:, keep].T).mean(0), rtol=1e-6, atol=1e-6)
+    for mode in ("bias", "lsq"):  # t = W z: the explicit target gives the implicit fit
+        mi, me = Moments(12, full=mode == "lsq"), Moments(12, full=mode == "lsq", n_out=7)
+        mi.add(z)
+        me.add(z, z @ w.T)
+        a, b = solve(w, mi, keep, mode=mode, ridge=1e-3), solve(w, me, keep, mode=mode, ridge=1e-3)
+        torch.testing.assert_close(a.weight, b.weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.bias, b.bias, rtol=1e-5, atol=1e-5)  # fp32 sums
+    with pytest.raises(ValueError, match="target"):
+        m.add(z)
+
+
+@pytest.mark.parametrize("target", ["dense", "stream"])
+def test_explicit_targets_equal_a_refit_on_transformers_activations(tmp_path, target):
+    """Layer 0 of ``_plan`` loses heads and channels. Its down_proj refit (sequential) against the
+    dense model's down_proj output (dense), or the dense model's stream after it (stream), computed
+    from transformers: the dense model's activations, and the pruned model's with layer 0's repaired
+    o_proj in place of its own."""
     model = make_tiny(tmp_path / "m", "llama-gqa-tied", **TINY)
+    ckpt = Checkpoint(tmp_path / "m")
+    plan = _plan(ckpt.config)
+    tokens = torch.randint(0, 211, (8, 48), generator=torch.Generator().manual_seed(6))
+    rep = reconstruct(ckpt, plan, tokens, tmp_path / "repair", mode="lsq", ridge=1e-2, target=target)
+    fixed = ckpt.with_overlay(rep.files)
+    pre = "model.layers.0."
+
+    def seen(m) -> tuple[torch.Tensor, torch.Tensor]:  # layer 0: down_proj's input, the stream there
+        got = {}
+        hooks = [m.model.layers[0].mlp.down_proj.register_forward_pre_hook(
+                     lambda _, a: got.__setitem__("z", a[0].reshape(-1, a[0].shape[-1]))),
+                 m.model.layers[0].post_attention_layernorm.register_forward_pre_hook(
+                     lambda _, a: got.__setitem__("x", a[0].reshape(-1, a[0].shape[-1])))]
+        with torch.no_grad():
+            m(tokens)
+        for h in hooks:
+            h.remove()
+        return got["z"].double(), got["x"].double()
+
+    z_d, x_d = seen(model)
+    o = model.model.layers[0].self_attn.o_proj
+    with torch.no_grad():  # the pruned model up to layer 0's MLP: repaired o_proj, heads 0-1 gone
+        o.weight.copy_(fixed.get(pre + "self_attn.o_proj.weight"))
+    bias = fixed.get(pre + "self_attn.o_proj.bias")
+    hook = o.register_forward_hook(lambda _, a, out: out + bias)
+    z_p, x_p = seen(model)
+    hook.remove()
+    w = model.state_dict()[pre + "mlp.down_proj.weight"].double()
+    t = z_d @ w.T + ((x_d - x_p) if target == "stream" else 0)
+    keep = torch.tensor(plan.layers[0].channels)
+    zp = torch.cat([z_p[:, keep], torch.ones(len(z_p), 1, dtype=torch.float64)], 1)
+    a = zp.T @ zp
+    a.diagonal()[:-1] += 1e-2 * a.diagonal()[:-1].mean()
+    sol = torch.linalg.solve(a, zp.T @ t).T
+    torch.testing.assert_close(fixed.get(pre + "mlp.down_proj.weight").double()[:, keep], sol[:, :-1],
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fixed.get(pre + "mlp.down_proj.bias").double(), sol[:, -1], rtol=1e-4, atol=1e-5)
+    assert rep.target == target and rep.forward_tokens == 4 * tokens.numel()
+
+
+def test_explicit_targets_need_sequential_statistics(tmp_path):
+    from lowmem_bonsai.errors import UserError
+    from lowmem_bonsai.profiles import load_profile
+
+    make_tiny(tmp_path / "m", "llama-gqa-tied", **TINY)
+    ckpt = Checkpoint(tmp_path / "m")
+    with pytest.raises(ValueError, match="sequential"):
+        reconstruct(ckpt, _plan(ckpt.config), torch.zeros(2, 8, dtype=torch.long), tmp_path / "r",
+                    mode="lsq", sequential=False, target="stream")
+    with pytest.raises(UserError, match="reconstruct_sequential = true"):
+        load_profile(None).replace(reconstruct_target="dense", reconstruct_sequential=False)
+
+
+@pytest.mark.parametrize("mode,biased", [("bias", False), ("lsq", False), ("lsq", True)])
+def test_one_shot_repair_equals_the_formula_on_transformers_activations(tmp_path, mode, biased):
+    """biased: the source has its own o_proj / down_proj biases, which the repair keeps on top."""
+    model = make_tiny(tmp_path / "m", "llama-gqa-tied", **TINY, attention_bias=biased, mlp_bias=biased)
     ckpt = Checkpoint(tmp_path / "m")
     plan = _plan(ckpt.config)
     # 384 tokens for at most 89 unknowns per output: a well-posed fit, so fp32 noise stays small
@@ -85,11 +183,18 @@ def test_one_shot_repair_equals_the_formula_on_transformers_activations(tmp_path
             a.diagonal()[:-1] += 1e-2 * a.diagonal()[:-1].mean()
             sol = torch.linalg.solve(a, xp.T @ (x @ w.T)).T
             want_w, want_b = sol[:, :-1], sol[:, -1]
+        if biased:
+            want_b = want_b + sd[f"{name}.bias"].double()
         got_w = fixed.get(f"{name}.weight").double()
-        torch.testing.assert_close(got_w[:, keep], want_w, rtol=1e-4, atol=1e-5)
+        atol = 5e-5 if biased else 1e-5  # fp32 activations through the source's biases, too
+        torch.testing.assert_close(got_w[:, keep], want_w, rtol=1e-4, atol=atol)
         assert not got_w[:, gone].any()
-        torch.testing.assert_close(fixed.get(f"{name}.bias").double(), want_b, rtol=1e-4, atol=1e-5)
-    assert not fixed.has("model.layers.2.mlp.down_proj.bias")  # nothing removed, nothing repaired
+        torch.testing.assert_close(fixed.get(f"{name}.bias").double(), want_b, rtol=1e-4, atol=atol)
+    # nothing removed, nothing repaired
+    assert fixed.has("model.layers.2.mlp.down_proj.bias") is biased
+    if biased:
+        torch.testing.assert_close(fixed.get("model.layers.2.mlp.down_proj.bias"),
+                                   sd["model.layers.2.mlp.down_proj.bias"])
 
 
 def test_sequential_lsq_brings_the_pruned_model_closest_to_dense(tmp_path):

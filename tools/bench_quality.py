@@ -50,6 +50,10 @@ def main() -> None:
                     help="after each prune (made with reconstruct = none), also evaluate these "
                     "reconstructions of the same plan: bias, lsq, bias-oneshot, lsq-oneshot (the profile's "
                     "reconstruct_seqs / _seq_len / _ridge apply); rows are labelled METHOD+REPAIR")
+    ap.add_argument("--reuse-prunes", action="store_true",
+                    help="with --repairs: where OUT already holds a finished prune of the same method, "
+                    "sparsity, seed and prune settings, repair that plan instead of pruning again (to "
+                    "compare repairs of one plan); its row is not recorded again")
     ap.add_argument("--split", choices=["after-calib", "tune", "test"], default="after-calib",
                     help="evaluation windows: just after the calibration (the earlier protocol), or "
                     "the held-out tune / test windows at the end of the file")
@@ -117,21 +121,28 @@ def main() -> None:
             for seed in a.seed:
                 name = method + a.label
                 out = a.out / f"{name}-{sparsity}-s{seed}"
-                t = time.perf_counter()
-                rep = prune_model(model_dir=a.model, out_dir=out, sparsity=sparsity, profile=profile,
-                                  calib=a.data, method=method, seed=seed, force=True)
-                seconds = time.perf_counter() - t
-                ev = evaluate(model_dir=out, data=a.data, seq_len=a.eval_seq_len, max_seqs=a.eval_seqs,
-                              skip=skip)
+                old = reusable(out, settings) if a.reuse_prunes and a.repairs else None
+                if old is not None:
+                    rep, seconds = old
+                    logging.info("reusing the prune in %s", out)
+                else:
+                    t = time.perf_counter()
+                    rep = prune_model(model_dir=a.model, out_dir=out, sparsity=sparsity, profile=profile,
+                                      calib=a.data, method=method, seed=seed, force=True)
+                    seconds = time.perf_counter() - t
+                if old is None:
+                    ev = evaluate(model_dir=out, data=a.data, seq_len=a.eval_seq_len, max_seqs=a.eval_seqs,
+                                  skip=skip)
                 repair = rep.get("reconstruction") or {}
-                record({"method": name, "sparsity": sparsity, "seed": seed,
+                if old is None:
+                    record({"method": name, "sparsity": sparsity, "seed": seed,
                         "achieved": rep["achieved_sparsity"], "perplexity": ev.perplexity,
-                        "forward_tokens": rep["forward_tokens"] + repair.get("forward_tokens", 0),
-                        "prune_seconds": seconds, "eval_tokens": ev.tokens, "eval_skip": skip,
-                        "eval_seqs": a.eval_seqs, "split": a.split, "rounds": len(rep["rounds"]),
-                        "reconstruction": {k: v for k, v in repair.items() if k != "layers"},
-                        "cv_tau": [r["cv_tau"] for r in rep["rounds"]], "settings": settings,
-                        "layers": rep["layers"]})
+                            "forward_tokens": rep["forward_tokens"] + repair.get("forward_tokens", 0),
+                            "prune_seconds": seconds, "eval_tokens": ev.tokens, "eval_skip": skip,
+                            "eval_seqs": a.eval_seqs, "split": a.split, "rounds": len(rep["rounds"]),
+                            "reconstruction": {k: v for k, v in repair.items() if k != "layers"},
+                            "cv_tau": [r["cv_tau"] for r in rep["rounds"]], "settings": settings,
+                            "layers": rep["layers"]})
                 for r in a.repairs:
                     mode, oneshot = r.split("-")[0], r.endswith("-oneshot")
                     prof = repair_profile.replace(reconstruct=mode, reconstruct_sequential=not oneshot)
@@ -149,6 +160,18 @@ def main() -> None:
                             "reconstruction": info, "settings": {
                                 k: getattr(prof, k) for k in prof.__dataclass_fields__}})
     write_table(results, a.out)
+
+
+def reusable(out: Path, settings: dict) -> tuple[dict, float] | None:
+    """A finished prune in ``out`` made with ``settings`` (its report and the seconds it took), or None."""
+    try:
+        rep = json.loads((out / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    made = (rep.get("settings") or {}).get("profile") or {}
+    if any(made.get(k) != v for k, v in settings.items() if k in made and not k.startswith("reconstruct")):
+        return None
+    return rep, float(rep.get("seconds", 0.0))
 
 
 def repair_existing(model: Path, pruned: Path, out: Path, profile, data: Path) -> dict:

@@ -158,7 +158,8 @@ def repair_bytes(config: ModelConfig, profile: Profile, *, storage_bytes: int = 
     n = max(widest, max(s.num_attention_heads for s in config.layers) * config.head_dim) + 1
     blocks = (profile.prefetch + 1) * block_bytes(config, b) + (n - 1) * h * storage_bytes
     t = profile.reconstruct_seq_len
-    stream = profile.reconstruct_seqs * t * h * b
+    explicit = profile.reconstruct_target != "layer"  # the dense model's stream and cross moments too
+    stream = (1 + explicit) * profile.reconstruct_seqs * t * h * b
     chunk = max(1, profile.chunk_tokens // t) * t
     qkv = (max(s.num_attention_heads for s in config.layers) + 2 * config.num_key_value_heads) * config.head_dim
     activations = chunk * (qkv + 3 * h + 3 * widest + n) * b  # + the chunk's [z, 1] for the Gram
@@ -166,6 +167,8 @@ def repair_bytes(config: ModelConfig, profile: Profile, *, storage_bytes: int = 
     # Above SOLVE_FP64_MAX inputs the solve is fp32 and works in the accumulator: no copy.
     s = 8 if n - 1 <= SOLVE_FP64_MAX else 4
     solve = n * n * (4 + (s if s == 8 else 0) + s) + 3 * h * n * s
+    if explicit:  # the cross accumulator (fp32), its copy in the solve's dtype; the chunk's targets
+        solve += h * n * (4 + s) + chunk * (2 * h + n) * b
     return int(blocks + stream + activations + solve + RUNTIME_GB * 1024**3)
 
 

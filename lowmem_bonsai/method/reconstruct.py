@@ -19,6 +19,20 @@ and the pruned layer: one Gram matrix of the full input serves every choice of S
 layer's own attention, for its MLP) are already repaired, so errors do not compound; otherwise
 all statistics come from one pass of the dense model (one-shot, as FLAP does).
 
+``target`` (sequential only): what the refit reproduces on the pruned model's inputs z.
+
+- ``layer``: the unpruned projection on the same inputs, W z (above);
+- ``dense``: the dense model's output of the projection, W z_d, where z_d is the input the dense
+  model gives it on the same tokens (its stream is carried beside the pruned one);
+- ``stream``: the dense model's residual stream after the projection, W z_d + (x_d - x): the
+  refit also takes back what the earlier layers' removals moved the stream by.
+
+For the last two the fit needs the cross moments C = sum t z+^T (out x in + 1) besides G, and
+
+    [W_S' b] = C[:, S+] (G[S+, S+] + lambda I)^-1;   bias: b = (sum t - W_S sum z_S) / tokens.
+
+With t = W z, C = W G[:in] and both reduce to the formulas above.
+
 The repaired tensors are written full-width (removed columns zero) in the source's names, one
 safetensors file per layer, and laid over the source checkpoint (``Checkpoint.with_overlay``):
 the streamer, the shard writer and the GGUF exporter then slice them like any other weight.
@@ -50,7 +64,7 @@ from ..model.checkpoint import Checkpoint
 from ..model.plan import Plan
 from ..outputs.atomic import write_bytes_atomic
 from ..profiles import Profile
-from ..settings import Reconstruct
+from ..settings import Reconstruct, RepairTarget
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +72,8 @@ log = logging.getLogger(__name__)
 def settings_of(profile: Profile) -> dict[str, Any]:
     """:func:`reconstruct`'s settings in ``profile`` (its reconstruct_* keys and how it streams)."""
     return dict(mode=profile.reconstruct, ridge=profile.reconstruct_ridge,
-                sequential=profile.reconstruct_sequential, dtype=torch.float32,
+                sequential=profile.reconstruct_sequential, target=profile.reconstruct_target,
+                dtype=torch.float32,
                 chunk_tokens=profile.chunk_tokens, prefetch=profile.prefetch)
 
 
@@ -74,25 +89,40 @@ class Repair:
 
 @dataclass(slots=True)
 class Moments:
-    """Running first and second moments of a projection's input over tokens.  fp32 sums"""
+    """Running first and second moments of a projection's input over tokens, and with ``n_out``
+    the moments of an explicit target t (see the module's notes).  fp32 sums"""
 
     n_in: int
     full: bool  # the Gram matrix (lsq) or only the sums (bias)
+    n_out: int = 0  # > 0: a target is given with every input (reconstruct_target dense / stream)
     sums: torch.Tensor = field(init=False)  # (in,)
     gram: torch.Tensor | None = field(init=False)  # (in + 1, in + 1), last index: the constant 1
+    t_sums: torch.Tensor | None = field(init=False)  # (out,) sum t
+    cross: torch.Tensor | None = field(init=False)  # (out, in + 1) sum t z+^T (lsq)
+    t_sq: float = 0.0  # sum |t|^2
     tokens: int = 0
 
     def __post_init__(self) -> None:
         self.sums = torch.zeros(self.n_in, dtype=torch.float64)
         self.gram = torch.zeros(self.n_in + 1, self.n_in + 1) if self.full else None
+        self.t_sums = torch.zeros(self.n_out, dtype=torch.float64) if self.n_out else None
+        self.cross = torch.zeros(self.n_out, self.n_in + 1) if self.n_out and self.full else None
 
-    def add(self, z: torch.Tensor) -> None:
+    def add(self, z: torch.Tensor, target: torch.Tensor | None = None) -> None:
         z = z.reshape(-1, self.n_in).float()  # (tokens, in)
         self.sums += z.sum(0).double()
         self.tokens += z.shape[0]
-        if self.gram is not None:
-            zp = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)  # (tokens, in + 1)
+        zp = torch.cat([z, z.new_ones(z.shape[0], 1)], 1) if self.gram is not None else None  # (tokens, in + 1)
+        if zp is not None:
             self.gram.addmm_(zp.T, zp)
+        if (target is None) != (self.t_sums is None):
+            raise ValueError("a target goes with every input exactly when n_out is set")
+        if target is not None:
+            t = target.reshape(-1, self.n_out).float()  # (tokens, out)
+            self.t_sums += t.sum(0).double()
+            self.t_sq += float(t.double().square().sum())
+            if zp is not None:
+                self.cross.addmm_(t.T, zp)
 
     def summed(self, ranks: Ranks, *, what: str) -> Moments:
         """Every rank's moments added up (fp64 sums; the Gram matrix back in fp32), on every rank."""
@@ -101,6 +131,11 @@ class Moments:
         self.sums = ranks.sum(self.sums, what=what)
         if self.gram is not None:
             self.gram = ranks.sum(self.gram, what=what).float()
+        if self.t_sums is not None:
+            self.t_sums = ranks.sum(self.t_sums, what=what)
+            self.t_sq = float(ranks.sum(torch.tensor([self.t_sq], dtype=torch.float64), what=what).item())
+        if self.cross is not None:
+            self.cross = ranks.sum(self.cross, what=what).float()
         self.tokens = int(ranks.sum(torch.tensor([float(self.tokens)]), what=what).item())
         return self
 
@@ -128,26 +163,43 @@ def _relative_error(w: torch.Tensor, w_new: torch.Tensor, g: torch.Tensor) -> fl
     return float(num / den.clamp_min(1e-30))
 
 
+def _relative_error_to(new: torch.Tensor, m: Moments, g: torch.Tensor, cross: torch.Tensor) -> float:
+    """||t - W' z+||^2 / ||t||^2 over the tokens, from the moments.  W' (out, in + 1)"""
+    num = m.t_sq - 2 * float((new * cross).sum()) + float(((new @ g) * new).sum())
+    return max(num, 0.0) / max(m.t_sq, 1e-30)
+
+
 def solve(w: torch.Tensor, m: Moments, keep: torch.Tensor, *, mode: str, ridge: float) -> Repair:
     """The repaired kept columns and bias of ``w`` (out, in) given its input moments.
 
     keep: (|S|,) column indices that stay, in increasing order. Computes in :func:`solve_dtype`.
+    The target is W z unless ``m`` carries one (``m.n_out``).
     """
     out, n_in = w.shape
     w = w.to(solve_dtype(n_in))
     gone = torch.ones(n_in, dtype=torch.bool)
     gone[keep] = False
+    given = m.t_sums is not None
     g = m.full_gram() if m.gram is not None else None  # (in + 1, in + 1) fp64, once
+    cross = None  # sum t z+^T, an explicit target's  (out, in + 1)
+    if given and g is not None:
+        cross = m.cross.to(g.dtype)
+        cross[:, -1] = m.t_sums.to(g.dtype)
     if mode == Reconstruct.BIAS:
-        mean = (m.sums / max(m.tokens, 1)).to(w.dtype)  # (in,)
-        weight, bias = w[:, keep], w[:, gone] @ mean[gone]
+        if given:  # b = mean(t) - W_S mean(z_S)
+            weight = w[:, keep]
+            bias = ((m.t_sums - weight.double() @ m.sums[keep]) / max(m.tokens, 1)).to(w.dtype)
+        else:
+            mean = (m.sums / max(m.tokens, 1)).to(w.dtype)  # (in,)
+            weight, bias = w[:, keep], w[:, gone] @ mean[gone]
     elif mode == Reconstruct.LSQ:
         sp = torch.cat([keep, torch.tensor([n_in])])  # S+
         a = g[sp][:, sp]  # (|S|+1, |S|+1)
         lam = ridge * a.diagonal()[:-1].mean().clamp_min(1e-30)
         a.diagonal()[:-1] += lam
-        x = torch.linalg.solve(a, (w @ g[:n_in, sp]).T).T  # a is symmetric: X a = W G[:in, S+]
-        del a
+        rhs = cross[:, sp] if given else w @ g[:n_in, sp]  # sum t z+_S^T  (out, |S|+1)
+        x = torch.linalg.solve(a, rhs.T).T  # a is symmetric: X a = rhs
+        del a, rhs
         weight, bias = x[:, :-1], x[:, -1]
     else:
         raise ValueError(mode)
@@ -155,9 +207,10 @@ def solve(w: torch.Tensor, m: Moments, keep: torch.Tensor, *, mode: str, ridge: 
     if g is not None:
         new = torch.zeros(out, n_in + 1, dtype=w.dtype)
         new[:, keep] = w[:, keep]
-        before = _relative_error(w, new, g)
+        error = (lambda n: _relative_error_to(n, m, g, cross)) if given else (lambda n: _relative_error(w, n, g))
+        before = error(new)
         new[:, keep], new[:, -1] = weight, bias
-        errors = (before, _relative_error(w, new, g))
+        errors = (before, error(new))
     return Repair(weight, bias, *errors)
 
 
@@ -170,6 +223,17 @@ class RepairReport:
     tokens: int
     layers: list[dict]
     files: list[Path]
+    target: str = RepairTarget.LAYER
+
+    @property
+    def forward_tokens(self) -> int:
+        """Tokens through the blocks: two passes of the pruned stream, two more of the dense one."""
+        return passes(self.target) * self.tokens
+
+
+def passes(target: str) -> int:
+    """How many times a reconstruction runs each calibration token through the blocks."""
+    return 2 if target == RepairTarget.LAYER else 4
 
 
 def reconstruct(
@@ -181,6 +245,7 @@ def reconstruct(
     mode: str,
     ridge: float = 1e-3,
     sequential: bool = True,
+    target: str = RepairTarget.LAYER,
     dtype: torch.dtype = torch.float32,
     chunk_tokens: int = 4096,
     prefetch: int = 1,
@@ -203,6 +268,10 @@ def reconstruct(
     """
     if mode not in (Reconstruct.BIAS, Reconstruct.LSQ):
         raise ValueError(mode)
+    if target not in (RepairTarget.LAYER, RepairTarget.DENSE, RepairTarget.STREAM):
+        raise ValueError(target)
+    if target != RepairTarget.LAYER and not sequential:
+        raise ValueError(f"target {target} needs sequential statistics")
     if ckpt.overlays:
         raise ValueError(f"reconstruct refits from the source's weights; got {ckpt.dir} with "
                          f"{len(ckpt.overlays)} repaired files laid over it")
@@ -215,6 +284,8 @@ def reconstruct(
     eps = cfg.rms_norm_eps
     mine = ranks.share(s_count)
     x = embed_tokens(ckpt, tokens[mine.start : mine.stop], dtype=dtype)  # (S', T, H): the stream
+    xd = x.clone() if target != RepairTarget.LAYER else None  # the dense model's stream, beside it
+    lsq = mode == Reconstruct.LSQ
     out_dir = Path(out_dir)
     if write:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -231,37 +302,59 @@ def reconstruct(
         repaired: dict[str, torch.Tensor] = {}
         info: dict = {"layer": w.layer}
 
-        def repair(key: str, error_key: str, weight: torch.Tensor, m: Moments, keep: torch.Tensor):
+        def repair(key: str, error_key: str, weight: torch.Tensor, source_bias: torch.Tensor | None,
+                   m: Moments, keep: torch.Tensor):
             """Solve one projection, record its full-width tensors; with ``sequential``, how the
-            stream advances through it: (kept-column weight, bias, kept columns)."""
+            stream advances through it: (kept-column weight, bias, kept columns). The fit leaves a
+            source's own bias out of its target, so that bias is added back."""
             r = solve(weight, m.summed(ranks, what=f"the reconstruction of layer {info['layer']}"), keep,
                       mode=mode, ridge=ridge)
+            bias = r.bias if source_bias is None else r.bias + source_bias.to(r.bias.dtype)
             full = torch.zeros(weight.shape, dtype=r.weight.dtype)
             full[:, keep] = r.weight
-            repaired[key], repaired[f"{key}_bias"] = full, r.bias
+            repaired[key], repaired[f"{key}_bias"] = full, bias
             info[error_key] = (r.error_before, r.error_after)
-            return (r.weight.to(dtype), r.bias.to(dtype), keep) if sequential else None
+            return (r.weight.to(dtype), bias.to(dtype), keep) if sequential else None
+
+        def goal(c: slice, z_dense: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+            """An explicit target (``target`` dense / stream) for a projection whose input in the
+            dense model is ``z_dense`` on windows ``c``; None for ``layer``."""
+            if xd is None:
+                return None
+            t = F.linear(z_dense, weight)  # (rows, T, out)
+            return t + (xd[c] - x[c]) if target == RepairTarget.STREAM else t
+
+        def moments(weight: torch.Tensor) -> Moments:
+            return Moments(weight.shape[1], full=lsq, n_out=weight.shape[0] if xd is not None else 0)
+
+        def heads_of(s: torch.Tensor, block=w) -> torch.Tensor:
+            return attention_heads(s, block, cos, sin, eps=eps, attn_mask=attn_mask)  # (rows, T, nq hd)
 
         o_w, o_b, o_cols = w.o, w.o_bias, None  # how the stream advances through o_proj
         if w.n_heads and len(lp.heads) < w.n_heads:
-            m = Moments(w.o.shape[1], full=mode == Reconstruct.LSQ)
+            m = moments(w.o)
             for c in chunks():
-                m.add(attention_heads(x[c], w, cos, sin, eps=eps, attn_mask=attn_mask))
-            o_w, o_b, o_cols = repair("o", "attn_error", w.o, m, head_cols) or (o_w, o_b, o_cols)
+                m.add(heads_of(x[c]), None if xd is None else goal(c, heads_of(xd[c]), w.o))
+            o_w, o_b, o_cols = repair("o", "attn_error", w.o, w.o_bias, m, head_cols) or (o_w, o_b, o_cols)
         d_w, d_b, d_cols = w.down, w.down_bias, None
         needs_mlp = len(lp.channels) < w.n_channels
-        m = Moments(w.down.shape[1], full=mode == Reconstruct.LSQ) if needs_mlp else None
+        m = moments(w.down) if needs_mlp else None
         for c in chunks():  # advance through attention; gather the MLP input's moments
             if w.n_heads:
-                y = attention_heads(x[c], w, cos, sin, eps=eps, attn_mask=attn_mask)  # (rows, T, nq hd)
+                y = heads_of(x[c])
                 x[c] += F.linear(y if o_cols is None else y[..., o_cols], o_w, o_b)
+                if xd is not None:
+                    xd[c] += F.linear(heads_of(xd[c]), w.o, w.o_bias)
             if m is not None:
-                m.add(mlp_channels(x[c], w, eps=eps))
+                m.add(mlp_channels(x[c], w, eps=eps),
+                      None if xd is None else goal(c, mlp_channels(xd[c], w, eps=eps), w.down))
         if m is not None:
-            d_w, d_b, d_cols = repair("down", "mlp_error", w.down, m, chans) or (d_w, d_b, d_cols)
+            d_w, d_b, d_cols = repair("down", "mlp_error", w.down, w.down_bias, m, chans) or (d_w, d_b, d_cols)
         for c in chunks():  # advance through the MLP
             act = mlp_channels(x[c], w, eps=eps)  # (rows, T, F)
             x[c] += F.linear(act if d_cols is None else act[..., d_cols], d_w, d_b)
+            if xd is not None:
+                xd[c] += F.linear(mlp_channels(xd[c], w, eps=eps), w.down, w.down_bias)
         if repaired and write:
             like = ckpt.get(ckpt.name("o", w.layer), rows=slice(0, 1)).dtype  # the source's dtype
             store = {ckpt.name(k, w.layer): v.to(like).contiguous() for k, v in repaired.items()}
@@ -275,4 +368,4 @@ def reconstruct(
         if on_block is not None:
             on_block(w.layer)
         del w
-    return RepairReport(mode, sequential, s_count * t, layers, files)
+    return RepairReport(mode, sequential, s_count * t, layers, files, target)

@@ -31,7 +31,7 @@ from ..model.plan import Plan
 from ..outputs.atomic import write_bytes_atomic, write_json_atomic
 from ..profiles import Profile
 from .prune import Progress, Repaired
-from .reconstruct import reconstruct, settings_of
+from .reconstruct import passes, reconstruct, settings_of
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class RoundRepairs:
 
     def __call__(self, number: int, plan: Plan) -> Repaired:
         finished = number - 1
-        cost = 2 * self.tokens.numel()  # two passes of the blocks (as the final repair's report)
+        cost = passes(self.profile.reconstruct_target) * self.tokens.numel()  # as the final repair's report
         if self.ranks.world == 1:
             folder = folder_of(self.work, finished)
             files = self._finished(folder, plan)
@@ -78,7 +78,7 @@ class RoundRepairs:
         if self.ranks.main:
             write_json_atomic(folder / DONE, {"round": finished, "layers": plan.to_json()["layers"],
                                               "files": [p.name for p in rep.files]})
-        computed = 2 * len(self.ranks.share(self.tokens.shape[0])) * self.tokens.shape[1]
+        computed = passes(self.profile.reconstruct_target) * len(self.ranks.share(self.tokens.shape[0])) * self.tokens.shape[1]
         return Repaired(self.source.with_overlay(rep.files), cost, computed)
 
     def _finished(self, folder: Path, plan: Plan) -> list[Path] | None:
