@@ -50,6 +50,9 @@ def main() -> None:
                     help="after each prune (made with reconstruct = none), also evaluate these "
                     "reconstructions of the same plan: bias, lsq, bias-oneshot, lsq-oneshot (the profile's "
                     "reconstruct_seqs / _seq_len / _ridge apply); rows are labelled METHOD+REPAIR")
+    ap.add_argument("--repair-label", default="",
+                    help="suffix for the --repairs rows' names (METHOD+REPAIR+SUFFIX), to tell apart "
+                    "repairs of one plan with different reconstruct_* settings")
     ap.add_argument("--reuse-prunes", action="store_true",
                     help="with --repairs: where OUT already holds a finished prune of the same method, "
                     "sparsity, seed and prune settings, repair that plan instead of pruning again (to "
@@ -146,13 +149,13 @@ def main() -> None:
                 for r in a.repairs:
                     mode, oneshot = r.split("-")[0], r.endswith("-oneshot")
                     prof = repair_profile.replace(reconstruct=mode, reconstruct_sequential=not oneshot)
-                    fixed_dir = a.out / f"{name}+{r}-{sparsity}-s{seed}"
+                    fixed_dir = a.out / f"{name}+{r}{a.repair_label}-{sparsity}-s{seed}"
                     t = time.perf_counter()
                     info = repair_existing(a.model, out, fixed_dir, prof, a.data)
                     rseconds = time.perf_counter() - t
                     ev = evaluate(model_dir=fixed_dir, data=a.data, seq_len=a.eval_seq_len,
                                   max_seqs=a.eval_seqs, skip=skip)
-                    record({"method": f"{name}+{r}", "sparsity": sparsity, "seed": seed,
+                    record({"method": f"{name}+{r}{a.repair_label}", "sparsity": sparsity, "seed": seed,
                             "achieved": rep["achieved_sparsity"], "perplexity": ev.perplexity,
                             "forward_tokens": rep["forward_tokens"] + info["forward_tokens"],
                             "prune_seconds": seconds + rseconds, "eval_tokens": ev.tokens,
@@ -189,7 +192,8 @@ def repair_existing(model: Path, pruned: Path, out: Path, profile, data: Path) -
         rep = repair_plan(ckpt, plan, tokens, Path(tmp), profile)
         write_checkpoint(ckpt.with_overlay(rep.files), plan, out, model_dir=model, profile=profile)
     return {"mode": rep.mode, "sequential": rep.sequential, "tokens": rep.tokens,
-            "forward_tokens": 2 * rep.tokens, "ridge": profile.reconstruct_ridge}
+            "forward_tokens": rep.forward_tokens, "ridge": profile.reconstruct_ridge,
+            "target": rep.target}
 
 
 def write_table(results: list[dict], out: Path) -> None:
