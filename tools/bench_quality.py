@@ -56,7 +56,8 @@ def main() -> None:
     ap.add_argument("--reuse-prunes", action="store_true",
                     help="with --repairs: where OUT already holds a finished prune of the same method, "
                     "sparsity, seed and prune settings, repair that plan instead of pruning again (to "
-                    "compare repairs of one plan); its row is not recorded again")
+                    "compare repairs of one plan, or to measure one on another split); its own row is recorded "
+                    "once per split")
     ap.add_argument("--split", choices=["after-calib", "tune", "test"], default="after-calib",
                     help="evaluation windows: just after the calibration (the earlier protocol), or "
                     "the held-out tune / test windows at the end of the file")
@@ -133,11 +134,11 @@ def main() -> None:
                     rep = prune_model(model_dir=a.model, out_dir=out, sparsity=sparsity, profile=profile,
                                       calib=a.data, method=method, seed=seed, force=True)
                     seconds = time.perf_counter() - t
-                if old is None:
-                    ev = evaluate(model_dir=out, data=a.data, seq_len=a.eval_seq_len, max_seqs=a.eval_seqs,
-                                  skip=skip)
+                ev = evaluate(model_dir=out, data=a.data, seq_len=a.eval_seq_len, max_seqs=a.eval_seqs,
+                              skip=skip)
                 repair = rep.get("reconstruction") or {}
-                if old is None:
+                if not any(r["method"] == name and r["sparsity"] == sparsity and r.get("seed") == seed
+                           and r["eval_skip"] == skip for r in results):  # a reused prune: once per split
                     record({"method": name, "sparsity": sparsity, "seed": seed,
                         "achieved": rep["achieved_sparsity"], "perplexity": ev.perplexity,
                             "forward_tokens": rep["forward_tokens"] + repair.get("forward_tokens", 0),
