@@ -18,7 +18,8 @@ from .errors import Terminated, UserError
 from .machine import memory_budget, parse_memory
 from .model.config import DTYPES
 from .profiles import DEFAULT_PROFILE, Profile, load_profile, profile_names
-from .settings import Allocation, DType, Estimator, HeadUnit, MaskCounts, Method, Prior, Score, one_of
+from .settings import (Allocation, DType, Estimator, HeadUnit, MaskCounts, Method, Prior, RepairTarget, Score,
+                       one_of)
 from .texts import DEFAULT_CALIB, names_help
 
 PROFILE_HELP = (f"Profile: one of {', '.join(profile_names())} (default {DEFAULT_PROFILE}), "
@@ -237,7 +238,8 @@ def estimate_cmd(
     if r["mode"] != "none":
         when = ("after the rounds" if r["repairs"] == 1 else
                 f"{r['repairs']} repairs: before every round after the first, and after the rounds")
-        typer.echo(f"repair     {r['mode']}: {r['forward_tokens']:,} forward tokens, {r['tflops']:.1f} TFLOP, "
+        target = "" if r.get("target", "layer") == "layer" else f" (target {r['target']})"
+        typer.echo(f"repair     {r['mode']}{target}: {r['forward_tokens']:,} forward tokens, {r['tflops']:.1f} TFLOP, "
                    f"peak {m['reconstruction_gb']:.2f} GiB ({when}; counted in the total)")
     if e["disk_import_gb"]:
         typer.echo(f"disk       {e['disk_peak_gb']:.2f} GiB at the peak: {e['disk_import_gb']:.2f} for the GGUF's "
@@ -302,6 +304,8 @@ def prune_cmd(
         "from calibration activations).")] = None,
     reconstruct_seqs: Annotated[Optional[int], typer.Option(
         help="Override the profile: calibration windows (of reconstruct_seq_len tokens) for the repair.")] = None,
+    reconstruct_target: Annotated[Optional[str], typer.Option(
+        help=f"Override the profile: what the repair reproduces: {one_of(RepairTarget, helped=True)}.")] = None,
     masks_per_round: Annotated[Optional[int], typer.Option(help="Override the profile.")] = None,
     calib_seqs: Annotated[Optional[int], typer.Option(help="Override the profile.")] = None,
     seq_len: Annotated[Optional[int], typer.Option(help="Override the profile.")] = None,
@@ -339,7 +343,7 @@ def prune_cmd(
         masks_per_round=masks_per_round, calib_seqs=calib_seqs, seq_len=seq_len, prune_frac=prune_frac,
         prior=prior, estimator=estimator, head_unit=head_unit, allocation=allocation,
         mask_counts=mask_counts, score=score, reconstruct=reconstruct,
-        reconstruct_seqs=reconstruct_seqs)
+        reconstruct_seqs=reconstruct_seqs, reconstruct_target=reconstruct_target)
     prof, budget = _budgeted(prof, memory)
     ranks = join(timeout_s=prof.dist_timeout_s, device=prof.device)
     bars = _Bars()

@@ -119,7 +119,8 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         "ranks": ranks,
         "forward_tokens_per_round_per_rank": rank_tokens_per_round,  # the busiest rank's
         "masks_per_round_per_rank": rank_masks,
-        "reconstruction": {"mode": profile.reconstruct, "repairs": repairs if profile.reconstruct != "none" else 0,
+        "reconstruction": {"mode": profile.reconstruct, "target": profile.reconstruct_target,
+                           "repairs": repairs if profile.reconstruct != "none" else 0,
                            "forward_tokens": repair_tokens, "tflops": repair_flops / 1e12},
         "compute_dtype": dtype_name,
         "matmul_gflops_by_dtype": rates,

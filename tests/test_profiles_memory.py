@@ -48,6 +48,12 @@ def test_profile_rejects_unknown_keys_and_wrong_types(tmp_path):
         load_profile(bad)
     bad.write_text('prior_scope = "global"\neligible = "global"\n')
     assert load_profile(bad).prior_scope == "global"
+    bad.write_text('reconstruct_target = "output"\n')
+    with pytest.raises(UserError, match="reconstruct_target must be layer, dense or stream"):
+        load_profile(bad)
+    bad.write_text('reconstruct_target = "stream"\nreconstruct_sequential = false\n')
+    with pytest.raises(UserError, match='reconstruct_target = "stream" needs reconstruct_sequential = true'):
+        load_profile(bad)
 
 
 def test_planner_fits_13b_in_16gb_and_refuses_a_budget_that_cannot_work():
