@@ -93,6 +93,8 @@ class Profile:
     #                             (the dense model's residual stream after it, so earlier layers' drift
     #                             is corrected too); dense and stream carry the dense model's stream
     #                             beside the pruned one (sequential only)
+    reconstruct_unpruned: bool = False  # with target dense / stream: also refit the o_proj / down_proj
+    #                                     of layers that lost nothing there (all columns)
     reconstruct_in_rounds: bool = False  # also repair the plan after every round but the last, so
     #                                     the next round's prior, masks and selection score the
     #                                     repaired model (the final repair is still refit from the

@@ -142,6 +142,24 @@ def test_explicit_targets_equal_a_refit_on_transformers_activations(tmp_path, ta
     assert rep.target == target and rep.forward_tokens == 4 * tokens.numel()
 
 
+def test_unpruned_projections_are_refit_only_with_an_explicit_target(tmp_path):
+    """Layer 2 of ``_plan`` loses nothing: with target stream and unpruned, its projections are refit
+    too (and fit the dense stream better than they did); with target layer, they are left alone."""
+    make_tiny(tmp_path / "m", "llama-gqa-tied", **TINY)
+    ckpt = Checkpoint(tmp_path / "m")
+    tokens = torch.randint(0, 211, (8, 48), generator=torch.Generator().manual_seed(7))
+    names = {}
+    for target in ("layer", "stream"):
+        rep = reconstruct(ckpt, _plan(ckpt.config), tokens, tmp_path / target, mode="lsq", target=target,
+                          unpruned=True)
+        names[target] = [f.name for f in rep.files]
+        if target == "stream":
+            last = rep.layers[2]
+            assert last["attn_error"][1] < last["attn_error"][0] and last["mlp_error"][1] < last["mlp_error"][0]
+    assert names["layer"] == ["layer-0000.safetensors", "layer-0001.safetensors"]
+    assert names["stream"] == names["layer"] + ["layer-0002.safetensors"]
+
+
 def test_explicit_targets_need_sequential_statistics(tmp_path):
     from lowmem_bonsai.errors import UserError
     from lowmem_bonsai.profiles import load_profile

@@ -27,6 +27,10 @@ all statistics come from one pass of the dense model (one-shot, as FLAP does).
 - ``stream``: the dense model's residual stream after the projection, W z_d + (x_d - x): the
   refit also takes back what the earlier layers' removals moved the stream by.
 
+``unpruned`` (with ``dense`` or ``stream``): the projections that lost nothing are refit too (all
+their columns), so they can take back drift as well; with ``layer`` their target is their own
+output, and they are left alone.
+
 For the last two the fit needs the cross moments C = sum t z+^T (out x in + 1) besides G, and
 
     [W_S' b] = C[:, S+] (G[S+, S+] + lambda I)^-1;   bias: b = (sum t - W_S sum z_S) / tokens.
@@ -73,6 +77,7 @@ def settings_of(profile: Profile) -> dict[str, Any]:
     """:func:`reconstruct`'s settings in ``profile`` (its reconstruct_* keys and how it streams)."""
     return dict(mode=profile.reconstruct, ridge=profile.reconstruct_ridge,
                 sequential=profile.reconstruct_sequential, target=profile.reconstruct_target,
+                unpruned=profile.reconstruct_unpruned,
                 dtype=torch.float32,
                 chunk_tokens=profile.chunk_tokens, prefetch=profile.prefetch)
 
@@ -246,6 +251,7 @@ def reconstruct(
     ridge: float = 1e-3,
     sequential: bool = True,
     target: str = RepairTarget.LAYER,
+    unpruned: bool = False,
     dtype: torch.dtype = torch.float32,
     chunk_tokens: int = 4096,
     prefetch: int = 1,
@@ -285,6 +291,7 @@ def reconstruct(
     mine = ranks.share(s_count)
     x = embed_tokens(ckpt, tokens[mine.start : mine.stop], dtype=dtype)  # (S', T, H): the stream
     xd = x.clone() if target != RepairTarget.LAYER else None  # the dense model's stream, beside it
+    every = unpruned and xd is not None  # refit the projections that lost nothing, too
     lsq = mode == Reconstruct.LSQ
     out_dir = Path(out_dir)
     if write:
@@ -331,13 +338,13 @@ def reconstruct(
             return attention_heads(s, block, cos, sin, eps=eps, attn_mask=attn_mask)  # (rows, T, nq hd)
 
         o_w, o_b, o_cols = w.o, w.o_bias, None  # how the stream advances through o_proj
-        if w.n_heads and len(lp.heads) < w.n_heads:
+        if w.n_heads and (len(lp.heads) < w.n_heads or every):
             m = moments(w.o)
             for c in chunks():
                 m.add(heads_of(x[c]), None if xd is None else goal(c, heads_of(xd[c]), w.o))
             o_w, o_b, o_cols = repair("o", "attn_error", w.o, w.o_bias, m, head_cols) or (o_w, o_b, o_cols)
         d_w, d_b, d_cols = w.down, w.down_bias, None
-        needs_mlp = len(lp.channels) < w.n_channels
+        needs_mlp = len(lp.channels) < w.n_channels or every
         m = moments(w.down) if needs_mlp else None
         for c in chunks():  # advance through attention; gather the MLP input's moments
             if w.n_heads:
