@@ -13,7 +13,8 @@ written after every run.
         --json tools/results/memory_bound.json
 
 A prune uses a small profile so that it finishes in minutes (4 masks x 2 x 64 tokens, 10 % in one
-round; the 13B shape also with reconstruct = "lsq" over 8 x 128 tokens). The checkpoints get a
+round; the 13B shape also with reconstruct = "lsq" over 8 x 128 tokens, and with the stream target
+over 64 x 256 tokens). The checkpoints get a
 byte-level BPE tokenizer (make_checkpoint.py --bpe), which export-gguf can convert.
 """
 
@@ -38,8 +39,9 @@ seq_len = 64
 prune_frac = 0.1
 memory_gb = 16.0
 reconstruct = "{reconstruct}"
-reconstruct_seqs = 8
-reconstruct_seq_len = 128
+reconstruct_seqs = {seqs}
+reconstruct_seq_len = {seq_len}
+reconstruct_target = "{target}"
 """
 # (checkpoint, make_checkpoint shape, layers or None for the real depth)
 MODELS = {
@@ -61,6 +63,8 @@ RUNS = [
     ("llama2-7b-x2", "export-gguf", "2G", ""), ("llama2-7b-x2", "import-gguf", "2G", ""),
     ("llama2-13b-x2", "prune", "6G", "none"), ("llama2-13b-x2", "prune", "8G", "none"),
     ("llama2-13b-x2", "prune", "16G", "lsq"),
+    # the dense model's stream beside the pruned one and the cross moments: 64 x 256 tokens
+    ("llama2-13b-x2", "prune", "16G", "lsq-stream"),
     ("llama2-13b-x2", "eval", "6G", ""), ("llama2-13b-x2", "eval", "8G", ""),
     ("llama2-13b-x2", "export-gguf", "2G", ""), ("llama2-13b-x2", "import-gguf", "2G", ""),
     ("llama2-13b-x2", "export-gguf:q8_0", "2G", ""), ("llama2-13b-x2", "export-gguf:q4_k_m", "2G", ""),
@@ -83,7 +87,9 @@ def command(model: Path, cmd: str, cap: str, reconstruct: str, scratch: Path) ->
     gguf = scratch / "out" / f"{model.name}.gguf"
     if cmd == "prune":
         profile = scratch / f"bench-{reconstruct}.toml"
-        profile.write_text(PROFILE.format(reconstruct=reconstruct))
+        mode, _, target = reconstruct.partition("-")  # lsq-stream: reconstruct_target = "stream"
+        seqs, seq_len = (64, 256) if target else (8, 128)
+        profile.write_text(PROFILE.format(reconstruct=mode, target=target or "layer", seqs=seqs, seq_len=seq_len))
         args = [str(model), "--profile", str(profile), "--sparsity", "0.1", "--memory", cap]
         est = subprocess.run([*CLI, "estimate", *args, "--json"], check=True, capture_output=True, text=True)
         planned = json.loads(est.stdout)["memory"]["total_gb"]
