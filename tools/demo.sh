@@ -27,18 +27,18 @@ step() {  # step NAME COMMAND...: run it, echo it, and note its wall time in tim
 }
 
 step import lowmem-bonsai import-gguf "$GGUF" --out "$OUT/smollm2" --force
-# calibration uses the first 4 windows of 128 tokens (the masks) and the first 64 of 256 (the lsq
-# repair); evaluation skips 64 windows of 256 tokens, past both
-step eval-dense lowmem-bonsai eval "$OUT/smollm2" --data "$DATA" --seq-len 256 --skip 64 --max-seqs 16 \
+# calibration uses the first 128 windows of 128 tokens (the masks and the prior pass) and the first
+# 512 of 256 (the lsq repair); evaluation skips 512 windows of 256 tokens, past both
+step eval-dense lowmem-bonsai eval "$OUT/smollm2" --data "$DATA" --seq-len 256 --skip 512 --max-seqs 16 \
   --json "$OUT/eval-dense.json"
 step estimate lowmem-bonsai estimate "$OUT/smollm2" --profile quick --sparsity 0.2
 step prune lowmem-bonsai prune "$OUT/smollm2" --out "$OUT/smollm2-bonsai-20" --sparsity 0.2 --profile quick \
   --calib "$DATA" --force
-step eval-pruned lowmem-bonsai eval "$OUT/smollm2-bonsai-20" --data "$DATA" --seq-len 256 --skip 64 --max-seqs 16 \
+step eval-pruned lowmem-bonsai eval "$OUT/smollm2-bonsai-20" --data "$DATA" --seq-len 256 --skip 512 --max-seqs 16 \
   --json "$OUT/eval-bonsai-20.json"
 PRUNED_GGUF="$OUT/smollm2-bonsai-20.$TYPE.gguf"
 step export lowmem-bonsai export-gguf "$OUT/smollm2-bonsai-20" --out "$PRUNED_GGUF" --type "$TYPE" --force
-step eval-gguf lowmem-bonsai eval "$PRUNED_GGUF" --data "$DATA" --seq-len 256 --skip 64 \
+step eval-gguf lowmem-bonsai eval "$PRUNED_GGUF" --data "$DATA" --seq-len 256 --skip 512 \
   --max-seqs 16 --json "$OUT/eval-bonsai-20-gguf.json"
 # llama.cpp speed of the dense and the pruned model, both exported as TYPE (one thread, medians of 3)
 rm -rf "$OUT/speed"
