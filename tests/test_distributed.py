@@ -32,6 +32,9 @@ prune_frac = 0.1
 align = 8
 threads = 1
 dist_timeout_s = {TIMEOUT_S}.0
+# pinned: "auto" picks the dtype by a short matmul probe in each process, and on a loaded machine
+# one process may pick bfloat16 while another picks float32 (a different plan)
+compute_dtype = "float32"
 """
 
 
