@@ -88,7 +88,8 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
                     + cross * cfg.hidden_size * (s.num_attention_heads * cfg.head_dim + s.intermediate_size + 2)
                     for s in cfg.layers)
         solves = sum((s.num_attention_heads * cfg.head_dim) ** 3 + s.intermediate_size ** 3 for s in cfg.layers)
-        repair_flops = repair_tokens * 2 * total + repair_tokens * grams + solves
+        calib_tokens = profile.reconstruct_seqs * profile.reconstruct_seq_len  # each adds to the moments once
+        repair_flops = repair_tokens * 2 * total + 2 * calib_tokens * grams + solves
         rank_repair_flops = math.ceil(profile.reconstruct_seqs / ranks) * (repair_flops - solves) \
             / profile.reconstruct_seqs + solves
         repair_tokens, repair_flops, rank_repair_flops = (repairs * x for x in (
