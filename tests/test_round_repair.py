@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from lowmem_bonsai.cli import app
 from lowmem_bonsai.engine.forward import streamed_nll
 from lowmem_bonsai.errors import UserError
-from lowmem_bonsai.method.reconstruct import reconstruct
+from lowmem_bonsai.method.reconstruct import passes, reconstruct, settings_of
 from lowmem_bonsai.model.checkpoint import Checkpoint
 from lowmem_bonsai.model.plan import Plan
 from lowmem_bonsai.pipeline import calibration_sets, prune_model, write_checkpoint
@@ -78,7 +78,7 @@ def test_rounds_after_the_first_score_the_repaired_plan(setup, runs):
     src = Checkpoint(model_dir)
     tokens, repair_tokens = calibration_sets(model_dir, text, _profile(True))
     plan1 = Plan.load(first_dir / "plan.json")
-    rep = reconstruct(src, plan1, repair_tokens, first_dir.parent / "check-repair", mode="lsq")
+    rep = reconstruct(src, plan1, repair_tokens, first_dir.parent / "check-repair", **settings_of(_profile(True)))
     nll = streamed_nll(src.with_overlay(rep.files), tokens, plan=plan1)
     want = float(nll.sum()) / (tokens.shape[0] * (tokens.shape[1] - 1))
     assert on["rounds"][1]["calib_loss"] == pytest.approx(want, rel=1e-6)
@@ -86,9 +86,9 @@ def test_rounds_after_the_first_score_the_repaired_plan(setup, runs):
     assert off["rounds"][1]["calib_loss"] == pytest.approx(unrepaired, rel=1e-6)
     assert abs(want - unrepaired) > 1e-5 * abs(want)  # the tolerance above tells the two apart
 
-    # The repairs between the rounds count in the forward tokens: two passes of the repair's windows.
+    # The repairs between the rounds count in the forward tokens: the passes over the repair's windows.
     scored = tokens.numel() + 8 * tokens[:4].numel()  # the prior pass's windows, then 8 masks on the first 4
-    assert [r["repair_tokens"] for r in on["rounds"]] == [0] + [2 * repair_tokens.numel()] * (len(on["rounds"]) - 1)
+    assert [r["repair_tokens"] for r in on["rounds"]] == [0] + [passes(_profile(True).reconstruct_target) * repair_tokens.numel()] * (len(on["rounds"]) - 1)
     assert [r["forward_tokens"] for r in on["rounds"]] == [scored + r["repair_tokens"] for r in on["rounds"]]
     assert on["forward_tokens"] == sum(r["forward_tokens"] for r in on["rounds"]) > off["forward_tokens"]
     assert on["forward_tokens_per_rank"] == [on["forward_tokens"]]
@@ -102,7 +102,7 @@ def test_the_final_repair_is_refit_from_the_source(setup, runs, tmp_path):
     plan = Plan.load(on_dir / "plan.json")
     assert plan.layers != Plan.load(runs["off"][0] / "plan.json").layers  # the key chose other units
     _, repair_tokens = calibration_sets(model_dir, text, _profile(True))
-    rep = reconstruct(src, plan, repair_tokens, tmp_path / "repair", mode="lsq")
+    rep = reconstruct(src, plan, repair_tokens, tmp_path / "repair", **settings_of(_profile(True)))
     out = tmp_path / "o"
     out.mkdir()
     write_checkpoint(src.with_overlay(rep.files), plan, out, model_dir=model_dir, profile=_profile(True))
@@ -210,5 +210,6 @@ def test_estimate_counts_a_repair_before_every_round_after_the_first(setup, tmp_
     on = estimate(model_dir=model_dir, profile=_profile(True), sparsity=0.3, measure_seconds=0.01)
     assert off["rounds"] == on["rounds"] == 3
     assert (off["reconstruction"]["repairs"], on["reconstruction"]["repairs"]) == (1, 3)
-    assert on["reconstruction"]["forward_tokens"] == 3 * off["reconstruction"]["forward_tokens"] == 3 * 2 * 8 * 32
+    each = passes(_profile(False).reconstruct_target) * 8 * 32  # 8 windows of 32 tokens
+    assert on["reconstruction"]["forward_tokens"] == 3 * off["reconstruction"]["forward_tokens"] == 3 * each
     assert on["forward_tflops_total"] > off["forward_tflops_total"]
