@@ -174,7 +174,7 @@ def test_a_repair_between_the_rounds_is_the_same_on_every_rank(tmp_path, job, mo
     # float32: the ranks' other order of summing the moments moves the repair by rounding, and the
     # losses of the model it repairs by fp32's rounding, not by a measured dtype's (fp16 here)
     profile.write_text(PROFILE + 'reconstruct = "lsq"\nreconstruct_seqs = 8\nreconstruct_seq_len = 32\n'
-                       'reconstruct_in_rounds = true\ncompute_dtype = "float32"\n')
+                       'reconstruct_in_rounds = true\n')  # PROFILE pins compute_dtype
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setenv("TMPDIR", str(scratch))  # where rank 1 keeps its copy
