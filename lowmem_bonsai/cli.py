@@ -68,6 +68,12 @@ def _dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def _repair_tokens(report: dict) -> str:
+    """ and the final repair's forward tokens, where the prune repaired what is left"""
+    repair = report.get("reconstruction")
+    return f" (+{repair['forward_tokens']:,} in the repair)" if repair else ""
+
+
 def _budgeted(prof: Profile, memory: str | None):
     """The profile with memory_gb set to the budget this run plans for, and that budget."""
     budget = memory_budget(profile_gb=prof.memory_gb, profile_name=prof.name, memory=memory)
@@ -376,7 +382,7 @@ def prune_cmd(
         f"pruned {report['params_before']:,} -> {report['params_after']:,} block parameters "
         f"(sparsity {report['achieved_sparsity']:.3f}) in {len(report['rounds'])} "
         f"round{'' if len(report['rounds']) == 1 else 's'}, "
-        f"{report['forward_tokens']:,} forward tokens, {report['seconds']:.0f} s -> {out}"
+        f"{report['forward_tokens']:,} forward tokens{_repair_tokens(report)}, {report['seconds']:.0f} s -> {out}"
     )
     last = report["rounds"][-1] if report["rounds"] else None
     if last and last["params_after"] == last["params_before"]:

@@ -39,7 +39,9 @@ def summary(out: Path) -> str:
         f"  {'pruned, ' + d['type'].upper() + ' GGUF in llama.cpp':<30} {gguf['perplexity']:8.2f}",
         f"prune: {report['achieved_sparsity']:.1%} of the block parameters removed "
         f"({report['params_before']:,} -> {report['params_after']:,}) in {rounds} "
-        f"round{'' if rounds == 1 else 's'}, {report['forward_tokens']:,} forward tokens, "
+        f"round{'' if rounds == 1 else 's'}, {report['forward_tokens']:,} forward tokens"
+        + (f" + {report['reconstruction']['forward_tokens']:,} in the repair" if report.get("reconstruction") else "")
+        + ", "
         f"{report['seconds']:.0f} s",
         f"llama.cpp, {d['type'].upper()}, {d['threads']} thread{'' if d['threads'] == 1 else 's'}, "
         f"median of {d['repeats']} (prompt of 256 tokens, then 64 generated):",
