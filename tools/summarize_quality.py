@@ -57,10 +57,12 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     methods = sorted({s["method"] for s in summary})
     markers = dict(zip(sorted({s["sparsity"] for s in summary}), "osD^v"))
-    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    # tab10's colours repeat after ten methods; tab20 tells up to twenty apart
+    palette = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    colors = {m: palette(i % palette.N) for i, m in enumerate(methods)}
     for s in summary:
         ax.errorbar(s["forward_tokens"], s["perplexity_mean"], fmt=markers[s["sparsity"]], color=colors[s["method"]],
                     yerr=[[s["perplexity_mean"] - s["perplexity_min"]], [s["perplexity_max"] - s["perplexity_mean"]]])
