@@ -26,34 +26,28 @@ def test_every_shipped_profile_parses_and_starts_with_its_command():
         assert (PROFILE_DIR / f"{name}.toml").read_text().startswith("# lowmem-bonsai ")
 
 
+REFUSED = [  # (profile text, words of the refusal)
+    ('mask_per_round = 8\n', "unknown key 'mask_per_round'"),
+    ('masks_per_round = "many"\n', "should be a int"),
+    ('masks_per_round = 7\n', "even"),
+    ('eligible = "everything"\n', "eligible must be module or global"),
+    ('mask_fill = "median"\n', "mask_fill must be zero or mean"),
+    # the ranking prior_scope reads comes with eligible = "global"
+    ('prior_scope = "global"\n', 'prior_scope = "global" needs eligible = "global"'),
+    ('reconstruct_target = "output"\n', "reconstruct_target must be layer, dense or stream"),
+    ('reconstruct_target = "stream"\nreconstruct_sequential = false\n',
+     'reconstruct_target = "stream" needs reconstruct_sequential = true'),
+]
+
+
 def test_profile_rejects_unknown_keys_and_wrong_types(tmp_path):
     bad = tmp_path / "bad.toml"
-    bad.write_text('mask_per_round = 8\n')
-    with pytest.raises(UserError, match="unknown key 'mask_per_round'"):
-        load_profile(bad)
-    bad.write_text('masks_per_round = "many"\n')
-    with pytest.raises(UserError, match="should be a int"):
-        load_profile(bad)
-    bad.write_text('masks_per_round = 7\n')
-    with pytest.raises(UserError, match="even"):
-        load_profile(bad)
-    bad.write_text('eligible = "everything"\n')
-    with pytest.raises(UserError, match="eligible must be module or global"):
-        load_profile(bad)
-    bad.write_text('mask_fill = "median"\n')
-    with pytest.raises(UserError, match="mask_fill must be zero or mean"):
-        load_profile(bad)
-    bad.write_text('prior_scope = "global"\n')  # the ranking it reads comes with eligible = "global"
-    with pytest.raises(UserError, match='prior_scope = "global" needs eligible = "global"'):
-        load_profile(bad)
+    for text, words in REFUSED:
+        bad.write_text(text)
+        with pytest.raises(UserError, match=words):
+            load_profile(bad)
     bad.write_text('prior_scope = "global"\neligible = "global"\n')
     assert load_profile(bad).prior_scope == "global"
-    bad.write_text('reconstruct_target = "output"\n')
-    with pytest.raises(UserError, match="reconstruct_target must be layer, dense or stream"):
-        load_profile(bad)
-    bad.write_text('reconstruct_target = "stream"\nreconstruct_sequential = false\n')
-    with pytest.raises(UserError, match='reconstruct_target = "stream" needs reconstruct_sequential = true'):
-        load_profile(bad)
 
 
 def test_planner_fits_13b_in_16gb_and_refuses_a_budget_that_cannot_work():

@@ -323,11 +323,9 @@ def reconstruct(
             info[error_key] = (r.error_before, r.error_after)
             return (r.weight.to(dtype), bias.to(dtype), keep) if sequential else None
 
-        def goal(c: slice, z_dense: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-            """An explicit target (``target`` dense / stream) for a projection whose input in the
-            dense model is ``z_dense`` on windows ``c``; None for ``layer``."""
-            if xd is None:
-                return None
+        def goal(c: slice, z_dense: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            """The explicit target (``target`` dense / stream) of a projection whose input in the
+            dense model is ``z_dense`` on windows ``c``."""
             t = F.linear(z_dense, weight)  # (rows, T, out)
             return t + (xd[c] - x[c]) if target == RepairTarget.STREAM else t
 

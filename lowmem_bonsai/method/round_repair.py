@@ -55,7 +55,8 @@ class RoundRepairs:
 
     def __call__(self, number: int, plan: Plan) -> Repaired:
         finished = number - 1
-        cost = passes(self.profile.reconstruct_target) * self.tokens.numel()  # as the final repair's report
+        per_token = passes(self.profile.reconstruct_target)
+        cost = per_token * self.tokens.numel()  # as the final repair's report
         if self.ranks.world == 1:
             folder = folder_of(self.work, finished)
             files = self._finished(folder, plan)
@@ -78,7 +79,7 @@ class RoundRepairs:
         if self.ranks.main:
             write_json_atomic(folder / DONE, {"round": finished, "layers": plan.to_json()["layers"],
                                               "files": [p.name for p in rep.files]})
-        computed = passes(self.profile.reconstruct_target) * len(self.ranks.share(self.tokens.shape[0])) * self.tokens.shape[1]
+        computed = per_token * len(self.ranks.share(self.tokens.shape[0])) * self.tokens.shape[1]
         return Repaired(self.source.with_overlay(rep.files), cost, computed)
 
     def _finished(self, folder: Path, plan: Plan) -> list[Path] | None:
