@@ -139,7 +139,35 @@ def test_explicit_targets_equal_a_refit_on_transformers_activations(tmp_path, ta
     torch.testing.assert_close(fixed.get(pre + "mlp.down_proj.weight").double()[:, keep], sol[:, :-1],
                                rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fixed.get(pre + "mlp.down_proj.bias").double(), sol[:, -1], rtol=1e-4, atol=1e-5)
-    assert rep.target == target and rep.forward_tokens == 4 * tokens.numel()
+    assert rep.target == target and rep.forward_tokens == 3 * tokens.numel()
+
+
+@pytest.mark.parametrize("target", ["layer", "stream"])
+def test_forward_tokens_count_the_blocks_work(tmp_path, monkeypatch, target):
+    """The report's forward tokens are what the repair runs through the blocks: per layer, the
+    tokens through attention and through the MLP. Layer 0 of ``_plan`` refits both projections, so
+    it reaches the stated count (the pruned stream twice, the dense stream once with an explicit
+    target); layers that refit less stay under it."""
+    import lowmem_bonsai.method.reconstruct as rec
+
+    make_tiny(tmp_path / "m", "llama-gqa-tied", **TINY)
+    ckpt = Checkpoint(tmp_path / "m")
+    seen: dict[tuple[str, int], int] = {}
+
+    def counting(name, fn):
+        def run(x, block, *args, **kwargs):
+            seen[name, block.layer] = seen.get((name, block.layer), 0) + x.shape[0] * x.shape[1]
+            return fn(x, block, *args, **kwargs)
+        return run
+
+    monkeypatch.setattr(rec, "attention_heads", counting("attention", rec.attention_heads))
+    monkeypatch.setattr(rec, "mlp_channels", counting("mlp", rec.mlp_channels))
+    tokens = torch.randint(0, 211, (8, 48), generator=torch.Generator().manual_seed(6))
+    rep = reconstruct(ckpt, _plan(ckpt.config), tokens, tmp_path / "repair", mode="lsq", target=target,
+                      chunk_tokens=96)
+    assert rep.forward_tokens == (2 if target == "layer" else 3) * tokens.numel()
+    assert seen["attention", 0] == seen["mlp", 0] == rep.forward_tokens
+    assert all(n <= rep.forward_tokens for n in seen.values()) and len(seen) == 6
 
 
 def test_unpruned_projections_are_refit_only_with_an_explicit_target(tmp_path):

@@ -232,13 +232,14 @@ class RepairReport:
 
     @property
     def forward_tokens(self) -> int:
-        """Tokens through the blocks: two passes of the pruned stream, two more of the dense one."""
+        """Tokens through the blocks: two passes of the pruned stream (moments, then advance), and
+        with an explicit target one more of the dense stream."""
         return passes(self.target) * self.tokens
 
 
 def passes(target: str) -> int:
     """How many times a reconstruction runs each calibration token through the blocks."""
-    return 2 if target == RepairTarget.LAYER else 4
+    return 2 if target == RepairTarget.LAYER else 3
 
 
 def reconstruct(
@@ -335,11 +336,20 @@ def reconstruct(
         def heads_of(s: torch.Tensor, block=w) -> torch.Tensor:
             return attention_heads(s, block, cos, sin, eps=eps, attn_mask=attn_mask)  # (rows, T, nq hd)
 
+        # The dense stream (xd) goes through each block once: it advances where its target is
+        # computed, or beside the pruned stream's own advance where that projection is not refit.
         o_w, o_b, o_cols = w.o, w.o_bias, None  # how the stream advances through o_proj
+        dense_attn = dense_mlp = xd is None  # whether xd has gone through the attention / the MLP
         if w.n_heads and (len(lp.heads) < w.n_heads or every):
             m = moments(w.o)
             for c in chunks():
-                m.add(heads_of(x[c]), None if xd is None else goal(c, heads_of(xd[c]), w.o))
+                if xd is None:
+                    m.add(heads_of(x[c]))
+                    continue
+                zd = heads_of(xd[c])
+                m.add(heads_of(x[c]), goal(c, zd, w.o))
+                xd[c] += F.linear(zd, w.o, w.o_bias)
+            dense_attn = True
             o_w, o_b, o_cols = repair("o", "attn_error", w.o, w.o_bias, m, head_cols) or (o_w, o_b, o_cols)
         d_w, d_b, d_cols = w.down, w.down_bias, None
         needs_mlp = len(lp.channels) < w.n_channels or every
@@ -348,17 +358,23 @@ def reconstruct(
             if w.n_heads:
                 y = heads_of(x[c])
                 x[c] += F.linear(y if o_cols is None else y[..., o_cols], o_w, o_b)
-                if xd is not None:
+                if not dense_attn:
                     xd[c] += F.linear(heads_of(xd[c]), w.o, w.o_bias)
-            if m is not None:
-                m.add(mlp_channels(x[c], w, eps=eps),
-                      None if xd is None else goal(c, mlp_channels(xd[c], w, eps=eps), w.down))
+            if m is None:
+                continue
+            if xd is None:
+                m.add(mlp_channels(x[c], w, eps=eps))
+                continue
+            zd = mlp_channels(xd[c], w, eps=eps)
+            m.add(mlp_channels(x[c], w, eps=eps), goal(c, zd, w.down))
+            xd[c] += F.linear(zd, w.down, w.down_bias)
+        dense_mlp = dense_mlp or m is not None
         if m is not None:
             d_w, d_b, d_cols = repair("down", "mlp_error", w.down, w.down_bias, m, chans) or (d_w, d_b, d_cols)
         for c in chunks():  # advance through the MLP
             act = mlp_channels(x[c], w, eps=eps)  # (rows, T, F)
             x[c] += F.linear(act if d_cols is None else act[..., d_cols], d_w, d_b)
-            if xd is not None:
+            if not dense_mlp:
                 xd[c] += F.linear(mlp_channels(xd[c], w, eps=eps), w.down, w.down_bias)
         if repaired and write:
             like = ckpt.get(ckpt.name("o", w.layer), rows=slice(0, 1)).dtype  # the source's dtype
