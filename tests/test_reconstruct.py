@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -258,6 +260,9 @@ def test_sequential_lsq_brings_the_pruned_model_closest_to_dense(tmp_path):
     for mode, seq in (("bias", False), ("lsq", False), ("lsq", True)):
         rep = reconstruct(ckpt, plan, calib, tmp_path / f"r-{mode}-{seq}", mode=mode, sequential=seq)
         gaps[f"{mode}-{seq}"] = gap(ckpt.with_overlay(rep.files))
+        json.dumps(rep.layers, allow_nan=False)  # the report stays strict JSON
+        if mode == "bias":  # no Gram matrix: no error measured
+            assert all(info.get(k, None) is None for info in rep.layers for k in ("attn_error", "mlp_error"))
         if mode == "lsq":
             for info in rep.layers:
                 for key in ("attn_error", "mlp_error"):

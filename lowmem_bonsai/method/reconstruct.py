@@ -321,7 +321,8 @@ def reconstruct(
             full = torch.zeros(weight.shape, dtype=r.weight.dtype)
             full[:, keep] = r.weight
             repaired[key], repaired[f"{key}_bias"] = full, bias
-            info[error_key] = (r.error_before, r.error_after)
+            # bias without a Gram matrix measures no error: None (the report is strict JSON)
+            info[error_key] = (r.error_before, r.error_after) if r.error_before == r.error_before else None
             return (r.weight.to(dtype), bias.to(dtype), keep) if sequential else None
 
         def goal(c: slice, z_dense: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -383,9 +384,9 @@ def reconstruct(
             write_bytes_atomic(path, save(store))
             files.append(path)
         layers.append(info)
-        log.info("reconstruction layer %d: %s", w.layer,
-                 ", ".join(f"{k} {a:.4f} -> {b:.4f}" for k, (a, b) in
-                           ((k, v) for k, v in info.items() if k != "layer")) or "nothing removed")
+        log.info("reconstruction layer %d: %s", w.layer, ", ".join(
+            f"{k} {v[0]:.4f} -> {v[1]:.4f}" if v else f"{k.split('_')[0]} bias only (no error measured)"
+            for k, v in info.items() if k != "layer") or "nothing removed")
         if on_block is not None:
             on_block(w.layer)
         del w
