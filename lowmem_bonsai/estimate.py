@@ -80,9 +80,11 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
     # the final repair, and with reconstruct_in_rounds one more before every round after the first
     repairs = 1 + (rounds - 1 if profile.reconstruct_in_rounds else 0)
     if profile.reconstruct != "none":
-        # two passes of the blocks (four with the dense model's stream beside), the Gram matrices of
-        # both projections' inputs (and the cross moments with an explicit target), one solve each
-        repair_tokens = passes(profile.reconstruct_target) * profile.reconstruct_seqs * profile.reconstruct_seq_len
+        # the passes of the blocks (one one-shot, two sequential, three with the dense model's stream
+        # beside), the Gram matrices of both projections' inputs (and the cross moments with an
+        # explicit target), one solve each
+        repair_tokens = (passes(profile.reconstruct_target, profile.reconstruct_sequential)
+                         * profile.reconstruct_seqs * profile.reconstruct_seq_len)
         cross = profile.reconstruct_target != RepairTarget.LAYER
         grams = sum((s.num_attention_heads * cfg.head_dim + 1) ** 2 + (s.intermediate_size + 1) ** 2
                     + cross * cfg.hidden_size * (s.num_attention_heads * cfg.head_dim + s.intermediate_size + 2)

@@ -144,12 +144,12 @@ def test_explicit_targets_equal_a_refit_on_transformers_activations(tmp_path, ta
     assert rep.target == target and rep.forward_tokens == 3 * tokens.numel()
 
 
-@pytest.mark.parametrize("target", ["layer", "stream"])
-def test_forward_tokens_count_the_blocks_work(tmp_path, monkeypatch, target):
+@pytest.mark.parametrize("target, sequential, passes", [("layer", True, 2), ("stream", True, 3), ("layer", False, 1)])
+def test_forward_tokens_count_the_blocks_work(tmp_path, monkeypatch, target, sequential, passes):
     """The report's forward tokens are what the repair runs through the blocks: per layer, the
     tokens through attention and through the MLP. Layer 0 of ``_plan`` refits both projections, so
-    it reaches the stated count (the pruned stream twice, the dense stream once with an explicit
-    target); layers that refit less stay under it."""
+    it reaches the stated count (sequential: the pruned stream twice, the dense stream once more
+    with an explicit target; one-shot: the dense stream once); layers that refit less stay under it."""
     import lowmem_bonsai.method.reconstruct as rec
 
     make_tiny(tmp_path / "m", "llama-gqa-tied", **TINY)
@@ -166,8 +166,8 @@ def test_forward_tokens_count_the_blocks_work(tmp_path, monkeypatch, target):
     monkeypatch.setattr(rec, "mlp_channels", counting("mlp", rec.mlp_channels))
     tokens = torch.randint(0, 211, (8, 48), generator=torch.Generator().manual_seed(6))
     rep = reconstruct(ckpt, _plan(ckpt.config), tokens, tmp_path / "repair", mode="lsq", target=target,
-                      chunk_tokens=96)
-    assert rep.forward_tokens == (2 if target == "layer" else 3) * tokens.numel()
+                      sequential=sequential, chunk_tokens=96)
+    assert rep.forward_tokens == passes * tokens.numel()
     assert seen["attention", 0] == seen["mlp", 0] == rep.forward_tokens
     assert all(n <= rep.forward_tokens for n in seen.values()) and len(seen) == 6
 

@@ -232,13 +232,17 @@ class RepairReport:
 
     @property
     def forward_tokens(self) -> int:
-        """Tokens through the blocks: two passes of the pruned stream (moments, then advance), and
-        with an explicit target one more of the dense stream."""
-        return passes(self.target) * self.tokens
+        """Tokens through the blocks (:func:`passes`)."""
+        return passes(self.target, self.sequential) * self.tokens
 
 
-def passes(target: str) -> int:
-    """How many times a reconstruction runs each calibration token through the blocks."""
+def passes(target: str, sequential: bool = True) -> int:
+    """How many times a reconstruction runs each calibration token through the blocks: one-shot,
+    once (the dense stream's moments and its advance share the block's work); sequential, twice (the
+    moments, then the advance through the repaired projection); with an explicit target, once more
+    for the dense stream beside."""
+    if not sequential:
+        return 1
     return 2 if target == RepairTarget.LAYER else 3
 
 
@@ -339,24 +343,29 @@ def reconstruct(
 
         # The dense stream (xd) goes through each block once: it advances where its target is
         # computed, or beside the pruned stream's own advance where that projection is not refit.
+        # One-shot, the stream x is the dense model's: it advances where its moments are gathered.
         o_w, o_b, o_cols = w.o, w.o_bias, None  # how the stream advances through o_proj
         dense_attn = dense_mlp = xd is None  # whether xd has gone through the attention / the MLP
+        attn_done = mlp_done = False  # whether x has (one-shot)
         if w.n_heads and (len(lp.heads) < w.n_heads or every):
             m = moments(w.o)
             for c in chunks():
                 if xd is None:
-                    m.add(heads_of(x[c]))
+                    y = heads_of(x[c])
+                    m.add(y)
+                    if not sequential:
+                        x[c] += F.linear(y, w.o, w.o_bias)
                     continue
                 zd = heads_of(xd[c])
                 m.add(heads_of(x[c]), goal(c, zd, w.o))
                 xd[c] += F.linear(zd, w.o, w.o_bias)
-            dense_attn = True
+            dense_attn, attn_done = True, not sequential
             o_w, o_b, o_cols = repair("o", "attn_error", w.o, w.o_bias, m, head_cols) or (o_w, o_b, o_cols)
         d_w, d_b, d_cols = w.down, w.down_bias, None
         needs_mlp = len(lp.channels) < w.n_channels or every
         m = moments(w.down) if needs_mlp else None
         for c in chunks():  # advance through attention; gather the MLP input's moments
-            if w.n_heads:
+            if w.n_heads and not attn_done:
                 y = heads_of(x[c])
                 x[c] += F.linear(y if o_cols is None else y[..., o_cols], o_w, o_b)
                 if not dense_attn:
@@ -364,15 +373,19 @@ def reconstruct(
             if m is None:
                 continue
             if xd is None:
-                m.add(mlp_channels(x[c], w, eps=eps))
+                act = mlp_channels(x[c], w, eps=eps)
+                m.add(act)
+                if not sequential:
+                    x[c] += F.linear(act, w.down, w.down_bias)
                 continue
             zd = mlp_channels(xd[c], w, eps=eps)
             m.add(mlp_channels(x[c], w, eps=eps), goal(c, zd, w.down))
             xd[c] += F.linear(zd, w.down, w.down_bias)
         dense_mlp = dense_mlp or m is not None
+        mlp_done = m is not None and not sequential
         if m is not None:
             d_w, d_b, d_cols = repair("down", "mlp_error", w.down, w.down_bias, m, chans) or (d_w, d_b, d_cols)
-        for c in chunks():  # advance through the MLP
+        for c in (() if mlp_done else chunks()):  # advance through the MLP
             act = mlp_channels(x[c], w, eps=eps)  # (rows, T, F)
             x[c] += F.linear(act if d_cols is None else act[..., d_cols], d_w, d_b)
             if not dense_mlp:

@@ -55,7 +55,7 @@ class RoundRepairs:
 
     def __call__(self, number: int, plan: Plan) -> Repaired:
         finished = number - 1
-        per_token = passes(self.profile.reconstruct_target)
+        per_token = passes(self.profile.reconstruct_target, self.profile.reconstruct_sequential)
         cost = per_token * self.tokens.numel()  # as the final repair's report
         if self.ranks.world == 1:
             folder = folder_of(self.work, finished)
