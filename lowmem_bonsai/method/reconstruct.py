@@ -88,8 +88,8 @@ class Repair:
 
     weight: torch.Tensor  # (out, |S|)
     bias: torch.Tensor  # (out,)
-    error_before: float  # relative squared output error of plain removal, on the calibration tokens
-    error_after: float  # the same after the repair
+    error_before: float | None  # relative squared output error of plain removal, on the calibration
+    error_after: float | None  # tokens, and the same after the repair; None without a Gram matrix (bias)
 
 
 @dataclass(slots=True)
@@ -208,7 +208,7 @@ def solve(w: torch.Tensor, m: Moments, keep: torch.Tensor, *, mode: str, ridge: 
         weight, bias = x[:, :-1], x[:, -1]
     else:
         raise ValueError(mode)
-    errors = (float("nan"), float("nan"))
+    errors = (None, None)
     if g is not None:
         new = torch.zeros(out, n_in + 1, dtype=w.dtype)
         new[:, keep] = w[:, keep]
@@ -325,8 +325,7 @@ def reconstruct(
             full = torch.zeros(weight.shape, dtype=r.weight.dtype)
             full[:, keep] = r.weight
             repaired[key], repaired[f"{key}_bias"] = full, bias
-            # bias without a Gram matrix measures no error: None (the report is strict JSON)
-            info[error_key] = (r.error_before, r.error_after) if r.error_before == r.error_before else None
+            info[error_key] = None if r.error_before is None else (r.error_before, r.error_after)
             return (r.weight.to(dtype), bias.to(dtype), keep) if sequential else None
 
         def goal(c: slice, z_dense: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -341,55 +340,49 @@ def reconstruct(
         def heads_of(s: torch.Tensor, block=w) -> torch.Tensor:
             return attention_heads(s, block, cos, sin, eps=eps, attn_mask=attn_mask)  # (rows, T, nq hd)
 
-        # The dense stream (xd) goes through each block once: it advances where its target is
-        # computed, or beside the pruned stream's own advance where that projection is not refit.
-        # One-shot, the stream x is the dense model's: it advances where its moments are gathered.
+        def gather(m: Moments, z_of: Callable, weight: torch.Tensor, bias: torch.Tensor | None, c: slice):
+            """Windows ``c``' moments of one projection's input (``z_of``: the sub-block up to it). The
+            stream the repair does not change advances through the projection here, so each block's
+            work is done once for it: the dense stream beside (explicit target), or one-shot the
+            stream itself, which is the dense model's."""
+            if xd is None:
+                z = z_of(x[c])
+                m.add(z)
+                if not sequential:
+                    x[c] += F.linear(z, weight, bias)
+                return
+            zd = z_of(xd[c])
+            m.add(z_of(x[c]), goal(c, zd, weight))
+            xd[c] += F.linear(zd, weight, bias)
+
+        def mlp_of(s: torch.Tensor, block=w) -> torch.Tensor:
+            return mlp_channels(s, block, eps=eps)  # (rows, T, F)
+
         o_w, o_b, o_cols = w.o, w.o_bias, None  # how the stream advances through o_proj
-        dense_attn = dense_mlp = xd is None  # whether xd has gone through the attention / the MLP
-        attn_done = mlp_done = False  # whether x has (one-shot)
-        if w.n_heads and (len(lp.heads) < w.n_heads or every):
+        o_fit = bool(w.n_heads) and (len(lp.heads) < w.n_heads or every)
+        if o_fit:
             m = moments(w.o)
             for c in chunks():
-                if xd is None:
-                    y = heads_of(x[c])
-                    m.add(y)
-                    if not sequential:
-                        x[c] += F.linear(y, w.o, w.o_bias)
-                    continue
-                zd = heads_of(xd[c])
-                m.add(heads_of(x[c]), goal(c, zd, w.o))
-                xd[c] += F.linear(zd, w.o, w.o_bias)
-            dense_attn, attn_done = True, not sequential
+                gather(m, heads_of, w.o, w.o_bias, c)
             o_w, o_b, o_cols = repair("o", "attn_error", w.o, w.o_bias, m, head_cols) or (o_w, o_b, o_cols)
         d_w, d_b, d_cols = w.down, w.down_bias, None
         needs_mlp = len(lp.channels) < w.n_channels or every
         m = moments(w.down) if needs_mlp else None
-        for c in chunks():  # advance through attention; gather the MLP input's moments
-            if w.n_heads and not attn_done:
+        for c in chunks():  # advance through attention (unless gather did); the MLP input's moments
+            if w.n_heads and (sequential or not o_fit):
                 y = heads_of(x[c])
                 x[c] += F.linear(y if o_cols is None else y[..., o_cols], o_w, o_b)
-                if not dense_attn:
+                if xd is not None and not o_fit:
                     xd[c] += F.linear(heads_of(xd[c]), w.o, w.o_bias)
-            if m is None:
-                continue
-            if xd is None:
-                act = mlp_channels(x[c], w, eps=eps)
-                m.add(act)
-                if not sequential:
-                    x[c] += F.linear(act, w.down, w.down_bias)
-                continue
-            zd = mlp_channels(xd[c], w, eps=eps)
-            m.add(mlp_channels(x[c], w, eps=eps), goal(c, zd, w.down))
-            xd[c] += F.linear(zd, w.down, w.down_bias)
-        dense_mlp = dense_mlp or m is not None
-        mlp_done = m is not None and not sequential
+            if m is not None:
+                gather(m, mlp_of, w.down, w.down_bias, c)
         if m is not None:
             d_w, d_b, d_cols = repair("down", "mlp_error", w.down, w.down_bias, m, chans) or (d_w, d_b, d_cols)
-        for c in (() if mlp_done else chunks()):  # advance through the MLP
-            act = mlp_channels(x[c], w, eps=eps)  # (rows, T, F)
+        for c in (chunks() if sequential or m is None else ()):  # advance through the MLP (unless gather did)
+            act = mlp_of(x[c])
             x[c] += F.linear(act if d_cols is None else act[..., d_cols], d_w, d_b)
-            if not dense_mlp:
-                xd[c] += F.linear(mlp_channels(xd[c], w, eps=eps), w.down, w.down_bias)
+            if xd is not None and m is None:
+                xd[c] += F.linear(mlp_of(xd[c]), w.down, w.down_bias)
         if repaired and write:
             like = ckpt.get(ckpt.name("o", w.layer), rows=slice(0, 1)).dtype  # the source's dtype
             store = {ckpt.name(k, w.layer): v.to(like).contiguous() for k, v in repaired.items()}
