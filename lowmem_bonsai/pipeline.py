@@ -409,7 +409,7 @@ def _prune(ckpt: Checkpoint, tokens: torch.Tensor, repair_tokens: torch.Tensor |
             on_repair = (lambda l: progress("repair", l + 1, n_layers)) if progress else None
             repair = repair_plan(ckpt, plan, repair_tokens, work_dir(out_dir) / "repair", profile,
                                  on_block=on_repair, ranks=ranks)
-            weights = ckpt.with_overlay(repair.files)
+            weights, plan = ckpt.with_overlay(repair.files), repair.plan  # (reselect: its channels)
             repair_seconds = time.perf_counter() - t0
         shutil.rmtree(stage, ignore_errors=True)
         stage.mkdir()

@@ -95,6 +95,9 @@ class Profile:
     #                             beside the pruned one (sequential only)
     reconstruct_unpruned: bool = False  # with target dense / stream: also refit the o_proj / down_proj
     #                                     of layers that lost nothing there (all columns)
+    reconstruct_reselect: bool = False  # with lsq: the repair also chooses which MLP channels each
+    #                                     layer keeps (as many as the plan keeps), by greedy structured
+    #                                     OBS on its own moments; heads and widths stay the plan's
     reconstruct_in_rounds: bool = False  # also repair the plan after every round but the last, so
     #                                     the next round's prior, masks and selection score the
     #                                     repaired model (the final repair is still refit from the
@@ -126,6 +129,11 @@ class Profile:
             (self.reconstruct_target == RepairTarget.LAYER or self.reconstruct_sequential,
              f"reconstruct_target = \"{self.reconstruct_target}\" needs reconstruct_sequential = true "
              "(one-shot statistics are the dense model's: its target is the layer's own)"),
+            (self.reconstruct != Reconstruct.BIAS or not self.reconstruct_reselect,
+             "reconstruct_reselect = true needs reconstruct = \"lsq\" (it chooses from the Gram matrix)"),
+            (not (self.reconstruct_reselect and self.reconstruct_in_rounds),
+             "reconstruct_reselect = true does not go with reconstruct_in_rounds = true (the rounds "
+             "would go on from a plan the repair changed; reselect in the final repair only)"),
             (self.reconstruct != Reconstruct.NONE or not self.reconstruct_in_rounds,
              "reconstruct_in_rounds = true needs reconstruct = bias or lsq (the repair it runs "
              "between the rounds)"),

@@ -140,16 +140,19 @@ def test_a_round_of_one_wave_is_shared_by_both_ranks(tmp_path, job):
         assert mine["mask_loss_mean"] == pytest.approx(theirs["mask_loss_mean"], rel=1e-6)
 
 
-def test_reconstruction_shares_its_windows_and_matches_one_process(tmp_path, job):
+@pytest.mark.parametrize("extra", ["", 'reconstruct_target = "stream"\nreconstruct_reselect = true\n'])
+def test_reconstruction_shares_its_windows_and_matches_one_process(tmp_path, job, extra):
     """lsq over 2 ranks: each streams half the windows and the moments are summed before every
     solve, so the repaired weights equal one process's up to the order of the sums (a rank that
-    kept only its own half would solve a different system)."""
+    kept only its own half would solve a different system). With reselect, the ranks choose the
+    channels from the summed moments too: the same plan as one process."""
     from safetensors.torch import load_file
 
     model_dir, _, text, _ = job
     profile = tmp_path / "lsq.toml"
-    profile.write_text(PROFILE + 'reconstruct = "lsq"\nreconstruct_seqs = 8\nreconstruct_seq_len = 32\n')
+    profile.write_text(PROFILE + 'reconstruct = "lsq"\nreconstruct_seqs = 8\nreconstruct_seq_len = 32\n' + extra)
     ref, out = one_process_and_two_ranks(model_dir, profile, text, tmp_path)
+    assert json.loads((out / "plan.json").read_text())["layers"] == json.loads((ref / "plan.json").read_text())["layers"]
     mine, theirs = load_file(out / "model.safetensors"), load_file(ref / "model.safetensors")
     assert mine.keys() == theirs.keys() and "model.layers.0.mlp.down_proj.bias" in mine
     for name, t in theirs.items():  # an fp32 Gram summed in another order, then a ridge solve

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lowmem_bonsai.engine.forward import streamed_nll
-from lowmem_bonsai.method.reconstruct import Moments, reconstruct, solve
+from lowmem_bonsai.method.reconstruct import Moments, greedy_keep, reconstruct, solve
 from lowmem_bonsai.model.checkpoint import Checkpoint
 from lowmem_bonsai.model.plan import LayerPlan, Plan
 
@@ -330,6 +330,66 @@ def test_prune_with_reconstruction_writes_biases_and_a_report(tmp_path, sample_t
     layers = rep["reconstruction"]["layers"]
     assert all(err[1] < err[0] for info in layers for key, err in info.items() if key != "layer")
     assert ppl["lsq"] != ppl["none"]
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_reselection_is_greedy_least_squares_elimination(given):
+    """greedy_keep against brute force: every step drops the input whose removal leaves the
+    smallest ridge least-squares error (each candidate subset refit from scratch), until k stay;
+    for the target W z (given False) or an explicit target (given True)."""
+    g = torch.Generator().manual_seed(3)
+    z = (torch.randn(400, 10, generator=g) @ torch.randn(10, 10, generator=g)).double()  # correlated
+    w = torch.randn(6, 10, generator=g, dtype=torch.float64)
+    t = z @ w.T + (0.5 * torch.randn(400, 6, generator=g, dtype=torch.float64) if given else 0)
+    m = Moments(10, full=True, n_out=6 if given else 0)
+    m.add(z, t if given else None)
+    ridge = 1e-3
+    zp = torch.cat([z, torch.ones(400, 1, dtype=torch.float64)], 1)
+    lam = ridge * zp.square().sum(0)[:-1].mean()
+
+    def error(keep: list[int]) -> float:  # min |t - Z_S+ X|^2 + lam |X_S|^2
+        a = zp[:, keep + [10]]
+        reg = torch.diag(torch.tensor([lam] * len(keep) + [0.0], dtype=torch.float64))
+        x = torch.linalg.solve(a.T @ a + reg, a.T @ t)
+        return float((a @ x - t).square().sum() + lam * x[:-1].square().sum())
+
+    keep = list(range(10))
+    for k in range(9, 3, -1):
+        keep.remove(min(keep, key=lambda j: error([i for i in keep if i != j])))
+        assert greedy_keep(m, w.float(), k, ridge=ridge).tolist() == keep
+
+
+def test_reselect_keeps_the_widths_and_writes_the_plan_it_repaired(tmp_path, sample_text):
+    """A prune with reconstruct_reselect: the plan written has the widths the method chose, its
+    channels are the repair's (the report says how many it exchanged), the tensors written are
+    sliced to those channels, and the MLPs' refit errors are lower than on the method's channels."""
+    from lowmem_bonsai.pipeline import prune_model
+    from lowmem_bonsai.profiles import load_profile
+    from .conftest import write_word_tokenizer
+
+    make_tiny(tmp_path / "m", "llama-gqa-tied", layers=3, intermediate_size=128,
+              num_attention_heads=8, num_key_value_heads=4)
+    write_word_tokenizer(tmp_path / "m", sample_text.read_text())
+    base = load_profile(None).replace(seq_len=32, calib_seqs=4, masks_per_round=8, align=8, prune_frac=0.2,
+                                      reconstruct="lsq", reconstruct_seqs=8, reconstruct_seq_len=32,
+                                      reconstruct_target="stream")
+    reps, plans = {}, {}
+    for reselect in (False, True):
+        out = tmp_path / str(reselect)
+        reps[reselect] = prune_model(model_dir=tmp_path / "m", out_dir=out, sparsity=0.3, calib=sample_text,
+                                     seed=1, method="prior", profile=base.replace(reconstruct_reselect=reselect))
+        plans[reselect] = Plan.load(out / "plan.json")
+    assert plans[True].shapes() == plans[False].shapes()
+    layers = reps[True]["reconstruction"]["layers"]
+    changed = [len(set(a.channels) - set(b.channels)) for a, b in zip(plans[False].layers, plans[True].layers)]
+    assert [info.get("channels_changed", 0) for info in layers] == changed and sum(changed) > 0
+    for before, after in zip(reps[False]["reconstruction"]["layers"], layers):
+        if "mlp_error" in after:
+            assert after["mlp_error"][1] < before["mlp_error"][1]
+    written, source = Checkpoint(tmp_path / "True"), Checkpoint(tmp_path / "m")
+    for layer, lp in enumerate(plans[True].layers):  # gate_proj is not refit: the source's rows of the plan
+        name = f"model.layers.{layer}.mlp.gate_proj.weight"
+        torch.testing.assert_close(written.get(name), source.get(name)[list(lp.channels)], rtol=0, atol=0)
 
 
 def test_transformers_loads_a_repaired_uniform_prune_and_agrees(tmp_path):

@@ -192,7 +192,7 @@ def repair_existing(model: Path, pruned: Path, out: Path, profile, data: Path) -
     out.mkdir(parents=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         rep = repair_plan(ckpt, plan, tokens, Path(tmp), profile)
-        write_checkpoint(ckpt.with_overlay(rep.files), plan, out, model_dir=model, profile=profile)
+        write_checkpoint(ckpt.with_overlay(rep.files), rep.plan, out, model_dir=model, profile=profile)
     return {"mode": rep.mode, "sequential": rep.sequential, "tokens": rep.tokens,
             "forward_tokens": rep.forward_tokens, "ridge": profile.reconstruct_ridge,
             "target": rep.target}

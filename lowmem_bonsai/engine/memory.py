@@ -167,6 +167,9 @@ def repair_bytes(config: ModelConfig, profile: Profile, *, storage_bytes: int = 
     # Above SOLVE_FP64_MAX inputs the solve is fp32 and works in the accumulator: no copy.
     s = 8 if n - 1 <= SOLVE_FP64_MAX else 4
     solve = n * n * (4 + (s if s == 8 else 0) + s) + 3 * h * n * s
+    if profile.reconstruct_reselect:  # greedy_keep, before the solve: the accumulator, its copy
+        # (fp64: the full G; fp32: a copy to regularise), the inverse and the LU's copy; W* (out x in)
+        solve = max(solve, n * n * (4 + 3 * s) + 2 * h * n * s)
     if explicit:  # the cross accumulator (fp32), its copy in the solve's dtype; the chunk's targets
         solve += h * n * (4 + s) + chunk * (2 * h + n) * b
     return int(blocks + stream + activations + solve + RUNTIME_GB * 1024**3)

@@ -37,6 +37,17 @@ For the last two the fit needs the cross moments C = sum t z+^T (out x in + 1) b
 
 With t = W z, C = W G[:in] and both reduce to the formulas above.
 
+``reselect`` (lsq): the repair also chooses which MLP channels a layer keeps, as many as the plan
+keeps there, from the same moments: greedy structured OBS (as ZipLM's structured pruner). From the
+refit on every channel, W* = C A^-1 (A = G + lambda I, the constant unpenalised), channels are
+dropped one at a time, each the one whose removal, the rest refit, raises the error least,
+
+    cost(j) = |W*[:, j]|^2 / (A^-1)[j, j],
+
+and W* and A^-1 are downdated after each (Sherman-Morrison on the inverse). The plan's widths stay
+(the method chose how much each layer loses); the report's plan is the one to write. Heads stay as
+the plan has them.
+
 The repaired tensors are written full-width (removed columns zero) in the source's names, one
 safetensors file per layer, and laid over the source checkpoint (``Checkpoint.with_overlay``):
 the streamer, the shard writer and the GGUF exporter then slice them like any other weight.
@@ -48,6 +59,7 @@ columns) and a bias the target would leave out, so :func:`reconstruct` refuses o
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,7 +89,7 @@ def settings_of(profile: Profile) -> dict[str, Any]:
     """:func:`reconstruct`'s settings in ``profile`` (its reconstruct_* keys and how it streams)."""
     return dict(mode=profile.reconstruct, ridge=profile.reconstruct_ridge,
                 sequential=profile.reconstruct_sequential, target=profile.reconstruct_target,
-                unpruned=profile.reconstruct_unpruned,
+                unpruned=profile.reconstruct_unpruned, reselect=profile.reconstruct_reselect,
                 dtype=torch.float32,
                 chunk_tokens=profile.chunk_tokens, prefetch=profile.prefetch)
 
@@ -106,6 +118,7 @@ class Moments:
     cross: torch.Tensor | None = field(init=False)  # (out, in + 1) sum t z+^T (lsq)
     t_sq: float = 0.0  # sum |t|^2
     tokens: int = 0
+    reduced: bool = False  # summed over the ranks already
 
     def __post_init__(self) -> None:
         self.sums = torch.zeros(self.n_in, dtype=torch.float64)
@@ -131,8 +144,9 @@ class Moments:
 
     def summed(self, ranks: Ranks, *, what: str) -> Moments:
         """Every rank's moments added up (fp64 sums; the Gram matrix back in fp32), on every rank."""
-        if ranks.world == 1:
+        if ranks.world == 1 or self.reduced:
             return self
+        self.reduced = True
         self.sums = ranks.sum(self.sums, what=what)
         if self.gram is not None:
             self.gram = ranks.sum(self.gram, what=what).float()
@@ -154,6 +168,39 @@ class Moments:
         g[-1, :-1] = g[:-1, -1] = self.sums.to(g.dtype)
         g[-1, -1] = self.tokens
         return g
+
+
+def greedy_keep(m: Moments, w: torch.Tensor, k: int, *, ridge: float) -> torch.Tensor:
+    """``reselect``: the ``k`` inputs of ``w`` (out, in) to keep, by greedy elimination (see the
+    module's notes) on the moments ``m`` (target W z, or ``m``'s own). Sorted indices.  (k,)
+
+    lambda is ``ridge`` x the mean diagonal over all inputs, the same for every subset, so each
+    step's cost is exact for the regularised fit. Computes in :func:`solve_dtype`.
+    """
+    n = w.shape[1]
+    g = m.full_gram()  # (in + 1, in + 1)
+    a = g.clone() if g is m.gram else g  # the fp32 accumulator is the later solve's: not changed
+    a.diagonal()[:-1] += ridge * a.diagonal()[:-1].mean().clamp_min(1e-30)
+    inv = torch.linalg.inv(a)  # (in + 1, in + 1)
+    del a, g
+    if m.t_sums is not None:
+        c = m.cross.to(inv.dtype)
+        c[:, -1] = m.t_sums.to(inv.dtype)
+        fit = c @ inv  # W* (out, in + 1)
+        del c
+    else:  # target W z: C = W G, so W* = W G A^-1
+        fit = w.to(inv.dtype) @ m.full_gram()[:n].to(inv.dtype) @ inv
+    alive = torch.ones(n, dtype=torch.bool)
+    for _ in range(n - k):
+        d = inv.diagonal()[:-1]
+        cost = fit[:, :-1].square().sum(0) / d
+        cost[~alive] = float("inf")
+        j = int(cost.argmin())
+        row, col, pivot = inv[j].clone(), inv[:, j].clone(), float(inv[j, j])
+        fit.addr_(fit[:, j].clone(), row, alpha=-1 / pivot)
+        inv.addr_(col, row, alpha=-1 / pivot)
+        alive[j] = False
+    return torch.nonzero(alive).flatten()
 
 
 def solve_dtype(n_in: int) -> torch.dtype:
@@ -229,6 +276,7 @@ class RepairReport:
     layers: list[dict]
     files: list[Path]
     target: str = RepairTarget.LAYER
+    plan: Plan | None = None  # the plan repaired: the given one, or with ``reselect`` its channels
 
     @property
     def forward_tokens(self) -> int:
@@ -257,6 +305,7 @@ def reconstruct(
     sequential: bool = True,
     target: str = RepairTarget.LAYER,
     unpruned: bool = False,
+    reselect: bool = False,
     dtype: torch.dtype = torch.float32,
     chunk_tokens: int = 4096,
     prefetch: int = 1,
@@ -283,6 +332,8 @@ def reconstruct(
         raise ValueError(target)
     if target != RepairTarget.LAYER and not sequential:
         raise ValueError(f"target {target} needs sequential statistics")
+    if reselect and mode != Reconstruct.LSQ:
+        raise ValueError("reselect needs mode lsq (the Gram matrix)")
     if ckpt.overlays:
         raise ValueError(f"reconstruct refits from the source's weights; got {ckpt.dir} with "
                          f"{len(ckpt.overlays)} repaired files laid over it")
@@ -302,6 +353,7 @@ def reconstruct(
     if write:
         out_dir.mkdir(parents=True, exist_ok=True)
     files, layers = [], []
+    kept = list(plan.layers)  # with reselect, the channels the repair chose
 
     def chunks():
         for a in range(0, len(mine), rows):
@@ -377,6 +429,11 @@ def reconstruct(
             if m is not None:
                 gather(m, mlp_of, w.down, w.down_bias, c)
         if m is not None:
+            if reselect and len(lp.channels) < w.n_channels:
+                m = m.summed(ranks, what=f"the reconstruction of layer {w.layer}")
+                chans = greedy_keep(m, w.down, len(lp.channels), ridge=ridge)
+                kept[w.layer] = dataclasses.replace(lp, channels=tuple(chans.tolist()))
+                info["channels_changed"] = len(set(lp.channels) - set(kept[w.layer].channels))
             d_w, d_b, d_cols = repair("down", "mlp_error", w.down, w.down_bias, m, chans) or (d_w, d_b, d_cols)
         for c in (chunks() if sequential or m is None else ()):  # advance through the MLP (unless gather did)
             act = mlp_of(x[c])
@@ -392,8 +449,12 @@ def reconstruct(
         layers.append(info)
         log.info("reconstruction layer %d: %s", w.layer, ", ".join(
             f"{k} {v[0]:.4f} -> {v[1]:.4f}" if v else f"{k.split('_')[0]} bias only (no error measured)"
-            for k, v in info.items() if k != "layer") or "nothing removed")
+            for k, v in info.items() if k.endswith("_error")) or "nothing removed")
+        if "channels_changed" in info:
+            log.info("reconstruction layer %d: %d of the plan's kept channels exchanged", w.layer,
+                     info["channels_changed"])
         if on_block is not None:
             on_block(w.layer)
         del w
-    return RepairReport(mode, sequential, s_count * t, layers, files, target)
+    return RepairReport(mode, sequential, s_count * t, layers, files, target,
+                        Plan(tuple(kept), meta=plan.meta) if reselect else plan)
