@@ -245,6 +245,7 @@ def estimate_cmd(
         when = ("after the rounds" if r["repairs"] == 1 else
                 f"{r['repairs']} repairs: before every round after the first, and after the rounds")
         target = "" if r.get("target", "layer") == "layer" else f" (target {r['target']})"
+        target += ", reselecting MLP channels" if r.get("reselect") else ""
         typer.echo(f"repair     {r['mode']}{target}: {r['forward_tokens']:,} forward tokens, {r['tflops']:.1f} TFLOP, "
                    f"peak {m['reconstruction_gb']:.2f} GiB ({when}; counted in the total)")
     if e["disk_import_gb"]:
@@ -307,7 +308,8 @@ def prune_cmd(
     reconstruct: Annotated[Optional[str], typer.Option(
         help="Override the profile: repair what is left after the units are chosen: none, bias (the "
         "removed inputs' mean, as FLAP) or lsq (least-squares refit of o_proj/down_proj and a bias "
-        "from calibration activations).")] = None,
+        "from calibration activations; the profile's reconstruct_reselect, lsq only, then also chooses the "
+        "MLP channels).")] = None,
     reconstruct_seqs: Annotated[Optional[int], typer.Option(
         help="Override the profile: calibration windows (of reconstruct_seq_len tokens) for the repair.")] = None,
     reconstruct_target: Annotated[Optional[str], typer.Option(
@@ -349,7 +351,8 @@ def prune_cmd(
         masks_per_round=masks_per_round, calib_seqs=calib_seqs, seq_len=seq_len, prune_frac=prune_frac,
         prior=prior, estimator=estimator, head_unit=head_unit, allocation=allocation,
         mask_counts=mask_counts, score=score, reconstruct=reconstruct,
-        reconstruct_seqs=reconstruct_seqs, reconstruct_target=reconstruct_target)
+        reconstruct_seqs=reconstruct_seqs, reconstruct_target=reconstruct_target,
+        reconstruct_reselect=False if reconstruct == "bias" else None)  # lsq's option
     prof, budget = _budgeted(prof, memory)
     ranks = join(timeout_s=prof.dist_timeout_s, device=prof.device)
     bars = _Bars()

@@ -90,6 +90,11 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
                     + cross * cfg.hidden_size * (s.num_attention_heads * cfg.head_dim + s.intermediate_size + 2)
                     for s in cfg.layers)
         solves = sum((s.num_attention_heads * cfg.head_dim) ** 3 + s.intermediate_size ** 3 for s in cfg.layers)
+        if profile.reconstruct_reselect:  # per MLP: the inverse (about 2 n^3), then two rank-1
+            # downdates per dropped channel (about the sparsity's share of them; widths vary)
+            solves += sum(2 * (s.intermediate_size + 1) ** 3 + 4 * round(sparsity * s.intermediate_size)
+                          * (s.intermediate_size + 1) * (s.intermediate_size + 1 + cfg.hidden_size)
+                          for s in cfg.layers)
         calib_tokens = profile.reconstruct_seqs * profile.reconstruct_seq_len  # each adds to the moments once
         repair_flops = repair_tokens * 2 * total + 2 * calib_tokens * grams + solves
         rank_repair_flops = math.ceil(profile.reconstruct_seqs / ranks) * (repair_flops - solves) \
@@ -123,6 +128,7 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         "forward_tokens_per_round_per_rank": rank_tokens_per_round,  # the busiest rank's
         "masks_per_round_per_rank": rank_masks,
         "reconstruction": {"mode": profile.reconstruct, "target": profile.reconstruct_target,
+                           "reselect": profile.reconstruct_reselect and profile.reconstruct == "lsq",
                            "repairs": repairs if profile.reconstruct != "none" else 0,
                            "forward_tokens": repair_tokens, "tflops": repair_flops / 1e12},
         "compute_dtype": dtype_name,

@@ -150,7 +150,8 @@ def main() -> None:
                 for r in a.repairs:
                     mode, oneshot = r.split("-")[0], r.endswith("-oneshot")
                     prof = repair_profile.replace(reconstruct=mode, reconstruct_sequential=not oneshot,
-                                                  **({"reconstruct_target": "layer"} if oneshot else {}))
+                                                  **({"reconstruct_target": "layer"} if oneshot else {}),
+                                                  **({"reconstruct_reselect": False} if mode == "bias" else {}))
                     fixed_dir = a.out / f"{name}+{r}{a.repair_label}-{sparsity}-s{seed}"
                     t = time.perf_counter()
                     info = repair_existing(a.model, out, fixed_dir, prof, a.data)
