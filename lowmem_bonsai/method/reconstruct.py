@@ -169,6 +169,12 @@ class Moments:
         g[-1, -1] = self.tokens
         return g
 
+    def full_cross(self, dtype: torch.dtype) -> torch.Tensor:
+        """An explicit target's C = sum t z+^T with the constant's column exact, in ``dtype``.  (out, in + 1)"""
+        c = self.cross.to(dtype)
+        c[:, -1] = self.t_sums.to(dtype)
+        return c
+
 
 def greedy_keep(m: Moments, w: torch.Tensor, k: int, *, ridge: float) -> torch.Tensor:
     """``reselect``: the ``k`` inputs of ``w`` (out, in) to keep, by greedy elimination (see the
@@ -179,17 +185,13 @@ def greedy_keep(m: Moments, w: torch.Tensor, k: int, *, ridge: float) -> torch.T
     """
     n = w.shape[1]
     g = m.full_gram()  # (in + 1, in + 1)
+    c = m.full_cross(g.dtype) if m.t_sums is not None else w.to(g.dtype) @ g[:n]  # target W z: C = W G
     a = g.clone() if g is m.gram else g  # the fp32 accumulator is the later solve's: not changed
     a.diagonal()[:-1] += ridge * a.diagonal()[:-1].mean().clamp_min(1e-30)
     inv = torch.linalg.inv(a)  # (in + 1, in + 1)
     del a, g
-    if m.t_sums is not None:
-        c = m.cross.to(inv.dtype)
-        c[:, -1] = m.t_sums.to(inv.dtype)
-        fit = c @ inv  # W* (out, in + 1)
-        del c
-    else:  # target W z: C = W G, so W* = W G A^-1
-        fit = w.to(inv.dtype) @ m.full_gram()[:n].to(inv.dtype) @ inv
+    fit = c @ inv  # W* (out, in + 1)
+    del c
     alive = torch.ones(n, dtype=torch.bool)
     for _ in range(n - k):
         d = inv.diagonal()[:-1]
@@ -233,10 +235,7 @@ def solve(w: torch.Tensor, m: Moments, keep: torch.Tensor, *, mode: str, ridge: 
     gone[keep] = False
     given = m.t_sums is not None
     g = m.full_gram() if m.gram is not None else None  # (in + 1, in + 1) fp64, once
-    cross = None  # sum t z+^T, an explicit target's  (out, in + 1)
-    if given and g is not None:
-        cross = m.cross.to(g.dtype)
-        cross[:, -1] = m.t_sums.to(g.dtype)
+    cross = m.full_cross(g.dtype) if given and g is not None else None  # sum t z+^T  (out, in + 1)
     if mode == Reconstruct.BIAS:
         if given:  # b = mean(t) - W_S mean(z_S)
             weight = w[:, keep]
@@ -275,8 +274,8 @@ class RepairReport:
     tokens: int
     layers: list[dict]
     files: list[Path]
+    plan: Plan  # the plan repaired: the given one, or with ``reselect`` its channels
     target: str = RepairTarget.LAYER
-    plan: Plan | None = None  # the plan repaired: the given one, or with ``reselect`` its channels
 
     @property
     def forward_tokens(self) -> int:
@@ -456,5 +455,5 @@ def reconstruct(
         if on_block is not None:
             on_block(w.layer)
         del w
-    return RepairReport(mode, sequential, s_count * t, layers, files, target,
-                        Plan(tuple(kept), meta=plan.meta) if reselect else plan)
+    return RepairReport(mode, sequential, s_count * t, layers, files,
+                        Plan(tuple(kept), meta=plan.meta) if reselect else plan, target)
