@@ -246,6 +246,8 @@ def estimate_cmd(
                 f"{r['repairs']} repairs: before every round after the first, and after the rounds")
         target = "" if r.get("target", "layer") == "layer" else f" (target {r['target']})"
         target += ", reselecting MLP channels" if r.get("reselect") else ""
+        if r.get("chat_windows"):
+            target += f", {r['chat_windows']} of {r['windows']} windows as chat turns"
         typer.echo(f"repair     {r['mode']}{target}: {r['forward_tokens']:,} forward tokens, {r['tflops']:.1f} TFLOP, "
                    f"peak {m['reconstruction_gb']:.2f} GiB ({when}; counted in the total)")
     if e["disk_import_gb"]:

@@ -129,6 +129,9 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         "masks_per_round_per_rank": rank_masks,
         "reconstruction": {"mode": profile.reconstruct, "target": profile.reconstruct_target,
                            "reselect": profile.reconstruct_reselect and profile.reconstruct == "lsq",
+                           # at most: a checkpoint without a chat template reads plain text only
+                           "chat_windows": round(profile.reconstruct_chat * profile.reconstruct_seqs),
+                           "windows": profile.reconstruct_seqs,
                            "repairs": repairs if profile.reconstruct != "none" else 0,
                            "forward_tokens": repair_tokens, "tflops": repair_flops / 1e12},
         "compute_dtype": dtype_name,

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 
+from .chat import chat_windows
 from .data import load_tokenizer, tokenize_file, windows
 from .engine.device import resolve_device
 from .engine.ranks import SINGLE, RankLost, Ranks
@@ -99,14 +101,30 @@ def calibration_sets(model_dir: Path, calib: Path | str, profile: Profile, *,
     need = profile.prior_windows * profile.seq_len  # a huge file is not read whole for a few windows
     if repair:
         need = max(need, profile.reconstruct_seqs * profile.reconstruct_seq_len)
-    ids = tokenize_file(load_tokenizer(model_dir), calib, max_tokens=need)
+    tokenizer = load_tokenizer(model_dir)
+    ids = tokenize_file(tokenizer, calib, max_tokens=need)
     # the prior pass's windows; the masks use the first calib_seqs of them (run_rounds)
     tokens = first_windows(ids, calib, seq_len=profile.seq_len, seqs=profile.prior_windows)
-    repair_tokens = None
-    if repair:
-        repair_tokens = first_windows(ids, calib, seq_len=profile.reconstruct_seq_len,
-                                      seqs=profile.reconstruct_seqs)
+    repair_tokens = repair_windows(tokenizer, model_dir, ids, calib, profile) if repair else None
     return tokens, repair_tokens
+
+
+def repair_windows(tokenizer: Tokenizer, model_dir: Path, ids: torch.Tensor, calib: Path | str,
+                   profile: Profile) -> torch.Tensor:
+    """The repair's reconstruct_seqs windows of the tokenized calibration text: the first ones as
+    they are, and (``reconstruct_chat``) the text of the last share written as chat turns with the
+    checkpoint's chat template (:mod:`lowmem_bonsai.chat`; plain where it has none).  # (S, T)"""
+    length = profile.reconstruct_seq_len
+    plain = first_windows(ids, calib, seq_len=length, seqs=profile.reconstruct_seqs)
+    n = plain.shape[0]
+    k = min(n, round(profile.reconstruct_chat * profile.reconstruct_seqs))
+    if k == 0:
+        return plain
+    turns = chat_windows(tokenizer, model_dir, plain[n - k:].reshape(-1), seq_len=length, seqs=k)
+    if turns is None:
+        return plain
+    log.info("the repair reads %d windows of plain text and %d of chat turns", n - k, turns.shape[0])
+    return torch.cat([plain[: n - k], turns])
 
 
 def first_windows(ids: torch.Tensor, calib: Path | str, *, seq_len: int, seqs: int) -> torch.Tensor:

@@ -98,6 +98,9 @@ class Profile:
     reconstruct_reselect: bool = False  # with lsq: the repair also chooses which MLP channels each
     #                                     layer keeps (as many as the plan keeps), by greedy structured
     #                                     OBS on its own moments; heads and widths stay the plan's
+    reconstruct_chat: float = 0.0  # share of the repair's windows whose text is written as chat
+    #                                turns with the checkpoint's chat template (none without one),
+    #                                so that the repair keeps what the template's tokens use
     reconstruct_in_rounds: bool = False  # also repair the plan after every round but the last, so
     #                                     the next round's prior, masks and selection score the
     #                                     repaired model (the final repair is still refit from the
@@ -126,6 +129,8 @@ class Profile:
             (self.reconstruct_seqs >= 1 and self.reconstruct_seq_len >= 2,
              "reconstruct_seqs >= 1 and reconstruct_seq_len >= 2"),
             (self.reconstruct_ridge >= 0, "reconstruct_ridge must be >= 0"),
+            (0 <= self.reconstruct_chat <= 1, "reconstruct_chat must be in [0, 1] (a share of the "
+             "repair's windows)"),
             (self.reconstruct_target == RepairTarget.LAYER or self.reconstruct_sequential,
              f"reconstruct_target = \"{self.reconstruct_target}\" needs reconstruct_sequential = true "
              "(one-shot statistics are the dense model's: its target is the layer's own)"),

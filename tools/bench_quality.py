@@ -27,7 +27,7 @@ from lowmem_bonsai.data import load_tokenizer, tokenize_file  # noqa: E402
 from lowmem_bonsai.model.checkpoint import Checkpoint  # noqa: E402
 from lowmem_bonsai.evaluate import evaluate  # noqa: E402
 from lowmem_bonsai.pipeline import (  # noqa: E402
-    first_windows, prune_model, repair_plan, write_checkpoint)
+    prune_model, repair_plan, repair_windows, write_checkpoint)
 from lowmem_bonsai.model.plan import Plan  # noqa: E402
 from lowmem_bonsai.profiles import load_profile  # noqa: E402
 from lowmem_bonsai.texts import bundled_path  # noqa: E402
@@ -187,8 +187,8 @@ def repair_existing(model: Path, pruned: Path, out: Path, profile, data: Path) -
 
     ckpt = Checkpoint(model)
     plan = Plan.load(pruned / "plan.json")
-    ids = tokenize_file(load_tokenizer(model), data)
-    tokens = first_windows(ids, data, seq_len=profile.reconstruct_seq_len, seqs=profile.reconstruct_seqs)
+    tokenizer = load_tokenizer(model)
+    tokens = repair_windows(tokenizer, model, tokenize_file(tokenizer, data), data, profile)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:

@@ -25,6 +25,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from ..errors import UserError
+from ..chat import chat_template
 from .vocab_from_gguf import (BPE_PRE_TOKENIZERS, BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED,
                          GgufVocab, tokenizer_from_vocab)
 
@@ -94,17 +95,6 @@ def _spm_scores(tokens: list[str], merges: list[str]) -> list[float]:
         rank.setdefault(m.replace(" ", ""), i)
     # Tokens no merge produces (single symbols, bytes, specials) never compete in a merge.
     return [-float(rank[t]) if t in rank else 0.0 for t in tokens]
-
-
-def _chat_template(model_dir: Path, tc: dict[str, Any]) -> str | None:
-    template = tc.get("chat_template")
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    jinja = model_dir / "chat_template.jinja"
-    if template is None and jinja.is_file():
-        template = jinja.read_text(encoding="utf-8")
-    return template if isinstance(template, str) else None
 
 
 def _encode(tok: Tokenizer, text: str) -> list[int]:
@@ -201,7 +191,7 @@ def vocab_from_checkpoint(model_dir: Path, *, vocab_size: int,
     merges = _merges(model.get("merges", []), source)
     base = dict(model=kind, tokens=tokens, token_types=token_types, merges=merges,
                 special_ids=special_ids, add_bos=add_bos, add_eos=add_eos,
-                chat_template=_chat_template(model_dir, tc))
+                chat_template=chat_template(model_dir, tc))
     want = _encode(hf, PROBE_TEXT)
     if kind == "llama":
         # The "▁" llama.cpp puts before the text: a Prepend normalizer (legacy Llama files) or a
