@@ -14,7 +14,7 @@ written after every run.
 
 A prune uses a small profile so that it finishes in minutes (4 masks x 2 x 64 tokens, 10 % in one
 round; the 13B shape also with reconstruct = "lsq" over 8 x 128 tokens, and with the stream target
-over 64 x 256 tokens). The checkpoints get a
+over 64 x 256 tokens, without and with reconstruct_reselect). The checkpoints get a
 byte-level BPE tokenizer (make_checkpoint.py --bpe), which export-gguf can convert.
 """
 
@@ -42,6 +42,7 @@ reconstruct = "{reconstruct}"
 reconstruct_seqs = {seqs}
 reconstruct_seq_len = {seq_len}
 reconstruct_target = "{target}"
+reconstruct_reselect = {reselect}
 """
 # (checkpoint, make_checkpoint shape, layers or None for the real depth)
 MODELS = {
@@ -65,6 +66,8 @@ RUNS = [
     ("llama2-13b-x2", "prune", "16G", "lsq"),
     # the dense model's stream beside the pruned one and the cross moments: 64 x 256 tokens
     ("llama2-13b-x2", "prune", "16G", "lsq-stream"),
+    # and with the MLP channels reselected (the inverse of the Gram matrix beside it)
+    ("llama2-13b-x2", "prune", "16G", "lsq-stream-reselect"),
     ("llama2-13b-x2", "eval", "6G", ""), ("llama2-13b-x2", "eval", "8G", ""),
     ("llama2-13b-x2", "export-gguf", "2G", ""), ("llama2-13b-x2", "import-gguf", "2G", ""),
     ("llama2-13b-x2", "export-gguf:q8_0", "2G", ""), ("llama2-13b-x2", "export-gguf:q4_k_m", "2G", ""),
@@ -87,9 +90,11 @@ def command(model: Path, cmd: str, cap: str, reconstruct: str, scratch: Path) ->
     gguf = scratch / "out" / f"{model.name}.gguf"
     if cmd == "prune":
         profile = scratch / f"bench-{reconstruct}.toml"
-        mode, _, target = reconstruct.partition("-")  # lsq-stream: reconstruct_target = "stream"
+        # lsq-stream: reconstruct_target = "stream"; lsq-stream-reselect: reconstruct_reselect too
+        mode, target, *rest = [*reconstruct.split("-"), ""]
         seqs, seq_len = (64, 256) if target else (8, 128)
-        profile.write_text(PROFILE.format(reconstruct=mode, target=target or "layer", seqs=seqs, seq_len=seq_len))
+        profile.write_text(PROFILE.format(reconstruct=mode, target=target or "layer", seqs=seqs, seq_len=seq_len,
+                                          reselect=str("reselect" in rest).lower()))
         args = [str(model), "--profile", str(profile), "--sparsity", "0.1", "--memory", cap]
         est = subprocess.run([*CLI, "estimate", *args, "--json"], check=True, capture_output=True, text=True)
         planned = json.loads(est.stdout)["memory"]["total_gb"]
