@@ -98,6 +98,7 @@ class Profile:
     reconstruct_reselect: bool = False  # with lsq: the repair also chooses which MLP channels each
     #                                     layer keeps (as many as the plan keeps), by greedy structured
     #                                     OBS on its own moments; heads and widths stay the plan's
+    #                                     (the final repair only: never those between the rounds)
     reconstruct_chat: float = 0.0  # share of the repair's windows whose text is written as chat
     #                                turns with the checkpoint's chat template (none without one),
     #                                so that the repair keeps what the template's tokens use
@@ -136,9 +137,6 @@ class Profile:
              "(one-shot statistics are the dense model's: its target is the layer's own)"),
             (self.reconstruct != Reconstruct.BIAS or not self.reconstruct_reselect,
              "reconstruct_reselect = true needs reconstruct = \"lsq\" (it chooses from the Gram matrix)"),
-            (not (self.reconstruct_reselect and self.reconstruct_in_rounds),
-             "reconstruct_reselect = true does not go with reconstruct_in_rounds = true (the rounds "
-             "would go on from a plan the repair changed; reselect in the final repair only)"),
             (self.reconstruct != Reconstruct.NONE or not self.reconstruct_in_rounds,
              "reconstruct_in_rounds = true needs reconstruct = bias or lsq (the repair it runs "
              "between the rounds)"),

@@ -31,6 +31,9 @@ seq_len = 32
 prune_frac = 0.1
 align = 8
 threads = 1
+# under what any test machine has free: a budget cut to the free memory would differ between the
+# processes' plans (the plan records the budget it ran with)
+memory_gb = 4.0
 dist_timeout_s = {TIMEOUT_S}.0
 # pinned: "auto" picks the dtype by a short matmul probe in each process, and on a loaded machine
 # one process may pick bfloat16 while another picks float32 (a different plan)

@@ -315,7 +315,8 @@ def test_prune_with_reconstruction_writes_biases_and_a_report(tmp_path, sample_t
               num_attention_heads=8, num_key_value_heads=4)
     write_word_tokenizer(tmp_path / "m", sample_text.read_text())
     base = load_profile(None).replace(seq_len=32, calib_seqs=4, masks_per_round=8, align=8,
-                                      prune_frac=0.2, reconstruct_seqs=8, reconstruct_seq_len=32)
+                                      prune_frac=0.2, reconstruct_seqs=8, reconstruct_seq_len=32,
+                                      reconstruct_reselect=False)  # the same plan, repaired
     ppl = {}
     for mode in ("none", "lsq"):
         out = tmp_path / mode

@@ -21,6 +21,9 @@ calib_seqs = 4
 seq_len = 32
 prune_frac = 0.1
 align = 8
+# under what any test machine has free: a budget cut to the free memory would differ between runs
+# (the plan records the budget it ran with)
+memory_gb = 4.0
 """
 
 

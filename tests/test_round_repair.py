@@ -23,8 +23,11 @@ from .conftest import make_tiny, refused, sample_words, write_word_tokenizer
 SPARSITY = 0.2  # two rounds of prune_frac 0.1 (a third, small one where widths round)
 
 
-def _profile(in_rounds: bool) -> Profile:
-    return load_profile(None).replace(seq_len=32, calib_seqs=4, masks_per_round=8, align=8, prune_frac=0.1,
+def _profile(in_rounds: bool, reselect: bool = True) -> Profile:
+    """The default profile, small; it reselects the MLP channels in the final repair as the default
+    does (``reselect``), never in the repairs between the rounds."""
+    return load_profile(None).replace(reconstruct_reselect=reselect,
+                                      seq_len=32, calib_seqs=4, masks_per_round=8, align=8, prune_frac=0.1,
                                       reconstruct="lsq", reconstruct_seqs=8, reconstruct_seq_len=32,
                                       compute_dtype="float32", threads=1, reconstruct_in_rounds=in_rounds,
                                       # the module-local sampler: a 10 % prune then ends with a round
@@ -32,10 +35,11 @@ def _profile(in_rounds: bool) -> Profile:
                                       eligible="module", prior_seqs=0)
 
 
-def _prune(setup, out: Path, *, in_rounds: bool, sparsity: float = SPARSITY, **kwargs) -> dict:
+def _prune(setup, out: Path, *, in_rounds: bool, sparsity: float = SPARSITY, reselect: bool = True,
+           **kwargs) -> dict:
     model_dir, text = setup
     return prune_model(model_dir=model_dir, out_dir=out, sparsity=sparsity, calib=text, seed=1,
-                       profile=_profile(in_rounds), **kwargs)
+                       profile=_profile(in_rounds, reselect), **kwargs)
 
 
 def _outputs(out: Path) -> dict[str, bytes]:
@@ -59,7 +63,9 @@ def runs(setup, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
     d = tmp_path_factory.mktemp("runs")
     out = {}
     for name, in_rounds, sparsity in (("off", False, SPARSITY), ("on", True, SPARSITY), ("round1", False, 0.1)):
-        out[name] = (d / name, _prune(setup, d / name, in_rounds=in_rounds, sparsity=sparsity))
+        # round1's plan.json is round 1's choice: its final repair must not reselect
+        out[name] = (d / name, _prune(setup, d / name, in_rounds=in_rounds, sparsity=sparsity,
+                                      reselect=name != "round1"))
     return out
 
 
@@ -75,16 +81,21 @@ def test_rounds_after_the_first_score_the_repaired_plan(setup, runs):
     assert on["rounds"][1]["calib_loss"] != off["rounds"][1]["calib_loss"]
 
     # Independently: round 1's plan repaired from the source, its NLL on the calibration windows.
+    # The profile reselects (the default's), but a repair between the rounds keeps the plan's units.
     src = Checkpoint(model_dir)
+    assert _profile(True).reconstruct_reselect
     tokens, repair_tokens = calibration_sets(model_dir, text, _profile(True))
     plan1 = Plan.load(first_dir / "plan.json")
-    rep = reconstruct(src, plan1, repair_tokens, first_dir.parent / "check-repair", **settings_of(_profile(True)))
+    rep = reconstruct(src, plan1, repair_tokens, first_dir.parent / "check-repair",
+                      **{**settings_of(_profile(True)), "reselect": False})
     nll = streamed_nll(src.with_overlay(rep.files), tokens, plan=plan1)
     want = float(nll.sum()) / (tokens.shape[0] * (tokens.shape[1] - 1))
     assert on["rounds"][1]["calib_loss"] == pytest.approx(want, rel=1e-6)
     unrepaired = float(streamed_nll(src, tokens, plan=plan1).sum()) / (tokens.shape[0] * (tokens.shape[1] - 1))
     assert off["rounds"][1]["calib_loss"] == pytest.approx(unrepaired, rel=1e-6)
     assert abs(want - unrepaired) > 1e-5 * abs(want)  # the tolerance above tells the two apart
+    # ... while the final repair did reselect: the plan written is not the one the rounds chose
+    assert sum(info.get("channels_changed", 0) for info in on["reconstruction"]["layers"]) > 0
 
     # The repairs between the rounds count in the forward tokens: the passes over the repair's windows.
     scored = tokens.numel() + 8 * tokens[:4].numel()  # the prior pass's windows, then 8 masks on the first 4
@@ -117,7 +128,7 @@ def test_a_repair_between_rounds_leaves_the_output_of_the_same_plan_unchanged(ru
     removes nothing: the plan is the key-off one, and so, byte for byte, is the output (the final
     repair is refit from the source, not from the repair round 2 scored)."""
     first_dir, first = runs["round1"]
-    report = _prune(setup, tmp_path / "on1", in_rounds=True, sparsity=0.1)
+    report = _prune(setup, tmp_path / "on1", in_rounds=True, sparsity=0.1, reselect=False)  # as round1
     assert [r["repair_tokens"] > 0 for r in report["rounds"]] == [False, True]
     assert report["rounds"][1]["params_after"] == report["rounds"][1]["params_before"]
     assert report["rounds"][1]["calib_loss"] != first["rounds"][1]["calib_loss"]

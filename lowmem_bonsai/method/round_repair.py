@@ -73,7 +73,10 @@ class RoundRepairs:
         on_block = (lambda l: self.progress("repair", l + 1, n_layers)) if self.progress else None
         log.info("round %d: repairing round %d's plan (%s) into %s", number, finished,
                  self.profile.reconstruct, folder)
-        rep = reconstruct(self.source, plan, self.tokens, folder, **settings_of(self.profile),
+        # never reselect here: the rounds go on from the plan the method chose (and resume by it);
+        # reconstruct_reselect is the final repair's
+        settings = {**settings_of(self.profile), "reselect": False}
+        rep = reconstruct(self.source, plan, self.tokens, folder, **settings,
                           on_block=on_block, ranks=self.ranks, write=True)
         same_files(rep.files, self.ranks, what=f"the repair before round {number}")
         if self.ranks.main:
