@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .engine.device import free_bytes, resolve_device
+from .chat import chat_template, read_tokenizer_config
 from .errors import UserError
 from .engine.memory import DTYPE_BYTES, STORAGE_BYTES, measure_matmul_gflops, pick_compute_dtype, plan_memory
 from .method.prune import check_settings
@@ -129,8 +130,9 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         "masks_per_round_per_rank": rank_masks,
         "reconstruction": {"mode": profile.reconstruct, "target": profile.reconstruct_target,
                            "reselect": profile.reconstruct_reselect and profile.reconstruct == "lsq",
-                           # at most: a checkpoint without a chat template reads plain text only
-                           "chat_windows": round(profile.reconstruct_chat * profile.reconstruct_seqs),
+                           # a checkpoint without a chat template reads plain text only
+                           "chat_windows": round(profile.reconstruct_chat * profile.reconstruct_seqs)
+                           if chat_template(model_dir, read_tokenizer_config(model_dir)) else 0,
                            "windows": profile.reconstruct_seqs,
                            "repairs": repairs if profile.reconstruct != "none" else 0,
                            "forward_tokens": repair_tokens, "tflops": repair_flops / 1e12},

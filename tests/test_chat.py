@@ -120,3 +120,14 @@ def test_calibration_sets_give_the_repair_its_chat_windows(tiny_llama, sample_te
 def test_a_share_outside_0_1_is_refused():
     with pytest.raises(UserError, match="reconstruct_chat must be in"):
         load_profile("quick").replace(reconstruct_chat=1.5)
+
+
+def test_estimate_counts_chat_windows_only_where_there_is_a_template(tiny_llama):
+    from lowmem_bonsai.estimate import estimate
+
+    profile = load_profile("quick").replace(reconstruct_seqs=16, reconstruct_seq_len=64, reconstruct_chat=0.25)
+    plain = estimate(model_dir=tiny_llama, profile=profile, sparsity=0.2, measure_seconds=0.01)
+    assert plain["reconstruction"]["chat_windows"] == 0  # no chat template: plain text
+    with_template(tiny_llama, CHATML)
+    chat = estimate(model_dir=tiny_llama, profile=profile, sparsity=0.2, measure_seconds=0.01)
+    assert chat["reconstruction"]["chat_windows"] == 4 and chat["reconstruction"]["windows"] == 16
