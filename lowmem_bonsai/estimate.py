@@ -91,17 +91,20 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
                     + cross * cfg.hidden_size * (s.num_attention_heads * cfg.head_dim + s.intermediate_size + 2)
                     for s in cfg.layers)
         solves = sum((s.num_attention_heads * cfg.head_dim) ** 3 + s.intermediate_size ** 3 for s in cfg.layers)
-        if profile.reconstruct_reselect:  # per MLP: the inverse (about 2 n^3), then two rank-1
-            # downdates per dropped channel (about the sparsity's share of them; widths vary)
-            solves += sum(2 * (s.intermediate_size + 1) ** 3 + 4 * round(sparsity * s.intermediate_size)
-                          * (s.intermediate_size + 1) * (s.intermediate_size + 1 + cfg.hidden_size)
-                          for s in cfg.layers)
+        # the final repair's reselection (the repairs between the rounds never reselect), per MLP:
+        # the inverse (about 2 n^3), then two rank-1 downdates per dropped channel (about the
+        # sparsity's share of them; widths vary)
+        reselect = profile.reconstruct_reselect and sum(
+            2 * (s.intermediate_size + 1) ** 3 + 4 * round(sparsity * s.intermediate_size)
+            * (s.intermediate_size + 1) * (s.intermediate_size + 1 + cfg.hidden_size) for s in cfg.layers)
         calib_tokens = profile.reconstruct_seqs * profile.reconstruct_seq_len  # each adds to the moments once
         repair_flops = repair_tokens * 2 * total + 2 * calib_tokens * grams + solves
         rank_repair_flops = math.ceil(profile.reconstruct_seqs / ranks) * (repair_flops - solves) \
             / profile.reconstruct_seqs + solves
         repair_tokens, repair_flops, rank_repair_flops = (repairs * x for x in (
             repair_tokens, repair_flops, rank_repair_flops))
+        repair_flops += reselect
+        rank_repair_flops += reselect
     if device is not None:
         dtype_name, rates = pick_compute_dtype(profile.compute_dtype, device)
         gflops = measure_matmul_gflops(DTYPES[dtype_name], seconds=measure_seconds, device=device)
