@@ -80,12 +80,15 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
     repair_tokens = repair_flops = rank_repair_flops = 0
     # the final repair, and with reconstruct_in_rounds one more before every round after the first
     repairs = 1 + (rounds - 1 if profile.reconstruct_in_rounds else 0)
+    # a checkpoint without a chat template reads plain text only
+    has_chat = profile.chat_seqs > 0 and chat_template(model_dir, read_tokenizer_config(model_dir)) is not None
     if profile.reconstruct != "none":
         # the passes of the blocks (one one-shot, two sequential, three with the dense model's stream
         # beside), the Gram matrices of both projections' inputs (and the cross moments with an
         # explicit target), one solve each
+        seqs = profile.repair_seqs if has_chat else profile.reconstruct_seqs
         repair_tokens = (passes(profile.reconstruct_target, profile.reconstruct_sequential)
-                         * profile.reconstruct_seqs * profile.reconstruct_seq_len)
+                         * seqs * profile.reconstruct_seq_len)
         cross = profile.reconstruct_target != RepairTarget.LAYER
         grams = sum((s.num_attention_heads * cfg.head_dim + 1) ** 2 + (s.intermediate_size + 1) ** 2
                     + cross * cfg.hidden_size * (s.num_attention_heads * cfg.head_dim + s.intermediate_size + 2)
@@ -97,10 +100,9 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         reselect = profile.reconstruct_reselect and sum(
             2 * (s.intermediate_size + 1) ** 3 + 4 * round(sparsity * s.intermediate_size)
             * (s.intermediate_size + 1) * (s.intermediate_size + 1 + cfg.hidden_size) for s in cfg.layers)
-        calib_tokens = profile.reconstruct_seqs * profile.reconstruct_seq_len  # each adds to the moments once
+        calib_tokens = seqs * profile.reconstruct_seq_len  # each adds to the moments once
         repair_flops = repair_tokens * 2 * total + 2 * calib_tokens * grams + solves
-        rank_repair_flops = math.ceil(profile.reconstruct_seqs / ranks) * (repair_flops - solves) \
-            / profile.reconstruct_seqs + solves
+        rank_repair_flops = math.ceil(seqs / ranks) * (repair_flops - solves) / seqs + solves
         repair_tokens, repair_flops, rank_repair_flops = (repairs * x for x in (
             repair_tokens, repair_flops, rank_repair_flops))
         repair_flops += reselect
@@ -133,10 +135,8 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         "masks_per_round_per_rank": rank_masks,
         "reconstruction": {"mode": profile.reconstruct, "target": profile.reconstruct_target,
                            "reselect": profile.reconstruct_reselect and profile.reconstruct == "lsq",
-                           # a checkpoint without a chat template reads plain text only
-                           "chat_windows": round(profile.reconstruct_chat * profile.reconstruct_seqs)
-                           if chat_template(model_dir, read_tokenizer_config(model_dir)) else 0,
-                           "windows": profile.reconstruct_seqs,
+                           "chat_windows": profile.chat_seqs if has_chat else 0,
+                           "windows": profile.repair_seqs if has_chat else profile.reconstruct_seqs,
                            "repairs": repairs if profile.reconstruct != "none" else 0,
                            "forward_tokens": repair_tokens, "tflops": repair_flops / 1e12},
         "compute_dtype": dtype_name,

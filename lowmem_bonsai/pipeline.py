@@ -117,12 +117,16 @@ def repair_windows(tokenizer: Tokenizer, model_dir: Path, ids: torch.Tensor, cal
     length = profile.reconstruct_seq_len
     plain = first_windows(ids, calib, seq_len=length, seqs=profile.reconstruct_seqs)
     n = plain.shape[0]
-    k = min(n, round(profile.reconstruct_chat * profile.reconstruct_seqs))
+    k = min(n, profile.chat_seqs)
     if k == 0:
         return plain
     turns = chat_windows(tokenizer, model_dir, plain[n - k:].reshape(-1), seq_len=length, seqs=k)
     if turns is None:
         return plain
+    if profile.reconstruct_chat_extra:
+        log.info("the repair reads %d windows of plain text and %d of the last %d's text as chat turns",
+                 n, turns.shape[0], k)
+        return torch.cat([plain, turns])
     log.info("the repair reads %d windows of plain text and %d of chat turns", n - k, turns.shape[0])
     return torch.cat([plain[: n - k], turns])
 

@@ -102,6 +102,9 @@ class Profile:
     reconstruct_chat: float = 0.0  # share of the repair's windows whose text is written as chat
     #                                turns with the checkpoint's chat template (none without one),
     #                                so that the repair keeps what the template's tokens use
+    reconstruct_chat_extra: bool = False  # the chat windows come on top of the reconstruct_seqs
+    #                                       plain ones (the same text twice, as text and as chat
+    #                                       turns) rather than in place of the last of them
     reconstruct_in_rounds: bool = False  # also repair the plan after every round but the last, so
     #                                     the next round's prior, masks and selection score the
     #                                     repaired model (the final repair is still refit from the
@@ -154,6 +157,17 @@ class Profile:
     def prior_windows(self) -> int:
         """Windows of the prior pass: prior_seqs, at least calib_seqs (the masks' windows)."""
         return max(self.prior_seqs, self.calib_seqs)
+
+    @property
+    def chat_seqs(self) -> int:
+        """The repair's windows written as chat turns, at most (none without a chat template)."""
+        return min(self.reconstruct_seqs, round(self.reconstruct_chat * self.reconstruct_seqs))
+
+    @property
+    def repair_seqs(self) -> int:
+        """The repair's windows, at most: reconstruct_seqs, and the chat windows on top of them with
+        reconstruct_chat_extra."""
+        return self.reconstruct_seqs + (self.chat_seqs if self.reconstruct_chat_extra else 0)
 
     def rounds_for(self, sparsity: float) -> int:
         """Rounds to reach ``sparsity`` at prune_frac per round (the last one may be smaller)."""

@@ -17,7 +17,7 @@ from lowmem_bonsai.errors import UserError
 from lowmem_bonsai.pipeline import calibration_sets, first_windows, repair_windows
 from lowmem_bonsai.profiles import load_profile
 
-from .conftest import edit_json
+from .conftest import DELETE, edit_json
 
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
           "{{ '<|im_start|>system\nYou are a helpful assistant<|im_end|>\n' }}{% endif %}"
@@ -67,9 +67,9 @@ def test_conversations_cut_the_text_into_turns():
     assert got == words  # every word once, in order
 
 
-def plain_and_chat(model_dir, text, share: float, reconstruct_seqs: int = 16):
+def plain_and_chat(model_dir, text, share: float, reconstruct_seqs: int = 16, extra: bool = False):
     profile = load_profile("quick").replace(reconstruct_seqs=reconstruct_seqs, reconstruct_seq_len=64,
-                                            reconstruct_chat=share)
+                                            reconstruct_chat=share, reconstruct_chat_extra=extra)
     tok = load_tokenizer(model_dir)
     ids = tokenize_file(tok, text)
     plain = first_windows(ids, text, seq_len=64, seqs=reconstruct_seqs)
@@ -95,6 +95,18 @@ def test_a_share_of_the_windows_becomes_chat_turns_of_their_own_text(tiny_llama,
     assert len(text_words) > 0.5 * len(replaced)
 
 
+def test_extra_chat_windows_come_on_top_of_every_plain_window(tiny_llama, sample_text):
+    with_template(tiny_llama, CHATML)
+    _, _, _, instead = plain_and_chat(tiny_llama, sample_text, 0.25)
+    _, _, plain, got = plain_and_chat(tiny_llama, sample_text, 0.25, extra=True)
+    assert torch.equal(got[:16], plain)  # every plain window kept
+    # the chat windows are the same ones that would have replaced the last quarter
+    assert torch.equal(got[16:], instead[12:]) and got.shape[0] == 16 + instead.shape[0] - 12
+    edit_json(tiny_llama / "tokenizer_config.json", chat_template=DELETE)  # no template: plain only
+    _, _, plain, got = plain_and_chat(tiny_llama, sample_text, 0.25, extra=True)
+    assert torch.equal(got, plain)
+
+
 def test_no_share_or_no_template_is_plain_text(tiny_llama, sample_text, caplog):
     _, _, plain, got = plain_and_chat(tiny_llama, sample_text, 0.5)  # no template
     assert torch.equal(got, plain)
@@ -113,7 +125,8 @@ def test_calibration_sets_give_the_repair_its_chat_windows(tiny_llama, sample_te
     profile = load_profile("quick").replace(reconstruct_seqs=8, reconstruct_seq_len=64, reconstruct_chat=0.5,
                                             reconstruct="lsq")
     tokens, repair = calibration_sets(tiny_llama, sample_text, profile)
-    _, _, _, want = plain_and_chat(tiny_llama, sample_text, 0.5, reconstruct_seqs=8)
+    _, _, _, want = plain_and_chat(tiny_llama, sample_text, 0.5, reconstruct_seqs=8,
+                                   extra=profile.reconstruct_chat_extra)
     assert torch.equal(repair, want) and tokens.shape[1] == profile.seq_len
 
 
@@ -125,9 +138,15 @@ def test_a_share_outside_0_1_is_refused():
 def test_estimate_counts_chat_windows_only_where_there_is_a_template(tiny_llama):
     from lowmem_bonsai.estimate import estimate
 
-    profile = load_profile("quick").replace(reconstruct_seqs=16, reconstruct_seq_len=64, reconstruct_chat=0.25)
+    profile = load_profile("quick").replace(reconstruct_seqs=16, reconstruct_seq_len=64, reconstruct_chat=0.25,
+                                            reconstruct_chat_extra=False)
     plain = estimate(model_dir=tiny_llama, profile=profile, sparsity=0.2, measure_seconds=0.01)
     assert plain["reconstruction"]["chat_windows"] == 0  # no chat template: plain text
     with_template(tiny_llama, CHATML)
     chat = estimate(model_dir=tiny_llama, profile=profile, sparsity=0.2, measure_seconds=0.01)
     assert chat["reconstruction"]["chat_windows"] == 4 and chat["reconstruction"]["windows"] == 16
+    extra = estimate(model_dir=tiny_llama, profile=profile.replace(reconstruct_chat_extra=True), sparsity=0.2,
+                     measure_seconds=0.01)
+    assert extra["reconstruction"]["chat_windows"] == 4 and extra["reconstruction"]["windows"] == 20
+    assert extra["reconstruction"]["forward_tokens"] == chat["reconstruction"]["forward_tokens"] * 20 // 16
+    assert extra["memory"]["reconstruction_gb"] > chat["memory"]["reconstruction_gb"]

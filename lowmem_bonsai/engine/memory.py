@@ -159,7 +159,7 @@ def repair_bytes(config: ModelConfig, profile: Profile, *, storage_bytes: int = 
     blocks = (profile.prefetch + 1) * block_bytes(config, b) + (n - 1) * h * storage_bytes
     t = profile.reconstruct_seq_len
     explicit = profile.reconstruct_target != "layer"  # the dense model's stream and cross moments too
-    stream = (1 + explicit) * profile.reconstruct_seqs * t * h * b
+    stream = (1 + explicit) * profile.repair_seqs * t * h * b
     chunk = max(1, profile.chunk_tokens // t) * t
     qkv = (max(s.num_attention_heads for s in config.layers) + 2 * config.num_key_value_heads) * config.head_dim
     activations = chunk * (qkv + 3 * h + 3 * widest + n) * b  # + the chunk's [z, 1] for the Gram
