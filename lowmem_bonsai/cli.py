@@ -352,9 +352,8 @@ def prune_cmd(
     prof = load_profile(profile).replace(
         masks_per_round=masks_per_round, calib_seqs=calib_seqs, seq_len=seq_len, prune_frac=prune_frac,
         prior=prior, estimator=estimator, head_unit=head_unit, allocation=allocation,
-        mask_counts=mask_counts, score=score, reconstruct=reconstruct,
-        reconstruct_seqs=reconstruct_seqs, reconstruct_target=reconstruct_target,
-        reconstruct_reselect=False if reconstruct == "bias" else None)  # lsq's option
+        mask_counts=mask_counts, score=score,
+        reconstruct_seqs=reconstruct_seqs, reconstruct_target=reconstruct_target).with_repair(reconstruct)
     prof, budget = _budgeted(prof, memory)
     ranks = join(timeout_s=prof.dist_timeout_s, device=prof.device)
     bars = _Bars()

@@ -173,6 +173,15 @@ class Profile:
         """Rounds to reach ``sparsity`` at prune_frac per round (the last one may be smaller)."""
         return math.ceil(sparsity / self.prune_frac - 1e-9)
 
+    def with_repair(self, mode: str | None) -> Profile:
+        """This profile repairing with ``mode`` (none | bias | lsq; None keeps its own). Choosing
+        the channels needs lsq's Gram matrix, so ``bias`` also turns reconstruct_reselect off
+        (a profile file that sets both is refused instead: there the choice is the file's)."""
+        if mode is None:
+            return self
+        return self.replace(reconstruct=mode,
+                            reconstruct_reselect=False if mode == Reconstruct.BIAS else None)
+
     def replace(self, **changes: Any) -> Profile:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 

@@ -189,3 +189,19 @@ def test_header_byte_patch_helper_keeps_the_data(tiny_llama):
     after = load_file(tiny_llama / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert struct.unpack("<Q", (tiny_llama / "model.safetensors").read_bytes()[:8])[0] % 8 == 0
+
+
+
+def test_reconstruct_bias_on_a_reselecting_profile_runs_with_bias(tmp_path, tiny_llama, sample_text):
+    """A profile that reselects the channels (lsq's option, as quick does) with --reconstruct bias:
+    the flag turns the reselection off rather than refusing the profile's own choice."""
+    profile = tmp_path / "reselecting.toml"
+    profile.write_text("masks_per_round = 8\ncalib_seqs = 2\nseq_len = 16\nprune_frac = 0.2\nalign = 8\n"
+                       'memory_gb = 4.0\nreconstruct = "lsq"\nreconstruct_seqs = 4\nreconstruct_seq_len = 16\n'
+                       "reconstruct_reselect = true\n")
+    res = run("prune", tiny_llama, "--out", tmp_path / "out", "--calib", sample_text, "--profile", profile,
+              "--sparsity", "0.2", "--reconstruct", "bias")
+    assert res.exit_code == 0, (res.output, res.exception)
+    used = json.loads((tmp_path / "out" / "plan.json").read_text())["settings"]["profile"]
+    assert used["reconstruct"] == "bias" and used["reconstruct_reselect"] is False
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["reconstruction"]["mode"] == "bias"

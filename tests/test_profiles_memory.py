@@ -50,6 +50,21 @@ def test_profile_rejects_unknown_keys_and_wrong_types(tmp_path):
     assert load_profile(bad).prior_scope == "global"
 
 
+def test_choosing_bias_turns_the_profiles_reselection_off_and_a_file_with_both_is_refused(tmp_path):
+    quick = load_profile("quick")
+    assert quick.reconstruct_reselect
+    bias = quick.with_repair("bias")
+    assert bias.reconstruct == "bias" and not bias.reconstruct_reselect
+    assert quick.with_repair("lsq").reconstruct_reselect and quick.with_repair(None) == quick
+    assert quick.replace(reconstruct="none").with_repair("lsq").reconstruct == "lsq"
+    with pytest.raises(UserError, match="reconstruct_reselect = true needs"):
+        quick.replace(reconstruct="bias")
+    f = tmp_path / "both.toml"
+    f.write_text('reconstruct = "bias"\nreconstruct_reselect = true\n')
+    with pytest.raises(UserError, match="reconstruct_reselect = true needs"):
+        load_profile(f)
+
+
 def test_planner_fits_13b_in_16gb_and_refuses_a_budget_that_cannot_work():
     cfg = parse_config(LLAMA2_13B, source="13b")
     plan = plan_memory(cfg, load_profile("laptop-16gb"))

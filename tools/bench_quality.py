@@ -149,9 +149,8 @@ def main() -> None:
                             "layers": rep["layers"]})
                 for r in a.repairs:
                     mode, oneshot = r.split("-")[0], r.endswith("-oneshot")
-                    prof = repair_profile.replace(reconstruct=mode, reconstruct_sequential=not oneshot,
-                                                  **({"reconstruct_target": "layer"} if oneshot else {}),
-                                                  **({"reconstruct_reselect": False} if mode == "bias" else {}))
+                    prof = repair_profile.with_repair(mode).replace(
+                        reconstruct_sequential=not oneshot, **({"reconstruct_target": "layer"} if oneshot else {}))
                     fixed_dir = a.out / f"{name}+{r}{a.repair_label}-{sparsity}-s{seed}"
                     t = time.perf_counter()
                     info = repair_existing(a.model, out, fixed_dir, prof, a.data)
