@@ -82,11 +82,11 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
     repairs = 1 + (rounds - 1 if profile.reconstruct_in_rounds else 0)
     # a checkpoint without a chat template reads plain text only
     has_chat = profile.chat_seqs > 0 and chat_template(model_dir, read_tokenizer_config(model_dir)) is not None
+    seqs = profile.repair_seqs if has_chat else profile.reconstruct_seqs  # the repair's windows
     if profile.reconstruct != "none":
         # the passes of the blocks (one one-shot, two sequential, three with the dense model's stream
         # beside), the Gram matrices of both projections' inputs (and the cross moments with an
         # explicit target), one solve each
-        seqs = profile.repair_seqs if has_chat else profile.reconstruct_seqs
         repair_tokens = (passes(profile.reconstruct_target, profile.reconstruct_sequential)
                          * seqs * profile.reconstruct_seq_len)
         cross = profile.reconstruct_target != RepairTarget.LAYER
@@ -136,7 +136,7 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         "reconstruction": {"mode": profile.reconstruct, "target": profile.reconstruct_target,
                            "reselect": profile.reconstruct_reselect and profile.reconstruct == "lsq",
                            "chat_windows": profile.chat_seqs if has_chat else 0,
-                           "windows": profile.repair_seqs if has_chat else profile.reconstruct_seqs,
+                           "windows": seqs,
                            "repairs": repairs if profile.reconstruct != "none" else 0,
                            "forward_tokens": repair_tokens, "tflops": repair_flops / 1e12},
         "compute_dtype": dtype_name,
