@@ -80,10 +80,12 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
     repair_tokens = repair_flops = rank_repair_flops = 0
     # the final repair, and with reconstruct_in_rounds one more before every round after the first
     repairs = 1 + (rounds - 1 if profile.reconstruct_in_rounds else 0)
-    # a checkpoint without a chat template reads plain text only
-    has_chat = profile.chat_seqs > 0 and chat_template(model_dir, read_tokenizer_config(model_dir)) is not None
-    seqs = profile.repair_seqs if has_chat else profile.reconstruct_seqs  # the repair's windows
-    if profile.reconstruct != "none":
+    # no repair reads no windows; a checkpoint without a chat template reads plain text only
+    repairing = profile.reconstruct != "none"
+    has_chat = (repairing and profile.chat_seqs > 0
+                and chat_template(model_dir, read_tokenizer_config(model_dir)) is not None)
+    seqs = (profile.repair_seqs if has_chat else profile.reconstruct_seqs) if repairing else 0  # the repair's windows
+    if repairing:
         # the passes of the blocks (one one-shot, two sequential, three with the dense model's stream
         # beside), the Gram matrices of both projections' inputs (and the cross moments with an
         # explicit target), one solve each
@@ -137,7 +139,7 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
                            "reselect": profile.reconstruct_reselect and profile.reconstruct == "lsq",
                            "chat_windows": profile.chat_seqs if has_chat else 0,
                            "windows": seqs,
-                           "repairs": repairs if profile.reconstruct != "none" else 0,
+                           "repairs": repairs if repairing else 0,
                            "forward_tokens": repair_tokens, "tflops": repair_flops / 1e12},
         "compute_dtype": dtype_name,
         "matmul_gflops_by_dtype": rates,

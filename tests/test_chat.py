@@ -150,3 +150,6 @@ def test_estimate_counts_chat_windows_only_where_there_is_a_template(tiny_llama)
     assert extra["reconstruction"]["chat_windows"] == 4 and extra["reconstruction"]["windows"] == 20
     assert extra["reconstruction"]["forward_tokens"] == chat["reconstruction"]["forward_tokens"] * 20 // 16
     assert extra["memory"]["reconstruction_gb"] > chat["memory"]["reconstruction_gb"]
+    none = estimate(model_dir=tiny_llama, profile=profile.replace(reconstruct="none"), sparsity=0.2,
+                    measure_seconds=0.01)["reconstruction"]  # no repair reads no windows
+    assert (none["chat_windows"], none["windows"], none["repairs"], none["forward_tokens"]) == (0, 0, 0, 0)
