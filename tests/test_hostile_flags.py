@@ -191,7 +191,6 @@ def test_header_byte_patch_helper_keeps_the_data(tiny_llama):
     assert struct.unpack("<Q", (tiny_llama / "model.safetensors").read_bytes()[:8])[0] % 8 == 0
 
 
-
 def test_reconstruct_bias_on_a_reselecting_profile_runs_with_bias(tmp_path, tiny_llama, sample_text):
     """A profile that reselects the channels (lsq's option, as quick does) with --reconstruct bias:
     the flag turns the reselection off rather than refusing the profile's own choice."""
