@@ -82,7 +82,7 @@ def main() -> None:
     results_path = a.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else []
     # Evaluation starts after every window the calibration could have read.
-    calib_tokens = max(profile.calib_seqs * profile.seq_len,
+    calib_tokens = max(profile.prior_windows * profile.seq_len,
                        profile.reconstruct_seqs * profile.reconstruct_seq_len
                        if profile.reconstruct != "none" or a.repairs else 0)
     skip = math.ceil(calib_tokens / a.eval_seq_len)
