@@ -169,7 +169,7 @@ def main() -> None:
         two = run(a, 2, Path(tmp))
     speedup = two[0]["masks_per_s"] / one[0]["masks_per_s"]
     report = {
-        "model": str(a.model), "masks": a.masks, "wave_masks": a.wave, "calib": [a.seqs, a.seq_len],
+        "model": a.model.name, "masks": a.masks, "wave_masks": a.wave, "calib": [a.seqs, a.seq_len],
         "threads_per_rank": a.threads, "dtype": a.dtype,
         "one_rank": {k: v for k, v in one[0].items() if k != "losses"},
         "two_ranks": [{k: v for k, v in r.items() if k != "losses"} for r in two],

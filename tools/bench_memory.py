@@ -151,7 +151,7 @@ def main() -> None:
             "peak_charged_gib": round(fig["peak_charged"] / gib, 3), "exit": fig["exit"],
             "oom_kills": fig["oom_kills"], "wall_s": round(time.time() - t0, 1),
             "within_plan": planned is not None and peak < planned and fig["exit"] == 0,
-            "argv": " ".join(["memcap", cap, "--", "lowmem-bonsai", *args[3:]]),
+            "argv": " ".join(["memcap", cap, "--", "lowmem-bonsai", *args[3:]]).replace(str(a.scratch), "SCRATCH"),
         }
         if fig["exit"] != 0:
             row["stderr_tail"] = err[-1500:]

@@ -187,7 +187,7 @@ def main() -> None:
             r["max_nll_rel_diff_vs_inmemory"] = max(
                 abs(x - y) / abs(y) for x, y in zip(r["nll"], ref["nll"]))
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"model": str(a.model), "device": str(dev), "dtype": a.dtype,
+    a.out.write_text(json.dumps({"model": a.model.name, "device": str(dev), "dtype": a.dtype,
                                  "matmul_gflops": rate, "rows": rows}, indent=2))
     print(f"matmul rate {a.dtype} on {dev}: {rate:.0f} GFLOP/s; wrote {a.out}")
 

@@ -63,7 +63,7 @@ def main() -> None:
         name, _, path = spec.partition("=")
         rows = probe(Path(path), QUESTIONS, a.n)
         empty = sum(not r["answer"].strip() for r in rows)
-        result[name] = {"gguf": path, "mean_p_end_first": float(np.mean([r["p_end_first"] for r in rows])),
+        result[name] = {"gguf": Path(path).name, "mean_p_end_first": float(np.mean([r["p_end_first"] for r in rows])),
                         "empty_answers": empty, "questions": rows}
         print(f"{name:24s} mean p(end of turn first) {result[name]['mean_p_end_first']:.3f}, "
               f"empty answers {empty} of {len(rows)}; {rows[0]['question']!r} -> {rows[0]['answer']!r}")

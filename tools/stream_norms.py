@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
               f"mean square {r['first_token_mean_square']:10.4g}; median token {r['median_mean_square']:8.4g}, "
               f"largest other {r['max_mean_square_other']:10.4g}")
     if a.json:
-        a.json.write_text(json.dumps({"model": str(a.model), "windows": int(x.shape[0]),
+        a.json.write_text(json.dumps({"model": a.model.name, "windows": int(x.shape[0]),
                                       "seq_len": a.seq_len, "layers": rows}, indent=1))
     return 0
 
