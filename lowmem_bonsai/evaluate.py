@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,9 +36,14 @@ class EvalResult:
     data: str
     dtype: str
     device: str = "cpu"
+    # mean next-token NLL (nats) of each window, in the text's order: what a paired comparison of two
+    # models on the same windows resamples (:func:`paired_below`)
+    window_nll: tuple[float, ...] = ()
 
     def to_json(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["window_nll"] = list(self.window_nll)
+        return out
 
 
 def perplexity_of(nll_sum: torch.Tensor, tokens: int) -> tuple[float, float]:
@@ -120,12 +125,14 @@ def evaluate(
         batch_seqs, planned = eval_plan(ckpt.config, seq_len=seq_len, batch_seqs=batch_seqs,
                                         dtype=dtype, prefetch=prefetch, memory_gb=memory_gb)
         log.info("memory plan: %d windows per pass, peak %.2f GiB", batch_seqs, planned)
-    total = torch.zeros((), dtype=torch.float64)
+    sums = []  # NLL summed over each window's predicted positions
     for a in range(0, seqs.shape[0], batch_seqs):
         batch = seqs[a : a + batch_seqs]
-        total += streamed_nll(ckpt, batch, dtype=dtype, prefetch=prefetch, device=dev).sum()
+        sums.append(streamed_nll(ckpt, batch, dtype=dtype, prefetch=prefetch, device=dev).reshape(-1))
         if on_batch is not None:
             on_batch(min(a + batch_seqs, seqs.shape[0]), seqs.shape[0])
+    per_window = torch.cat(sums)
+    total = per_window.sum()
     tokens = seqs.shape[0] * (seq_len - 1)
     if not torch.isfinite(total):
         raise ckpt.nonfinite_error(found="the perplexity")
@@ -134,6 +141,68 @@ def evaluate(
         perplexity=ppl, nll=mean, tokens=tokens, seq_len=seq_len, sequences=seqs.shape[0], skip=skip,
         seconds=time.perf_counter() - start, model=str(model_dir), data=str(data),
         dtype=str(dtype).removeprefix("torch."), device=str(dev),
+        window_nll=tuple((per_window / (seq_len - 1)).tolist()),
     )
     log.info("perplexity %.4f over %d tokens", ppl, tokens)
     return result
+
+
+@dataclass(frozen=True, slots=True)
+class PairedBelow:
+    """How far the mean perplexity of some models lies below a reference's, on the same windows."""
+
+    reference: float  # the reference's perplexity
+    mean: float  # the mean of the others' perplexities (e.g. one method's seeds)
+    below: float  # 1 - mean / reference: 0.1 means 10 % lower perplexity than the reference
+    low: float  # the central interval of ``below`` over window resamples (``level``, e.g. 95 %)
+    high: float
+    level: float
+    windows: int
+    samples: int
+    share_at_least: float | None = None  # share of resamples with ``below`` >= ``goal``
+    goal: float | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def paired_below(reference: Sequence[float], others: Sequence[Sequence[float]], *, samples: int = 10_000,
+                 level: float = 0.95, goal: float | None = None, seed: int = 0) -> PairedBelow:
+    """A paired bootstrap over windows of ``1 - mean(ppl of others) / ppl of reference``.
+
+    Each argument holds mean next-token NLLs per window (:attr:`EvalResult.window_nll`), all on the
+    same windows of equal length, so a perplexity is exp(mean over windows). Every resample draws
+    the windows with replacement once and applies the same draw to every model, so what the
+    interval measures is how much the comparison depends on which text was held out; the models
+    themselves (e.g. the seeds in ``others``) are not resampled.
+    """
+    ref = torch.tensor(list(reference), dtype=torch.float64)
+    if ref.ndim != 1 or ref.numel() < 2:
+        raise UserError(f"a paired comparison needs per-window NLLs of at least 2 windows, got {ref.numel()}")
+    if not others:
+        raise UserError("a paired comparison needs at least one model to compare with the reference")
+    rows = [list(o) for o in others]
+    if any(len(r) != ref.numel() for r in rows):
+        raise UserError(f"every model must be measured on the same windows: the reference has {ref.numel()}, "
+                        f"the others {sorted({len(r) for r in rows})}")
+    oth = torch.tensor(rows, dtype=torch.float64)  # (M, W)
+    if not (torch.isfinite(ref).all() and torch.isfinite(oth).all()):
+        raise UserError("a per-window NLL is NaN or Inf: the comparison needs finite perplexities")
+    if samples < 100 or not 0.5 <= level < 1:
+        raise UserError(f"samples {samples} / level {level}: expected at least 100 resamples and a level "
+                        "in [0.5, 1)")
+
+    def below(idx: torch.Tensor) -> torch.Tensor:  # idx (R, W) -> (R,)
+        return 1 - oth[:, idx].mean(-1).exp().mean(0) / ref[idx].mean(-1).exp()
+
+    point = float(below(torch.arange(ref.numel()).unsqueeze(0))[0])
+    gen = torch.Generator().manual_seed(seed)
+    draws = torch.cat([below(torch.randint(ref.numel(), (n, ref.numel()), generator=gen))
+                       for n in [1000] * (samples // 1000) + [samples % 1000] if n])
+    tail = (1 - level) / 2
+    low, high = torch.quantile(draws, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return PairedBelow(
+        reference=math.exp(float(ref.mean())), mean=float(oth.mean(-1).exp().mean()), below=point,
+        low=low, high=high, level=level, windows=ref.numel(), samples=samples, goal=goal,
+        share_at_least=None if goal is None else float((draws >= goal).double().mean()),
+    )

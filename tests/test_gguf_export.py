@@ -416,6 +416,9 @@ def test_smollm2_dense_and_pruned_perplexity_match_ours(smollm2, smollm2_f16, sm
         assert ref.tokens == ours.tokens == 6 * 127
         assert 5 < ours.perplexity < 100
         assert abs(ref.perplexity / ours.perplexity - 1) < 0.01, (arch, ref.perplexity, ours.perplexity)
+        # window by window too (F16 against float32: within 0.01 nats per window)
+        assert len(ref.window_nll) == len(ours.window_nll) == 6
+        assert max(abs(a - b) for a, b in zip(ref.window_nll, ours.window_nll)) < 0.01
 
 
 def test_smollm2_tokenizer_and_chat_survive_export(smollm2, smollm2_f16, smollm2_texts):

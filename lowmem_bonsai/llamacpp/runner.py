@@ -108,13 +108,14 @@ def gguf_perplexity(*, gguf: Path, data: Path, seq_len: int = 512, max_seqs: int
         ids = read_tokens(lambda text: llm.tokenize(text.encode("utf-8"), add_bos=False, special=True),
                           data, max_tokens=need)
         seqs = windows(ids, seq_len=seq_len, max_seqs=max_seqs, skip=skip, source=str(data))
-        total = 0.0
+        per_window = []
         for i, window in enumerate(seqs.tolist()):
-            total += _window_nll(llm, window)
+            per_window.append(_window_nll(llm, window))
             if on_batch is not None:
                 on_batch(i + 1, seqs.shape[0])
         file_type = llm.metadata.get("general.file_type", "?")
     tokens = seqs.shape[0] * (seq_len - 1)
+    total = math.fsum(per_window)
     if not math.isfinite(total):
         raise UserError(f"{gguf}: llama.cpp's perplexity is NaN or Inf: the model's weights hold NaN "
                         "or Inf or its computation overflows; re-export it from a checkpoint whose "
@@ -122,6 +123,7 @@ def gguf_perplexity(*, gguf: Path, data: Path, seq_len: int = 512, max_seqs: int
     ppl, mean = perplexity_of(torch.tensor(total, dtype=torch.float64), tokens)
     result = EvalResult(perplexity=ppl, nll=mean, tokens=tokens, seq_len=seq_len,
                         sequences=seqs.shape[0], skip=skip, seconds=time.perf_counter() - start,
-                        model=str(gguf), data=str(data), dtype=f"gguf(file_type={file_type})")
+                        model=str(gguf), data=str(data), dtype=f"gguf(file_type={file_type})",
+                        window_nll=tuple(x / (seq_len - 1) for x in per_window))
     log.info("llama.cpp perplexity %.4f over %d tokens", result.perplexity, tokens)
     return result
