@@ -3,7 +3,7 @@ answer's first token ends the turn (the chat template's end-of-turn / EOS token)
 answer, both from llama.cpp with the GGUF's own chat template.
 
 A pruned model whose repair dropped what only the template's tokens use ends every turn at once:
-its answers are empty although its perplexity on plain text is fine (README, "Chat turns in the
+its answers are empty although its perplexity on plain text is fine (docs/quality-history.md, "Chat turns in the
 repair's text").
 
     python tools/probe_chat.py --models dense=runs/demo/smollm2.f16.gguf pruned=runs/demo/x.gguf \

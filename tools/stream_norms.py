@@ -3,7 +3,7 @@ stream, and the share of the stream's sum of squares that the first token of eac
 
 Why: the lsq repair with the stream target fits the squared error of the residual stream. Where a
 few tokens (the first of each window, with massive activations) hold most of its sum of squares,
-they could decide the fit (README, "What moved the 10 % repair, and what did not").
+they could decide the fit (docs/quality-history.md, "What moved the 10 % repair, and what did not").
 
     python tools/stream_norms.py --model runs/smollm2 --data wikitext2-valid --windows 16
 

@@ -46,7 +46,7 @@ class SoftTargets:
 
     Scoring a sub-model by cross-entropy to these instead of to the one token the text has
     (= KL to the reference + a constant) removes the noise of which token happened to follow
-    (README, "Where the gain comes from").
+    (docs/quality-history.md, "Where the gain comes from").
     """
 
     ids: torch.Tensor  # (S, T-1, K) int64
