@@ -69,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     line = (f"{len(models)} model(s), mean perplexity {res.mean:.2f}, against {res.reference:.2f}: "
-            f"{res.below:+.1%} below, {res.level:.0%} interval [{res.low:+.1%}, {res.high:+.1%}] "
-            f"over {res.windows} windows ({res.samples:,} paired resamples)")
+            f"{res.below:+.1%} below, {res.level:.0%} interval [{res.low:+.1%}, {res.high:+.1%}]"
+            f"{' (negative: above)' if res.low < 0 else ''} over {res.windows} windows "
+            f"({res.samples:,} paired resamples)")
     if a.goal is not None:
         line += f"; at least {a.goal:.0%} below in {res.share_at_least:.1%} of them"
     print(line)

@@ -4,6 +4,11 @@
 
 Writes OUT.md (a table per sparsity: method, seeds, perplexity mean [min-max], x dense, forward
 tokens) and OUT.png (perplexity against forward tokens, one marker per method and sparsity).
+``--only METHOD=LABEL ...`` keeps just those methods, in that order, under readable names (the
+README's plot of the defaults):
+
+    python tools/summarize_quality.py tools/results/quality_smollm2_test_reselect.json \
+        --only "bonsai.c16=bonsai, no repair" ... --out tools/results/quality_smollm2_defaults
 """
 
 from __future__ import annotations
@@ -38,8 +43,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", type=Path, nargs="+", help="results.json files of bench_quality.py")
     ap.add_argument("--out", type=Path, required=True, help="output prefix (.md, .png, .json)")
+    ap.add_argument("--only", nargs="+", metavar="METHOD=LABEL",
+                    help="keep only these methods (and dense), renamed, in this order")
     a = ap.parse_args()
-    rows = [r for path in a.results for r in json.loads(path.read_text())]
+    rows = []
+    for path in a.results:  # a bench's results.json (a list of rows) or a summary's JSON ({"raw": rows})
+        got = json.loads(path.read_text())
+        rows += got["raw"] if isinstance(got, dict) else got
+    order = None
+    if a.only:
+        names = dict(o.split("=", 1) if "=" in o else (o, o) for o in a.only)
+        missing = set(names) - {r["method"] for r in rows}
+        if missing:
+            raise SystemExit(f"--only: no rows of {sorted(missing)} in {[str(p) for p in a.results]}")
+        rows = [r | {"method": names.get(r["method"], "dense")} for r in rows
+                if r["method"] in names or r["method"] == "dense"]
+        order = list(names.values())
     dense, summary = summarize(rows)
     lines = [f"dense: {dense:.2f}", "",
              "| sparsity | method | seeds | perplexity (mean [min-max]) | x dense | forward tokens |",
@@ -58,7 +77,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    methods = sorted({s["method"] for s in summary})
+    methods = order or sorted({s["method"] for s in summary})
     markers = dict(zip(sorted({s["sparsity"] for s in summary}), "osD^v"))
     # tab10's colours repeat after ten methods; tab20 tells up to twenty apart
     palette = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
