@@ -110,6 +110,8 @@ def test_paired_ppl_tool(tmp_path, capsys):
     assert tool.main(["--reference", str(ref), "--models", str(good), "--goal", "0.1", "--json", str(out)]) == 0
     got = json.loads(out.read_text())
     assert math.isclose(got["below"], 1 - math.exp(-0.1), rel_tol=1e-9) and got["share_at_least"] == 0.0
+    assert got["reference_file"] == "ref.json" and got["model_files"] == ["s0.json"]
+    assert math.isclose(got["reference"], math.exp(4.025), rel_tol=1e-9)  # the reference's perplexity
     assert "below" in capsys.readouterr().out
     other = tmp_path / "other.json"
     other.write_text(json.dumps(windows | {"skip": 11, "window_nll": [3.9, 3.7, 4.1, 4.0]}))

@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         line += f"; at least {a.goal:.0%} below in {res.share_at_least:.1%} of them"
     print(line)
     if a.json:
-        a.json.write_text(json.dumps({"label": a.label, "reference": a.reference.name,
-                                      "models": [p.name for p in a.models],
+        a.json.write_text(json.dumps({"label": a.label, "reference_file": a.reference.name,
+                                      "model_files": [p.name for p in a.models],
                                       "windows": {k: ref.get(k) for k in SAME} | {"data": Path(str(ref["data"])).name},
                                       **res.to_json()}, indent=1) + "\n")
     return 0
