@@ -115,7 +115,7 @@ def gguf_perplexity(*, gguf: Path, data: Path, seq_len: int = 512, max_seqs: int
                 on_batch(i + 1, seqs.shape[0])
         file_type = llm.metadata.get("general.file_type", "?")
     tokens = seqs.shape[0] * (seq_len - 1)
-    total = math.fsum(per_window)
+    total = sum(per_window)  # not math.fsum: it raises on inf + -inf, where this says NaN below
     if not math.isfinite(total):
         raise UserError(f"{gguf}: llama.cpp's perplexity is NaN or Inf: the model's weights hold NaN "
                         "or Inf or its computation overflows; re-export it from a checkpoint whose "
