@@ -41,9 +41,7 @@ class EvalResult:
     window_nll: tuple[float, ...] = ()
 
     def to_json(self) -> dict:
-        out = asdict(self)
-        out["window_nll"] = list(self.window_nll)
-        return out
+        return asdict(self)  # window_nll, a tuple, is written as a JSON list
 
 
 def perplexity_of(nll_sum: torch.Tensor, tokens: int) -> tuple[float, float]:
@@ -197,8 +195,7 @@ def paired_below(reference: Sequence[float], others: Sequence[Sequence[float]], 
 
     point = float(below(torch.arange(ref.numel()).unsqueeze(0))[0])
     gen = torch.Generator().manual_seed(seed)
-    draws = torch.cat([below(torch.randint(ref.numel(), (n, ref.numel()), generator=gen))
-                       for n in [1000] * (samples // 1000) + [samples % 1000] if n])
+    draws = below(torch.randint(ref.numel(), (samples, ref.numel()), generator=gen))
     tail = (1 - level) / 2
     low, high = torch.quantile(draws, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
     return PairedBelow(
