@@ -76,7 +76,7 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     methods = order or sorted({s["method"] for s in summary})
     markers = dict(zip(sorted({s["sparsity"] for s in summary}), "osD^v"))
     # tab10's colours repeat after ten methods; tab20 tells up to twenty apart
@@ -86,7 +86,7 @@ def main() -> None:
         ax.errorbar(s["forward_tokens"], s["perplexity_mean"], fmt=markers[s["sparsity"]], color=colors[s["method"]],
                     yerr=[[s["perplexity_mean"] - s["perplexity_min"]], [s["perplexity_max"] - s["perplexity_mean"]]])
     for m in methods:
-        ax.plot([], [], "s", color=colors[m], label=m)
+        ax.plot([], [], "-", lw=5, color=colors[m], label=m)  # a colour bar: the markers are the sparsities
     for sp, mk in markers.items():
         ax.plot([], [], mk, color="gray", label=f"{sp:.0%}")
     ax.axhline(dense, color="k", lw=0.8, ls="--", label="dense")
@@ -94,7 +94,7 @@ def main() -> None:
     ax.set_yscale("log")
     ax.set_xlabel("forward tokens (prior passes, masks, reconstruction)")
     ax.set_ylabel("WikiText-2 perplexity (held-out test windows)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: no point hidden
     fig.tight_layout()
     fig.savefig(a.out.with_suffix(".png"), dpi=110)
 
