@@ -311,7 +311,7 @@ def prune_cmd(
         help="Override the profile: repair what is left after the units are chosen: none, bias (the "
         "removed inputs' mean, as FLAP) or lsq (least-squares refit of o_proj/down_proj and a bias "
         "from calibration activations; the profile's reconstruct_reselect, lsq only, then also chooses the "
-        "MLP channels).")] = None,
+        "MLP channels and heads each layer keeps).")] = None,
     reconstruct_seqs: Annotated[Optional[int], typer.Option(
         help="Override the profile: calibration windows (of reconstruct_seq_len tokens) for the repair.")] = None,
     reconstruct_target: Annotated[Optional[str], typer.Option(

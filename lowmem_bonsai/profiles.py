@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .settings import (AUTO, Allocation, DType, Eligible, Estimator, HeadUnit, MaskCounts, MaskFill,
+from .settings import (AUTO, Allocation, Coarse, DType, Eligible, Estimator, HeadUnit, MaskCounts, MaskFill,
                        Prior, PriorScope, Reconstruct, RepairTarget, Score, names, one_of)
 
 # An installed wheel carries the profiles in the package (pyproject maps profiles/ to
@@ -27,7 +27,7 @@ _DTYPE_OR_AUTO = (AUTO, *names(DType))
 CHOICES: dict[str, tuple[str, ...]] = {
     "compute_dtype": _DTYPE_OR_AUTO, "storage_dtype": _DTYPE_OR_AUTO, "prior": names(Prior),
     "estimator": names(Estimator), "head_unit": names(HeadUnit), "allocation": names(Allocation),
-    "mask_counts": names(MaskCounts), "eligible": names(Eligible), "score": names(Score),
+    "mask_counts": names(MaskCounts), "eligible": names(Eligible), "coarse": names(Coarse), "score": names(Score),
     "prior_scope": names(PriorScope), "mask_fill": names(MaskFill),
     "reconstruct": names(Reconstruct), "reconstruct_target": names(RepairTarget),
 }
@@ -71,6 +71,10 @@ class Profile:
     #                             lowest-prior 2p share, so widths stay near-uniform) or global (all
     #                             units ranked together by FLAP's standardized fluctuation; the lowest
     #                             2p of the parameters, so the masks probe uneven widths)
+    coarse: str = Coarse.SKIP.value  # a module too coarse to lose a unit at the round's rate (SmolLM2's
+    #                             3 KV groups at p = 0.1): skip (left alone: bonsai never prunes its
+    #                             attention) or ranked (eligible = global: its units join FLAP's
+    #                             cross-layer ranking like every other unit)
     prior_scope: str = PriorScope.MODULE.value  # the regression's base (beta = scale x prior + a
     #                             correction): module (each module's prior normalised to mean 1, so
     #                             cross-layer differences come from the masks alone) or global (the
@@ -95,9 +99,9 @@ class Profile:
     #                             beside the pruned one (sequential only)
     reconstruct_unpruned: bool = False  # with target dense / stream: also refit the o_proj / down_proj
     #                                     of layers that lost nothing there (all columns)
-    reconstruct_reselect: bool = False  # with lsq: the repair also chooses which MLP channels each
-    #                                     layer keeps (as many as the plan keeps), by greedy structured
-    #                                     OBS on its own moments; heads and widths stay the plan's
+    reconstruct_reselect: bool = False  # with lsq: the repair also chooses which MLP channels and
+    #                                     heads each layer keeps (as many as the plan keeps), by greedy
+    #                                     structured OBS on its own moments; the widths stay the plan's
     #                                     (the final repair only: never those between the rounds)
     reconstruct_chat: float = 0.0  # share of the repair's windows whose text is written as chat
     #                                turns with the checkpoint's chat template (none without one),
@@ -144,6 +148,8 @@ class Profile:
              "reconstruct_in_rounds = true needs reconstruct = bias or lsq (the repair it runs "
              "between the rounds)"),
             (self.dist_timeout_s > 0, "dist_timeout_s must be > 0"),
+            (self.coarse == Coarse.SKIP or self.eligible == Eligible.GLOBAL,
+             "coarse = \"ranked\" needs eligible = \"global\" (the cross-layer ranking)"),
             (self.prior_scope == PriorScope.MODULE or self.eligible == Eligible.GLOBAL,
              "prior_scope = \"global\" needs eligible = \"global\" (the cross-layer ranking)"),
             (self.memory_gb > 0 and self.prefetch >= 0 and self.threads >= 0 and self.wave_masks >= 0,

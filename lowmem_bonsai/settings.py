@@ -71,6 +71,15 @@ class Eligible(Setting):
     GLOBAL = "global", "FLAP's scores ranked across all layers: the lowest 2p of the parameters"
 
 
+class Coarse(Setting):
+    """What the masks do with a module too coarse to lose a unit at the round's rate
+    (round(p x units) = 0, e.g. 3 KV groups at p = 0.1): prune.sample_round."""
+
+    SKIP = "skip", "leave it alone: never perturbed, never pruned"
+    RANKED = "ranked", ("rank its units with all others (eligible = global): those among the lowest 2p "
+                        "of the parameters are perturbed and may go")
+
+
 class PriorScope(Setting):
     MODULE = "module", "each module's prior normalised to mean 1"
     GLOBAL = "global", "the eligible units' rank in the cross-layer ranking (needs eligible = global)"

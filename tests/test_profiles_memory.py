@@ -34,6 +34,8 @@ REFUSED = [  # (profile text, words of the refusal)
     ('mask_fill = "median"\n', "mask_fill must be zero or mean"),
     # the ranking prior_scope reads comes with eligible = "global"
     ('prior_scope = "global"\n', 'prior_scope = "global" needs eligible = "global"'),
+    ('coarse = "ranked"\n', 'coarse = "ranked" needs eligible = "global"'),
+    ('coarse = "all"\n', "coarse must be skip or ranked"),
     ('reconstruct_target = "output"\n', "reconstruct_target must be layer, dense or stream"),
     ('reconstruct_target = "stream"\nreconstruct_sequential = false\n',
      'reconstruct_target = "stream" needs reconstruct_sequential = true'),

@@ -176,6 +176,27 @@ def test_global_eligibility_follows_the_ranking_across_layers():
     assert 0.3 < float(dropped) < 0.7  # each mask drops half the eligible channels on average
 
 
+def test_ranked_coarse_modules_join_the_ranking_only_where_it_puts_them_low():
+    """coarse = "ranked" (skip_coarse False, with a ranking): two 3-group attentions at p = 0.1,
+    too coarse to lose a group at that rate; the one whose groups FLAP's ranking puts lowest gets
+    eligible groups and perturbed masks, the other none. With skip_coarse neither does."""
+    from lowmem_bonsai.method.masks import Module
+    from lowmem_bonsai.method.prune import sample_round
+
+    g = torch.Generator().manual_seed(1)
+    mods = [Module(0, "attn", 3, 1000, 1), Module(0, "mlp", 96, 10, 8),
+            Module(1, "attn", 3, 1000, 1), Module(1, "mlp", 96, 10, 8)]
+    priors = [(torch.rand(3, generator=g).double(), torch.rand(96, generator=g).double()) for _ in range(2)]
+    ranking = [(torch.tensor([-9.0, -8.0, 4.0]).double(), torch.linspace(-1, 1, 96).double()),
+               (torch.full((3,), 9.0).double(), torch.linspace(0, 2, 96).double())]
+    ranked = sample_round(mods, priors, 0.1, 32, g, varied=True, ranking=ranking, skip_coarse=False)
+    assert ranked[0].eligible.tolist() == [0, 1] and (ranked[0].masks[:, :2] == 0).any()
+    assert ranked[2].eligible.numel() == 0 and (ranked[2].masks == 1).all()
+    skipped = sample_round(mods, priors, 0.1, 32, g, varied=True, ranking=ranking)
+    assert skipped[0].eligible.numel() == 0 and (skipped[0].masks == 1).all()
+    assert skipped[1].eligible.numel() > 0
+
+
 def test_global_prior_scope_ranks_the_eligible_units_across_layers():
     """prior_scope = global: the regression's base prior is each eligible unit's rank in the
     cross-layer ranking, not its module's prior normalised to mean 1."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lowmem_bonsai.engine.forward import streamed_nll
-from lowmem_bonsai.method.reconstruct import Moments, greedy_keep, reconstruct, solve
+from lowmem_bonsai.method.reconstruct import Moments, greedy_heads, greedy_keep, reconstruct, solve
 from lowmem_bonsai.model.checkpoint import Checkpoint
 from lowmem_bonsai.model.plan import LayerPlan, Plan
 
@@ -360,10 +360,50 @@ def test_reselection_is_greedy_least_squares_elimination(given):
         assert greedy_keep(m, w.float(), k, ridge=ridge).tolist() == keep
 
 
+def test_head_reselection_is_greedy_block_elimination_that_keeps_the_groups_even():
+    """greedy_heads against brute force: 6 query heads of 3 columns in 3 KV groups; first the
+    group whose removal (its columns gone, the rest refit by ridge least squares from scratch)
+    leaves the smallest error goes, then one head from each kept group, each step the cheapest
+    head of a group that still has one to give up. Every kept group keeps as many heads."""
+    g = torch.Generator().manual_seed(5)
+    hd, n_heads, qpk = 3, 6, 2
+    z = (torch.randn(500, 18, generator=g) @ torch.randn(18, 18, generator=g)).double()
+    w = torch.randn(7, 18, generator=g, dtype=torch.float64)
+    w[:, 6:9] *= 0.05  # head 2 (group 1) carries little
+    t = z @ w.T + 0.3 * torch.randn(500, 7, generator=g, dtype=torch.float64)
+    m = Moments(18, full=True, n_out=7)
+    m.add(z, t)
+    ridge = 1e-3
+    zp = torch.cat([z, torch.ones(500, 1, dtype=torch.float64)], 1)
+    lam = ridge * zp.square().sum(0)[:-1].mean()
+
+    def error(heads: set[int]) -> float:
+        cols = [h * hd + i for h in sorted(heads) for i in range(hd)] + [18]
+        a = zp[:, cols]
+        reg = torch.diag(torch.tensor([lam] * (len(cols) - 1) + [0.0], dtype=torch.float64))
+        x = torch.linalg.solve(a.T @ a + reg, a.T @ t)
+        return float((a @ x - t).square().sum() + lam * x[:-1].square().sum())
+
+    alive = set(range(n_heads))
+    gone_group = min(range(3), key=lambda k: error(alive - {k * qpk, k * qpk + 1}))
+    alive -= {gone_group * qpk, gone_group * qpk + 1}
+    left = {k: 1 for k in range(3) if k != gone_group}
+    while any(left.values()):
+        h = min((h for h in alive if left[h // qpk]), key=lambda h: error(alive - {h}))
+        alive.remove(h)
+        left[h // qpk] -= 1
+    heads, kv = greedy_heads(m, w.float(), hd, 3, 2, 1, ridge=ridge)
+    assert heads == tuple(sorted(alive)) and kv == tuple(k for k in range(3) if k != gone_group)
+    assert len(heads) == 2 and {h // qpk for h in heads} == set(kv)
+    assert greedy_heads(m, w.float(), hd, 3, 3, 2, ridge=ridge) == (tuple(range(6)), (0, 1, 2))
+    assert 2 not in greedy_heads(m, w.float(), hd, 3, 3, 1, ridge=ridge)[0]  # the weak head goes first
+
+
 def test_reselect_keeps_the_widths_and_writes_the_plan_it_repaired(tmp_path, sample_text):
     """A prune with reconstruct_reselect: the plan written has the widths the method chose, its
-    channels are the repair's (the report says how many it exchanged), the tensors written are
-    sliced to those channels, and the MLPs' refit errors are lower than on the method's channels."""
+    heads and channels are the repair's (the report says how many it exchanged; every kept query
+    head's KV group is kept), the tensors written are sliced to them, and the refit errors are no
+    higher than on the method's units."""
     from lowmem_bonsai.pipeline import prune_model
     from lowmem_bonsai.profiles import load_profile
     from .conftest import write_word_tokenizer
@@ -384,13 +424,20 @@ def test_reselect_keeps_the_widths_and_writes_the_plan_it_repaired(tmp_path, sam
     layers = reps[True]["reconstruction"]["layers"]
     changed = [len(set(a.channels) - set(b.channels)) for a, b in zip(plans[False].layers, plans[True].layers)]
     assert [info.get("channels_changed", 0) for info in layers] == changed and sum(changed) > 0
+    heads = [len(set(a.heads) - set(b.heads)) for a, b in zip(plans[False].layers, plans[True].layers)]
+    assert [info.get("heads_changed", 0) for info in layers] == heads and sum(heads) > 0  # whole groups here
+    assert all({h // 2 for h in lp.heads} == set(lp.kv_heads) for lp in plans[True].layers)
     for before, after in zip(reps[False]["reconstruction"]["layers"], layers):
-        if "mlp_error" in after:
-            assert after["mlp_error"][1] < before["mlp_error"][1]
+        for key in ("attn_error", "mlp_error"):
+            if key in after:
+                assert after[key][1] <= before[key][1] + 1e-6
     written, source = Checkpoint(tmp_path / "True"), Checkpoint(tmp_path / "m")
-    for layer, lp in enumerate(plans[True].layers):  # gate_proj is not refit: the source's rows of the plan
+    for layer, lp in enumerate(plans[True].layers):  # gate_proj is not refit: the source's rows of the plan,
         name = f"model.layers.{layer}.mlp.gate_proj.weight"
         torch.testing.assert_close(written.get(name), source.get(name)[list(lp.channels)], rtol=0, atol=0)
+        name, hd = f"model.layers.{layer}.self_attn.k_proj.weight", source.config.head_dim  # and k_proj the
+        rows = [k * hd + i for k in lp.kv_heads for i in range(hd)]  # kept KV groups' rows
+        torch.testing.assert_close(written.get(name), source.get(name)[rows], rtol=0, atol=0)
 
 
 def test_transformers_loads_a_repaired_uniform_prune_and_agrees(tmp_path):

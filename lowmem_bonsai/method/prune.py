@@ -30,7 +30,7 @@ from ..model.config import DTYPES, ModelConfig
 from ..model.plan import Drop, Plan
 from ..outputs.resume import RunState
 from ..profiles import Profile
-from ..settings import Eligible, MaskFill, Method, PriorScope, names
+from ..settings import Coarse, Eligible, MaskFill, Method, PriorScope, names
 from . import select
 from .masks import Module, eligible_units, modules_of, sample_masks
 from .prior import flap_scores, layer_priors
@@ -382,9 +382,10 @@ def record(start: RoundStart, prior: PriorPass, choice: Choice, *, params_after:
 
 
 def draw_masks(modules: list[Module], priors: Priors, p: float, n_masks: int, gen: torch.Generator,
-               varied: bool, ranking: Priors | None = None) -> list[ModuleMasks] | None:
+               varied: bool, ranking: Priors | None = None, skip_coarse: bool = True) -> list[ModuleMasks] | None:
     """The round's sub-models; None when every module is at its minimum width."""
-    per_module = sample_round(modules, priors, p, n_masks, gen, varied, ranking=ranking)
+    per_module = sample_round(modules, priors, p, n_masks, gen, varied, skip_coarse=skip_coarse,
+                              ranking=ranking)
     if not any(mm.eligible.numel() for mm in per_module):
         # Every module is too coarse for this round's rate: perturb the coarse ones after all (a
         # small last round, or a model already near its minimum widths).
@@ -484,7 +485,8 @@ def bonsai_choice(ckpt: Checkpoint, calib: torch.Tensor, plan: Plan, start: Roun
     ranking = None
     if profile.eligible == Eligible.GLOBAL:
         ranking = tuple(flap_scores(st, head_unit=profile.head_unit) for st in prior.stats)
-    per_module = draw_masks(list(start.modules), prior.priors, start.share, n_masks, gen, varied, ranking)
+    per_module = draw_masks(list(start.modules), prior.priors, start.share, n_masks, gen, varied, ranking,
+                            skip_coarse=profile.coarse == Coarse.SKIP)
     if per_module is None:  # every module is at its minimum
         nan = float("nan")
         return Choice({}, n_masks, FitSummary(nan, nan, nan, nan, None, None))
@@ -523,7 +525,9 @@ def sample_round(modules: list[Module], priors: Priors, p: float, n_masks: int, 
     = 0, e.g. 3 KV groups at p = 0.1) is neither perturbed nor pruned: on SmolLM2, dropping one of
     the first layers' three KV groups multiplies the loss, and those few masks then dominate the
     scores' variance that the regression should spend on the units it can remove
-    (tools/bench_regression.py).
+    (tools/bench_regression.py). Without it (profile key ``coarse = "ranked"``, with a ranking)
+    such a module's units compete in the cross-layer ranking like any other, so only the groups it
+    puts among the lowest 2p of the parameters are perturbed.
     """
     skipped = [skip_coarse and round(p * m.n_units) == 0 for m in modules]
     if ranking is not None:

@@ -37,16 +37,21 @@ For the last two the fit needs the cross moments C = sum t z+^T (out x in + 1) b
 
 With t = W z, C = W G[:in] and both reduce to the formulas above.
 
-``reselect`` (lsq): the repair also chooses which MLP channels a layer keeps, as many as the plan
-keeps there, from the same moments: greedy structured OBS (as ZipLM's structured pruner). From the
+``reselect`` (lsq): the repair also chooses which MLP channels and heads a layer keeps, as many as
+the plan keeps there, from the same moments: greedy structured OBS (as ZipLM's structured pruner). From the
 refit on every channel, W* = C A^-1 (A = G + lambda I, the constant unpenalised), channels are
 dropped one at a time, each the one whose removal, the rest refit, raises the error least,
 
     cost(j) = |W*[:, j]|^2 / (A^-1)[j, j],
 
-and W* and A^-1 are downdated after each (Sherman-Morrison on the inverse). The plan's widths stay
-(the method chose how much each layer loses); the report's plan is the one to write. Heads stay as
-the plan has them.
+and W* and A^-1 are downdated after each (Sherman-Morrison on the inverse). Heads are chosen the
+same way on o_proj's moments, a head being a block J of head_dim columns:
+
+    cost(J) = tr(W*_J ((A^-1)_JJ)^-1 W*_J^T),
+
+whole KV groups first (as many as the plan drops), then query heads, as many from every kept group
+(GQA: a group's heads share its K and V, and llama.cpp needs n_head / n_head_kv whole). The plan's
+widths stay (the method chose how much each layer loses); the report's plan is the one to write.
 
 The repaired tensors are written full-width (removed columns zero) in the source's names, one
 safetensors file per layer, and laid over the source checkpoint (``Checkpoint.with_overlay``):
@@ -176,22 +181,41 @@ class Moments:
         return c
 
 
-def greedy_keep(m: Moments, w: torch.Tensor, k: int, *, ridge: float) -> torch.Tensor:
-    """``reselect``: the ``k`` inputs of ``w`` (out, in) to keep, by greedy elimination (see the
-    module's notes) on the moments ``m`` (target W z, or ``m``'s own). Sorted indices.  (k,)
-
-    lambda is ``ridge`` x the mean diagonal over all inputs, the same for every subset, so each
-    step's cost is exact for the regularised fit. Computes in :func:`solve_dtype`.
-    """
+def _elimination_start(m: Moments, w: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The refit on every input and the inverse it starts from: (W* (out, in + 1), A^-1 (in + 1,
+    in + 1)), lambda = ``ridge`` x the mean diagonal over all inputs (the same for every subset, so
+    each elimination step's cost is exact for the regularised fit). In :func:`solve_dtype`."""
     n = w.shape[1]
     g = m.full_gram()  # (in + 1, in + 1)
     c = m.full_cross(g.dtype) if m.t_sums is not None else w.to(g.dtype) @ g[:n]  # target W z: C = W G
     a = g.clone() if g is m.gram else g  # the fp32 accumulator is the later solve's: not changed
     a.diagonal()[:-1] += ridge * a.diagonal()[:-1].mean().clamp_min(1e-30)
-    inv = torch.linalg.inv(a)  # (in + 1, in + 1)
+    inv = torch.linalg.inv(a)
     del a, g
-    fit = c @ inv  # W* (out, in + 1)
-    del c
+    return c @ inv, inv
+
+
+def _drop_block(fit: torch.Tensor, inv: torch.Tensor, cols: torch.Tensor) -> None:
+    """Remove inputs ``cols`` from the fit, the rest refit: W* -= W*_J (A^-1_JJ)^-1 A^-1_J., and
+    the same downdate of A^-1 (in place)."""
+    s = torch.linalg.inv(inv[cols][:, cols])  # (|J|, |J|)
+    rows = inv[cols].clone()  # (|J|, in + 1)
+    fit.addmm_(fit[:, cols] @ s, rows, alpha=-1)  # in place: no second (in + 1)^2 beside the inverse
+    inv.addmm_(inv[:, cols] @ s, rows, alpha=-1)
+
+
+def _block_cost(fit: torch.Tensor, inv: torch.Tensor, cols: torch.Tensor) -> float:
+    """How much the fit's error grows when inputs ``cols`` go, the rest refit:
+    tr(W*_J (A^-1_JJ)^-1 W*_J^T)."""
+    f = fit[:, cols]
+    return float((torch.linalg.solve(inv[cols][:, cols], f.T) * f.T).sum())
+
+
+def greedy_keep(m: Moments, w: torch.Tensor, k: int, *, ridge: float) -> torch.Tensor:
+    """``reselect``: the ``k`` inputs of ``w`` (out, in) to keep, by greedy elimination (see the
+    module's notes) on the moments ``m`` (target W z, or ``m``'s own). Sorted indices.  (k,)"""
+    n = w.shape[1]
+    fit, inv = _elimination_start(m, w, ridge)
     alive = torch.ones(n, dtype=torch.bool)
     for _ in range(n - k):
         d = inv.diagonal()[:-1]
@@ -203,6 +227,33 @@ def greedy_keep(m: Moments, w: torch.Tensor, k: int, *, ridge: float) -> torch.T
         inv.addr_(col, row, alpha=-1 / pivot)
         alive[j] = False
     return torch.nonzero(alive).flatten()
+
+
+def greedy_heads(m: Moments, w: torch.Tensor, head_dim: int, n_kv: int, kv_keep: int, per_group: int,
+                 *, ridge: float) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``reselect`` for attention: which ``kv_keep`` KV groups o_proj ``w`` (out, n_heads head_dim)
+    keeps, and in each which ``per_group`` query heads, by greedy block elimination on its input
+    moments ``m``: a head is its head_dim columns, a group its heads'. Whole groups go first, then
+    heads, ``n_heads / n_kv - per_group`` from every kept group, so each keeps as many as the
+    others (GQA; llama.cpp's n_head / n_head_kv). Returns sorted (heads, kv_heads)."""
+    n_heads = w.shape[1] // head_dim
+    qpk = n_heads // n_kv
+    fit, inv = _elimination_start(m, w, ridge)
+    cols = [torch.arange(h * head_dim, (h + 1) * head_dim) for h in range(n_heads)]
+    kv = set(range(n_kv))
+    while len(kv) > kv_keep:
+        group = {g: torch.cat(cols[g * qpk:(g + 1) * qpk]) for g in kv}
+        g = min(kv, key=lambda g: _block_cost(fit, inv, group[g]))
+        _drop_block(fit, inv, group[g])
+        kv.remove(g)
+    heads = {h for h in range(n_heads) if h // qpk in kv}
+    left = dict.fromkeys(kv, qpk - per_group)  # heads each kept group still gives up
+    while any(left.values()):
+        h = min((h for h in heads if left[h // qpk]), key=lambda h: _block_cost(fit, inv, cols[h]))
+        _drop_block(fit, inv, cols[h])
+        heads.remove(h)
+        left[h // qpk] -= 1
+    return tuple(sorted(heads)), tuple(sorted(kv))
 
 
 def solve_dtype(n_in: int) -> torch.dtype:
@@ -415,6 +466,13 @@ def reconstruct(
             m = moments(w.o)
             for c in chunks():
                 gather(m, heads_of, w.o, w.o_bias, c)
+            if reselect and lp.kv_heads and len(lp.heads) < w.n_heads:
+                m = m.summed(ranks, what=f"the reconstruction of layer {w.layer}")
+                heads, kv_heads = greedy_heads(m, w.o, w.head_dim, w.n_kv_heads, len(lp.kv_heads),
+                                               len(lp.heads) // len(lp.kv_heads), ridge=ridge)
+                kept[w.layer] = dataclasses.replace(kept[w.layer], heads=heads, kv_heads=kv_heads)
+                info["heads_changed"] = len(set(lp.heads) - set(heads))
+                head_cols = head_rows(heads, w.head_dim)
             o_w, o_b, o_cols = repair("o", "attn_error", w.o, w.o_bias, m, head_cols) or (o_w, o_b, o_cols)
         d_w, d_b, d_cols = w.down, w.down_bias, None
         needs_mlp = len(lp.channels) < w.n_channels or every
@@ -431,7 +489,7 @@ def reconstruct(
             if reselect and len(lp.channels) < w.n_channels:
                 m = m.summed(ranks, what=f"the reconstruction of layer {w.layer}")
                 chans = greedy_keep(m, w.down, len(lp.channels), ridge=ridge)
-                kept[w.layer] = dataclasses.replace(lp, channels=tuple(chans.tolist()))
+                kept[w.layer] = dataclasses.replace(kept[w.layer], channels=tuple(chans.tolist()))
                 info["channels_changed"] = len(set(lp.channels) - set(kept[w.layer].channels))
             d_w, d_b, d_cols = repair("down", "mlp_error", w.down, w.down_bias, m, chans) or (d_w, d_b, d_cols)
         for c in (chunks() if sequential or m is None else ()):  # advance through the MLP (unless gather did)
@@ -449,6 +507,9 @@ def reconstruct(
         log.info("reconstruction layer %d: %s", w.layer, ", ".join(
             f"{k} {v[0]:.4f} -> {v[1]:.4f}" if v else f"{k.split('_')[0]} bias only (no error measured)"
             for k, v in info.items() if k.endswith("_error")) or "nothing removed")
+        if "heads_changed" in info:
+            log.info("reconstruction layer %d: %d of the plan's kept query heads exchanged", w.layer,
+                     info["heads_changed"])
         if "channels_changed" in info:
             log.info("reconstruction layer %d: %d of the plan's kept channels exchanged", w.layer,
                      info["channels_changed"])
