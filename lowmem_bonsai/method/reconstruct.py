@@ -466,7 +466,8 @@ def reconstruct(
             m = moments(w.o)
             for c in chunks():
                 gather(m, heads_of, w.o, w.o_bias, c)
-            if reselect and lp.kv_heads and len(lp.heads) < w.n_heads:
+            even = bool(lp.kv_heads) and len(lp.heads) % len(lp.kv_heads) == 0  # every group as many
+            if reselect and even and len(lp.heads) < w.n_heads:
                 m = m.summed(ranks, what=f"the reconstruction of layer {w.layer}")
                 heads, kv_heads = greedy_heads(m, w.o, w.head_dim, w.n_kv_heads, len(lp.kv_heads),
                                                len(lp.heads) // len(lp.kv_heads), ridge=ridge)
