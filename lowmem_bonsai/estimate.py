@@ -96,17 +96,17 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
                     + cross * cfg.hidden_size * (s.num_attention_heads * cfg.head_dim + s.intermediate_size + 2)
                     for s in cfg.layers)
         solves = sum((s.num_attention_heads * cfg.head_dim) ** 3 + s.intermediate_size ** 3 for s in cfg.layers)
-        # the final repair's reselection (the repairs between the rounds never reselect), per MLP:
-        # the inverse (about 2 n^3), then two rank-1 downdates per dropped channel (about the
-        # sparsity's share of them; widths vary)
-        # Per attention the same with blocks of head_dim columns: each dropped head (about the
-        # sparsity's share) costs two block downdates of 2 n x head_dim x (n + out) each.
+        # the final repair's reselection (the repairs between the rounds never reselect), per MLP
+        # (blocks of one channel) and per attention (blocks of head_dim columns, one per head):
+        # the inverse (about 2 n^3), then two downdates of 2 n x block x (n + out) per dropped
+        # block (about the sparsity's share of them; widths vary)
+        def eliminate(units: int, block: int) -> float:
+            n = units * block + 1
+            return 2 * n ** 3 + 4 * round(sparsity * units) * block * n * (n + cfg.hidden_size)
+
         reselect = profile.reconstruct_reselect and sum(
-            2 * (s.intermediate_size + 1) ** 3 + 4 * round(sparsity * s.intermediate_size)
-            * (s.intermediate_size + 1) * (s.intermediate_size + 1 + cfg.hidden_size)
-            + 2 * (s.num_attention_heads * cfg.head_dim + 1) ** 3 + 4 * round(sparsity * s.num_attention_heads)
-            * cfg.head_dim * (s.num_attention_heads * cfg.head_dim + 1)
-            * (s.num_attention_heads * cfg.head_dim + 1 + cfg.hidden_size) for s in cfg.layers)
+            eliminate(s.intermediate_size, 1) + eliminate(s.num_attention_heads, cfg.head_dim)
+            for s in cfg.layers)
         calib_tokens = seqs * profile.reconstruct_seq_len  # each adds to the moments once
         repair_flops = repair_tokens * 2 * total + 2 * calib_tokens * grams + solves
         rank_repair_flops = math.ceil(seqs / ranks) * (repair_flops - solves) / seqs + solves

@@ -223,6 +223,8 @@ def greedy_keep(m: Moments, w: torch.Tensor, k: int, *, ridge: float) -> torch.T
         cost[~alive] = float("inf")
         j = int(cost.argmin())
         row, col, pivot = inv[j].clone(), inv[:, j].clone(), float(inv[j, j])
+        # :func:`_drop_block` for a block of one, as rank-1 updates: addr_ is about 2x faster than
+        # addmm_ with an inner dimension of 1 (1,536 inputs, 512 drops: 0.65 s against 1.21 s)
         fit.addr_(fit[:, j].clone(), row, alpha=-1 / pivot)
         inv.addr_(col, row, alpha=-1 / pivot)
         alive[j] = False
