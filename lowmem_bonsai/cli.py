@@ -20,7 +20,7 @@ from .model.config import DTYPES
 from .profiles import DEFAULT_PROFILE, Profile, load_profile, profile_names
 from .settings import (Allocation, DType, Estimator, HeadUnit, MaskCounts, Method, Prior, RepairTarget, Score,
                        one_of)
-from .texts import DEFAULT_CALIB, names_help
+from .texts import DEFAULT_CALIB, names_help, text_file
 
 PROFILE_HELP = (f"Profile: one of {', '.join(profile_names())} (default {DEFAULT_PROFILE}), "
                 "or the path of a .toml file.")
@@ -164,7 +164,7 @@ def eval_cmd(
 
     _check_threads(threads)
     if json_out is not None:  # refused before the evaluation, not after it
-        check_output_path(json_out, flag="--json", folder=False)
+        check_output_path(json_out, flag="--json", folder=False, inputs=(model, text_file(data)))
         make_dirs(json_out.parent)
     if threads:
         torch.set_num_threads(threads)
@@ -365,14 +365,14 @@ def prune_cmd(
             memory_budget=budget.line(), ranks=ranks)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (Terminated)
         bars.close()
-        if work_dir(out).exists():
+        if work_dir(out).is_dir():
             exc.add_note(f"progress is saved in {work_dir(out)}; run the same command with --resume "
                          "to continue")
         raise
     except UserError:
         raise  # one line; a prune's own refusal says what became of its progress
     except Exception:  # a bug: its traceback follows; say what became of the progress
-        if work_dir(out).exists():
+        if work_dir(out).is_dir():
             typer.echo(f"progress is saved in {work_dir(out)}: rerun with --resume to continue, or "
                        "with --force to start over", err=True)
         raise

@@ -187,6 +187,17 @@ def _check_resumable(out_dir: Path) -> Path:
     return state_path
 
 
+def _check_beside(out_dir: Path) -> None:
+    """Refuse, before any work, an ``OUT.partial`` that is not a folder or an ``OUT.lock`` that is
+    not a file (a prune would fail on them half way)."""
+    for path, folder, what in ((work_dir(out_dir), True, "keeps its progress in a folder"),
+                               (lock_path(out_dir), False, "holds a lock file")):
+        if path.is_symlink() or (path.exists() and path.is_dir() != folder):
+            kind = "a symbolic link" if path.is_symlink() else "a folder" if path.is_dir() else "a file"
+            raise UserError(f"{path}: is {kind}, where a prune into {out_dir} {what}; move it away, "
+                            "or pick another --out")
+
+
 def _clear_work(out_dir: Path, *, force: bool) -> None:
     """Make way for a fresh prune: refuse over saved progress unless ``force``."""
     work = work_dir(out_dir)
@@ -307,6 +318,7 @@ def prune_model(
         raise UserError(f"{source}: a distributed prune reads a checkpoint folder; import the GGUF "
                         "first (lowmem-bonsai import-gguf) where every rank can read it")
     check_output_path(out_dir, inputs=(source, text_file(calib)))
+    _check_beside(out_dir)
     resolve_device(profile.device)  # a GPU profile where there is no GPU: refused before any reading
     if imported:
         if not resume:  # (a resume uses the import it made)

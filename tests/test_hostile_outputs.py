@@ -107,6 +107,52 @@ def test_out_that_would_replace_the_input_is_refused(tmp_path, tiny_llama, sampl
     assert (tiny_llama / "config.json").is_file() and (tiny_llama / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("command, name", [("eval --json", "config.json"), ("eval --json", "tokenizer.json"),
+                                           ("export-gguf", "model.safetensors")])
+def test_out_that_would_replace_a_file_of_the_input_is_refused(tiny_llama, sample_text, command, name):
+    """--force replaces what --out names; never a file the command reads (the model's own weights)."""
+    target = tiny_llama / name
+    before = target.read_bytes()
+    if command == "export-gguf":
+        res = CliRunner().invoke(app, ["export-gguf", str(tiny_llama), "--out", str(target), "--force"])
+    else:
+        res = CliRunner().invoke(app, ["eval", str(tiny_llama), "--data", str(sample_text), "--seq-len", "16",
+                                       "--json", str(target)])
+    refused(res, f"would replace {name} in the input {tiny_llama}")
+    assert target.read_bytes() == before
+
+
+def test_eval_json_onto_its_own_text_is_refused(tiny_llama, tmp_path, sample_text):
+    text = tmp_path / "text.txt"
+    shutil.copy(sample_text, text)
+    res = CliRunner().invoke(app, ["eval", str(tiny_llama), "--data", str(text), "--seq-len", "16",
+                                   "--json", str(text)])
+    refused(res, f"would replace the input {text}")
+    assert text.read_bytes() == Path(sample_text).read_bytes()
+
+
+def test_eval_json_may_be_a_new_file_in_the_model_folder(tiny_llama, sample_text):
+    res = CliRunner().invoke(app, ["eval", str(tiny_llama), "--data", str(sample_text), "--seq-len", "16",
+                                   "--max-seqs", "1", "--json", str(tiny_llama / "result.json")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tiny_llama / "result.json").read_text())["perplexity"] > 0
+
+
+@pytest.mark.parametrize("which", ["partial is a file", "lock is a folder"])
+def test_work_folder_or_lock_of_the_wrong_kind_is_refused(tmp_path, tiny_llama, sample_text, profile, which):
+    out = tmp_path / "out"
+    if which == "partial is a file":
+        work_dir(out).write_text("mine")
+        res, words = prune(tiny_llama, out, sample_text, profile, "--force"), f"{work_dir(out)}: is a file"
+        assert work_dir(out).read_text() == "mine"
+    else:
+        lock_path(out).mkdir()
+        res, words = prune(tiny_llama, out, sample_text, profile, "--resume"), f"{lock_path(out)}: is a folder"
+        assert lock_path(out).is_dir()
+    refused(res, words)
+    assert not out.exists()
+
+
 @pytest.fixture(params=["read-only mount", "no permission"])
 def unwritable(request, tmp_path):
     folder = tmp_path / "ro"
@@ -140,9 +186,11 @@ def test_unwritable_out_is_refused_before_work(tmp_path, tiny_llama, sample_text
 
 
 def test_eval_json_into_a_folder_is_refused_before_work(tmp_path, tiny_llama, sample_text):
+    folder = tmp_path / "results"  # (tmp_path holds the model: that is refused as its input)
+    folder.mkdir()
     res = CliRunner().invoke(app, ["eval", str(tiny_llama), "--data", str(sample_text), "--seq-len", "16",
-                                   "--json", str(tmp_path)])
-    refused(res, f"{tmp_path}: is a folder; --json names the file to write")
+                                   "--json", str(folder)])
+    refused(res, f"{folder}: is a folder; --json names the file to write")
 
 
 # --- class 7: saved progress that was tampered with ----------------------------------------------
