@@ -53,6 +53,8 @@ def read_text_part(path: Path | str, max_bytes: int | None = None) -> tuple[str,
     if not path.is_file():
         raise UserError(f"{path}: data file not found; pass a UTF-8 text file, or a bundled "
                         f"text: {', '.join(BUNDLED)}")
+    if max_bytes is not None and max_bytes >= path.stat().st_size:
+        max_bytes = None  # the whole file (read(n) would first allocate n bytes, however large n is)
     with open(path, "rb") as f:
         raw = f.read() if max_bytes is None else f.read(max_bytes + 1)
     complete = max_bytes is None or len(raw) <= max_bytes
