@@ -28,9 +28,36 @@ PROFILE_HELP = (f"Profile: one of {', '.join(profile_names())} (default {DEFAULT
 _state = {"debug": False}
 
 
+# Click's errors, from whichever Click this Typer uses (its own copy since Typer 0.20)
+_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_NO_ARGS = getattr(sys.modules[_USAGE_ERROR.__module__], "NoArgsIsHelpError", ())  # Click >= 8.2
+
+
 class _Commands(TyperGroup):
     """The app's commands. Every error a user can fix is caught here, once, for all of them: one
     line ``error: ...`` on stderr and exit status 2 (with --debug, the traceback instead)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """A bad option or argument (``--seq-len abc``, a missing ``--data``, an unknown command)
+        is one line too, naming the --help to read, instead of Click's usage box."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NO_ARGS:  # no arguments at all: the help, as before
+            return super().main(args, prog_name, complete_var, standalone_mode=True, **extra)
+        except _USAGE_ERROR as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "lowmem-bonsai"
+            typer.echo(f"error: {exc.format_message()} (see {where} --help)", err=True)
+            sys.exit(exc.exit_code)
+        except _CLICK_ERROR as exc:
+            typer.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: typer.Context):
         try:

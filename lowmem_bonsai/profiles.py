@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,10 +130,11 @@ class Profile:
             (self.calib_seqs >= 1 and self.seq_len >= 2, "calib_seqs >= 1 and seq_len >= 2"),
             (self.prior_seqs >= 0, "prior_seqs must be >= 0 (0: calib_seqs)"),
             (self.align >= 1, "align must be >= 1"),
+            (self.chunk_tokens >= 1, "chunk_tokens must be >= 1"),
             *((getattr(self, key) in allowed, f"{key} must be {one_of(allowed)}")
               for key, allowed in CHOICES.items()),
-            (self.device == "cpu" or self.device.split(":")[0] == "cuda",
-             "device must be cpu, cuda or cuda:N"),
+            (re.fullmatch(r"cpu|cuda(:[0-9]+)?", self.device) is not None,
+             "device must be cpu, cuda or cuda:N (N a GPU's index)"),
             (self.device_memory_gb >= 0, "device_memory_gb must be >= 0"),
             (self.reconstruct_seqs >= 1 and self.reconstruct_seq_len >= 2,
              "reconstruct_seqs >= 1 and reconstruct_seq_len >= 2"),

@@ -44,6 +44,30 @@ def test_eval_refuses_out_of_range_flags(tiny_llama, sample_text, flags, words):
     refused(run(*eval_args(tiny_llama, sample_text, *flags)), words)
 
 
+@pytest.mark.parametrize("flags, words", [
+    (["--skip", "100000000"], "none after the 100000000 used for calibration"),
+    (["--skip", "100000000", "--max-seqs", "100000000"], "none after the 100000000 used for calibration"),
+    (["--seq-len", "100000000"], "give 0 windows of 100000000"),
+])
+def test_eval_refuses_windows_beyond_the_text_without_reading_that_much(tiny_llama, sample_text, flags, words):
+    """The text is read for as many tokens as the flags need: never a buffer that large up front."""
+    refused(run(*eval_args(tiny_llama, sample_text, *flags)), words)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["eval", "MODEL", "--data", "TEXT", "--seq-len", "abc"],
+     "error: Invalid value for '--seq-len'"),
+    (["eval", "MODEL"], "error: Missing option '--data'"),
+    (["evl"], "error: No such command 'evl'. Did you mean 'eval'?"),
+    (["prune", "MODEL", "--sparsity", "abc"], "error: Invalid value for '--sparsity'"),
+    (["eval", "MODEL", "--data", "TEXT", "--no-such-flag"], "error: No such option: --no-such-flag"),
+])
+def test_usage_errors_are_one_line_naming_the_help(tiny_llama, sample_text, args, words):
+    args = [str(tiny_llama) if a == "MODEL" else str(sample_text) if a == "TEXT" else a for a in args]
+    line = refused(run(*args), words)
+    assert line.endswith("--help)"), line
+
+
 @pytest.mark.parametrize("sparsity", ["5", "-0.1", "0", "1", "nan", "inf"])
 def test_estimate_refuses_sparsity_outside_0_1(tiny_llama, sparsity):
     refused(run("estimate", tiny_llama, "--sparsity", sparsity, "--profile", "quick"),
@@ -98,6 +122,8 @@ def test_tokenizer_without_its_unknown_token(tiny_llama, sample_text):
     ("device_memory_gb = -inf", "device_memory_gb = -inf must be a finite number"),
     ("masks_per_round = 8.5", "'masks_per_round' = 8.5 should be a int"),
     ("masks_per_round = true", "'masks_per_round' = True should be a int"),
+    ('device = "cuda:abc"', "device must be cpu, cuda or cuda:N"),
+    ("chunk_tokens = 0", "chunk_tokens must be >= 1"),
 ])
 def test_profile_with_impossible_numbers(tmp_path, tiny_llama, line, words):
     profile = tmp_path / "p.toml"
