@@ -467,7 +467,9 @@ def serve_cmd(
     host: Annotated[str, typer.Option(
         help="Address to listen on: 127.0.0.1 is this machine only; 0.0.0.0 every interface.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 8080,
-    ctx: Annotated[int, typer.Option("--ctx", help="Context window in tokens (prompt + answer).")] = 2048,
+    ctx: Annotated[Optional[int], typer.Option("--ctx", help=(
+        "Context window in tokens (prompt + answer); at most the model's trained context. Default: "
+        "2048, or the trained context where that is smaller."))] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: half the cores).")] = None,
 ) -> None:
     """Serve a GGUF with llama.cpp's OpenAI-compatible HTTP server until Ctrl-C.
@@ -476,6 +478,8 @@ def serve_cmd(
     Needs llama-cpp-python's server extra (tools/setup.sh installs it).
     """
     from .llamacpp.serve import serve
+
+    _check_threads(threads)
 
     def started(url: str) -> None:
         typer.echo(f"serving {gguf_file} at {url} (POST {url}/chat/completions; Ctrl-C stops)", err=True)

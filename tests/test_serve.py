@@ -100,9 +100,19 @@ def test_serve_refuses_bad_input_in_one_line(tmp_path, tiny_gguf):
                             ([str(tmp_path / "none.gguf")], "no such file"),
                             ([str(tiny_gguf), "--port", "70000"], "from 1 to 65535"),
                             ([str(tiny_gguf), "--host", "no.such.host.invalid"], "not an address"),
-                            ([str(tiny_gguf), "--port", str(busy.getsockname()[1])], "cannot listen")]:
+                            ([str(tiny_gguf), "--port", str(busy.getsockname()[1])], "cannot listen"),
+                            ([str(tiny_gguf), "--threads", "0"], "--threads 0: expected at least 1"),
+                            ([str(tiny_gguf), "--ctx", "100000000"], "--ctx 100000000: more than the")]:
             res = runner.invoke(app, ["serve", *args])
             assert res.exit_code == 2, res.output
             assert words in res.output and len(res.output.strip().splitlines()) == 1, res.output
     finally:
         busy.close()
+
+
+def test_generate_refuses_more_tokens_than_the_context_in_one_line(tiny_gguf):
+    """llama.cpp would try to size a context for them, print its own warning and fail."""
+    res = CliRunner().invoke(app, ["generate", str(tiny_gguf), "--prompt", "hi", "-n", "100000000"])
+    assert res.exit_code == 2, res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output
+    assert "-n 100000000:" in res.output and "tokens (prompt and answer together)" in res.output

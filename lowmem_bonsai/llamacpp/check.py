@@ -265,3 +265,9 @@ def check_for_llama(path: Path) -> GgufSummary:
             raise UserError(f"{s.path}: tensor '{name}' has shape {list(t.ne)}, expected {list(want)} "
                             f"from the metadata (ggml order); {_FIX}")
     return s
+
+
+def trained_context(s: GgufSummary) -> int | None:
+    """The context length the GGUF's metadata says the model was trained on (None: not stated)."""
+    value = s.metadata.get(f"{s.metadata.get('general.architecture')}.context_length")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None

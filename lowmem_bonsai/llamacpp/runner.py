@@ -22,7 +22,7 @@ import torch
 from ..data import check_windows, read_text_part, read_tokens, windows
 from ..errors import UserError
 from ..evaluate import EvalResult, perplexity_of
-from .check import check_for_llama
+from .check import check_for_llama, trained_context
 from .layout import check_gguf_file
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,11 @@ def generate(*, gguf: Path, prompt: str, n_tokens: int = 64, chat: bool = False,
                         "32-bit, and its largest value means 'random')")
     if not (math.isfinite(temperature) and temperature >= 0):
         raise UserError(f"--temperature {temperature}: expected 0 (greedy) or a positive number")
+    check_gguf_file(gguf, hint="pass a llama.cpp .gguf model (lowmem-bonsai export-gguf makes one)")
+    trained = trained_context(check_for_llama(gguf))
+    if trained is not None and n_tokens >= trained:  # else llama.cpp fails to size the context
+        raise UserError(f"-n {n_tokens}: {gguf} has a context of {trained} tokens (prompt and answer "
+                        "together); ask for fewer")
     # UTF-8 bytes bound the prompt's tokens; 256 more for a chat template's wrapping.
     n_ctx = max(512, len(prompt.encode("utf-8")) + n_tokens + 256)
     with open_llama(gguf, n_ctx=n_ctx, seed=seed, threads=threads) as llm:

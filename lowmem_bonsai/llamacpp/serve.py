@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import UserError
-from .check import check_for_llama
+from .check import check_for_llama, trained_context
 from .layout import check_gguf_file
 
 log = logging.getLogger(__name__)
@@ -40,15 +40,25 @@ def check_address(host: str, port: int) -> None:
                             "--port, or stop what is using it") from None
 
 
-def serve(*, gguf: Path, host: str = "127.0.0.1", port: int = 8080, n_ctx: int = 2048,
+DEFAULT_CTX = 2048  # tokens of context a server holds unless told otherwise
+
+
+def serve(*, gguf: Path, host: str = "127.0.0.1", port: int = 8080, n_ctx: int | None = None,
           threads: int | None = None, on_start: Callable[[str], None] | None = None) -> None:
     """Serve ``gguf`` over HTTP until interrupted (Ctrl-C); ``on_start`` gets the base URL once
-    the model is loaded, just before the server listens."""
-    if n_ctx < 16:  # the flags first: they cost nothing to check
+    the model is loaded, just before the server listens. ``n_ctx``: the context window, at most
+    the model's trained one (None: :data:`DEFAULT_CTX`, or the trained one where smaller)."""
+    if n_ctx is not None and n_ctx < 16:  # the flags first: they cost nothing to check
         raise UserError(f"--ctx {n_ctx}: expected at least 16 tokens of context")
     check_address(host, port)
     check_gguf_file(gguf, hint="pass a llama.cpp .gguf model (lowmem-bonsai export-gguf makes one)")
-    path = check_for_llama(gguf).path  # what would make llama.cpp abort the process is refused here
+    summary = check_for_llama(gguf)  # what would make llama.cpp abort the process is refused here
+    path, trained = summary.path, trained_context(summary)
+    if n_ctx is None:
+        n_ctx = min(DEFAULT_CTX, trained or DEFAULT_CTX)
+    elif trained is not None and n_ctx > trained:
+        raise UserError(f"--ctx {n_ctx}: more than the {trained} tokens of context {path} was "
+                        f"trained on; pass --ctx {trained} or less")
     try:
         import uvicorn
         from llama_cpp.server.app import create_app
