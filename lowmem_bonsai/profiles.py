@@ -204,7 +204,9 @@ def parse_profile(data: dict[str, Any], *, source: str, name: str) -> Profile:
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if type(value) is not want:
-            raise UserError(f"{source}: '{key}' = {value!r} should be a {want.__name__}")
+            kind = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}.get(
+                want.__name__, f"a {want.__name__}")
+            raise UserError(f"{source}: '{key}' = {value!r} should be {kind}")
         kwargs[key] = value
     return Profile(**kwargs)
 

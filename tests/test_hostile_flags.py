@@ -120,8 +120,8 @@ def test_tokenizer_without_its_unknown_token(tiny_llama, sample_text):
     ("memory_gb = -4.0", "memory_gb > 0"),
     ("prune_frac = inf", "prune_frac = inf must be a finite number"),
     ("device_memory_gb = -inf", "device_memory_gb = -inf must be a finite number"),
-    ("masks_per_round = 8.5", "'masks_per_round' = 8.5 should be a int"),
-    ("masks_per_round = true", "'masks_per_round' = True should be a int"),
+    ("masks_per_round = 8.5", "'masks_per_round' = 8.5 should be an integer"),
+    ("masks_per_round = true", "'masks_per_round' = True should be an integer"),
     ('device = "cuda:abc"', "device must be cpu, cuda or cuda:N"),
     ("chunk_tokens = 0", "chunk_tokens must be >= 1"),
 ])
@@ -230,3 +230,9 @@ def test_reconstruct_bias_on_a_reselecting_profile_runs_with_bias(tmp_path, tiny
     used = json.loads((tmp_path / "out" / "plan.json").read_text())["settings"]["profile"]
     assert used["reconstruct"] == "bias" and used["reconstruct_reselect"] is False
     assert json.loads((tmp_path / "out" / "report.json").read_text())["reconstruction"]["mode"] == "bias"
+
+
+def test_a_missing_or_wrong_kind_of_model_path_says_which(tmp_path, sample_text):
+    refused(run(*eval_args(tmp_path / "absent", sample_text)), f"{tmp_path / 'absent'}: no such folder")
+    refused(run(*eval_args(sample_text, sample_text)), f"{sample_text}: is a file, not a folder")
+    refused(run("generate", tmp_path, "--prompt", "hi"), f"{tmp_path}: is a folder; expected a .gguf")

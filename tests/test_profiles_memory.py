@@ -28,7 +28,7 @@ def test_every_shipped_profile_parses_and_starts_with_its_command():
 
 REFUSED = [  # (profile text, words of the refusal)
     ('mask_per_round = 8\n', "unknown key 'mask_per_round'"),
-    ('masks_per_round = "many"\n', "should be a int"),
+    ('masks_per_round = "many"\n', "should be an integer"),
     ('masks_per_round = 7\n', "even"),
     ('eligible = "everything"\n', "eligible must be module or global"),
     ('mask_fill = "median"\n', "mask_fill must be zero or mean"),

@@ -38,7 +38,8 @@ def check_gguf_file(path: Path, *, hint: str = "pass a llama.cpp .gguf model") -
     """``path`` if it is a file that starts with the GGUF magic, else a one-line UserError."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such file; expected a .gguf model file")
+        what = "is a folder" if path.is_dir() else "no such file"
+        raise UserError(f"{path}: {what}; expected a .gguf model file")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":

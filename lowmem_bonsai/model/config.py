@@ -273,7 +273,8 @@ def parse_config(cfg: dict[str, Any], *, source: str) -> ModelConfig:
 def load_config(model_dir: Path) -> ModelConfig:
     path = Path(model_dir) / "config.json"
     if not Path(model_dir).is_dir():
-        raise UserError(f"{model_dir}: not a directory; expected a checkpoint folder with config.json")
+        what = "is a file, not a folder" if Path(model_dir).exists() else "no such folder"
+        raise UserError(f"{model_dir}: {what}; expected a checkpoint folder with config.json")
     if not path.is_file():
         raise UserError(
             f"{path}: missing; a checkpoint folder needs config.json (a GGUF can be converted with "
