@@ -191,7 +191,16 @@ class Profile:
                             reconstruct_reselect=False if mode == Reconstruct.BIAS else None)
 
     def replace(self, **changes: Any) -> Profile:
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+        """The profile with the ``changes`` that are not None (a command's flags); a value the
+        checks refuse is named as the flag that gave it."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        try:
+            return dataclasses.replace(self, **changes)
+        except UserError as exc:
+            flags = [f"--{k.replace('_', '-')} {v}" for k, v in changes.items() if k in str(exc)]
+            if not flags:
+                raise
+            raise UserError(f"{exc} (given by {', '.join(flags)})") from None
 
 
 def parse_profile(data: dict[str, Any], *, source: str, name: str) -> Profile:

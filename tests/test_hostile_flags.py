@@ -236,3 +236,14 @@ def test_a_missing_or_wrong_kind_of_model_path_says_which(tmp_path, sample_text)
     refused(run(*eval_args(tmp_path / "absent", sample_text)), f"{tmp_path / 'absent'}: no such folder")
     refused(run(*eval_args(sample_text, sample_text)), f"{sample_text}: is a file, not a folder")
     refused(run("generate", tmp_path, "--prompt", "hi"), f"{tmp_path}: is a folder; expected a .gguf")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--prior", "foo"], "prior must be wanda, magnitude, fluctuation or random (given by --prior foo)"),
+    (["--masks-per-round", "3"], "masks_per_round must be an even number >= 2"),
+])
+def test_a_flag_the_profile_checks_refuse_is_named_as_the_flag(tmp_path, tiny_llama, sample_text, flags, words):
+    line = refused(run("prune", tiny_llama, "--out", tmp_path / "out", "--calib", sample_text, "--profile",
+                       "quick", *flags), words)
+    assert line.endswith(f"(given by {' '.join(flags)})"), line
+    assert not (tmp_path / "out").exists()
