@@ -198,16 +198,22 @@ def _check_beside(out_dir: Path) -> None:
                             "or pick another --out")
 
 
+def _check_fresh(out_dir: Path, *, force: bool) -> None:
+    """Refuse a fresh prune over a non-empty ``out_dir`` or saved progress, unless ``force``."""
+    check_output_dir(out_dir, force=force)
+    work = work_dir(out_dir)
+    if work.exists() and not force and _has_progress(work):
+        raise UserError(
+            f"{work}: a previous prune into {out_dir} stopped before finishing; add --resume to "
+            "continue it, or --force to start over"
+        )
+
+
 def _clear_work(out_dir: Path, *, force: bool) -> None:
     """Make way for a fresh prune: refuse over saved progress unless ``force``."""
+    _check_fresh(out_dir, force=force)
     work = work_dir(out_dir)
-    check_output_dir(out_dir, force=force)
     if work.exists():
-        if not force and _has_progress(work):
-            raise UserError(
-                f"{work}: a previous prune into {out_dir} stopped before finishing; add --resume to "
-                "continue it, or --force to start over"
-            )
         shutil.rmtree(work)  # with --force, or nothing was scored in it: nothing is lost
 
 
@@ -319,6 +325,8 @@ def prune_model(
                         "first (lowmem-bonsai import-gguf) where every rank can read it")
     check_output_path(out_dir, inputs=(source, text_file(calib)))
     _check_beside(out_dir)
+    if not resume:  # before reading the calibration text, whose warnings would come first
+        _check_fresh(out_dir, force=force)
     resolve_device(profile.device)  # a GPU profile where there is no GPU: refused before any reading
     if imported:
         if not resume:  # (a resume uses the import it made)

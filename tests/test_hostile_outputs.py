@@ -153,6 +153,22 @@ def test_work_folder_or_lock_of_the_wrong_kind_is_refused(tmp_path, tiny_llama, 
     assert not out.exists()
 
 
+def test_existing_out_is_refused_before_the_text_is_read(tmp_path, tiny_llama, sample_text, profile):
+    """A text too short for the profile's windows warns when it is read: the refusal comes first,
+    alone on its line."""
+    short = tmp_path / "short.txt"
+    short.write_text(" ".join(Path(sample_text).read_text().split()[:40]))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("kept")
+    res = subprocess.run([sys.executable, "-m", "lowmem_bonsai.cli", "prune", str(tiny_llama), "--out", str(out),
+                          "--calib", str(short), "--profile", str(profile), "--calib-seqs", "64"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip() == f"error: {out}: folder exists and is not empty; pass --force to replace it"
+    assert (out / "mine.txt").read_text() == "kept"
+
+
 @pytest.fixture(params=["read-only mount", "no permission"])
 def unwritable(request, tmp_path):
     folder = tmp_path / "ro"
