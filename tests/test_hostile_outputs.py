@@ -24,7 +24,7 @@ from lowmem_bonsai.cli import app
 from lowmem_bonsai.pipeline import lock_path, prune_model, work_dir
 from lowmem_bonsai.profiles import load_profile
 
-from .conftest import mount_tmpfs, refused, write_gguf
+from .conftest import byte_level_vocab, make_tiny, mount_tmpfs, refused, write_gguf
 
 PROFILE = """# lowmem-bonsai prune M --out O --profile THIS.toml
 compute_dtype = "float32"
@@ -118,7 +118,7 @@ def test_out_that_would_replace_a_file_of_the_input_is_refused(tiny_llama, sampl
     else:
         res = CliRunner().invoke(app, ["eval", str(tiny_llama), "--data", str(sample_text), "--seq-len", "16",
                                        "--json", str(target)])
-    refused(res, f"would replace {name} in the input {tiny_llama}")
+    refused(res, f"would replace the input {target}")
     assert target.read_bytes() == before
 
 
@@ -131,11 +131,28 @@ def test_eval_json_onto_its_own_text_is_refused(tiny_llama, tmp_path, sample_tex
     assert text.read_bytes() == Path(sample_text).read_bytes()
 
 
-def test_eval_json_may_be_a_new_file_in_the_model_folder(tiny_llama, sample_text):
-    res = CliRunner().invoke(app, ["eval", str(tiny_llama), "--data", str(sample_text), "--seq-len", "16",
-                                   "--max-seqs", "1", "--json", str(tiny_llama / "result.json")])
-    assert res.exit_code == 0, res.output
+def test_outputs_inside_the_model_folder_may_be_written_twice(tmp_path, tiny_llama, sample_text, profile):
+    """Only the files a command reads are protected: its own earlier outputs there are not."""
+    for _ in range(2):
+        res = CliRunner().invoke(app, ["eval", str(tiny_llama), "--data", str(sample_text), "--seq-len", "16",
+                                       "--max-seqs", "1", "--json", str(tiny_llama / "result.json")])
+        assert res.exit_code == 0, res.output
+        res = prune(tiny_llama, tiny_llama / "pruned", sample_text, profile, "--force")
+        assert res.exit_code == 0, res.output
     assert json.loads((tiny_llama / "result.json").read_text())["perplexity"] > 0
+    assert (tiny_llama / "pruned" / "plan.json").is_file()
+
+
+def test_export_into_the_model_folder_twice(tmp_path):
+    model = tmp_path / "m"  # a byte-level BPE tokenizer: llama.cpp's vocabularies need one
+    tok, tokens, _, _ = byte_level_vocab()
+    make_tiny(model, "llama-gqa-tied", vocab_size=len(tokens))
+    tok.save(str(model / "tokenizer.json"))
+    for _ in range(2):
+        res = CliRunner().invoke(app, ["export-gguf", str(model), "--out", str(model / "m.gguf"), "--type",
+                                       "f32", "--force"])
+        assert res.exit_code == 0, res.output
+    assert (model / "m.gguf").read_bytes()[:4] == b"GGUF"
 
 
 @pytest.mark.parametrize("which", ["partial is a file", "lock is a folder"])

@@ -54,9 +54,9 @@ def check_output_path(out: Path, *, flag: str = "--out", folder: bool = True,
 
     Refused: '.', '..' and the like; a symbolic link (the result is renamed into place, which
     would replace the link, not fill its target); a path under a file; a folder that is read-only
-    or on a read-only file system; the current folder, an input or a folder holding either; and
-    anything that already exists inside an input folder (a checkpoint's own weights, config or
-    tokenizer: ``--force`` replaces what it names). A new name inside an input folder is allowed.
+    or on a read-only file system; the current folder, an input or a folder holding either (pass a
+    checkpoint's files too, :func:`~lowmem_bonsai.model.checkpoint.files_read`, so that ``--force``
+    never replaces its weights, config or tokenizer).
     """
     out = Path(out)
     if out.name in ("", ".", ".."):
@@ -81,11 +81,6 @@ def check_output_path(out: Path, *, flag: str = "--out", folder: bool = True,
             what = "the current folder" if other == Path.cwd().resolve() else f"the input {other}"
             raise UserError(f"{flag} {out}: would replace {what} or a folder holding it; pick "
                             f"another {flag}")
-    for other in inputs:
-        other = Path(other).resolve()
-        if other.is_dir() and other in target.parents and (target.exists() or target.is_symlink()):
-            raise UserError(f"{flag} {out}: would replace {target.relative_to(other)} in the input "
-                            f"{other}; pick another {flag}")
     if not folder and out.is_dir():
         raise UserError(f"{out}: is a folder; {flag} names the file to write")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..engine.block import head_rows
-from ..model.checkpoint import Checkpoint
+from ..model.checkpoint import TOKENIZER_FILES, Checkpoint
 from ..model.plan import Plan
 from ..model.tensors import LAYER_TENSORS, Dim
 from .atomic import write_bytes_atomic
@@ -24,10 +24,6 @@ from .shards import DEFAULT_SHARD_BYTES, PlannedTensor, ShardWriter
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja", "chat_template.json",
-)
 
 
 def pruned_config(ckpt: Checkpoint, plan: Plan) -> dict:
