@@ -127,7 +127,8 @@ class Profile:
             (self.masks_per_round >= 2 and self.masks_per_round % 2 == 0,
              "masks_per_round must be an even number >= 2 (masks come in antithetic pairs)"),
             (0 < self.prune_frac <= 0.5, "prune_frac must be in (0, 0.5]"),
-            (self.calib_seqs >= 1 and self.seq_len >= 2, "calib_seqs >= 1 and seq_len >= 2"),
+            (self.calib_seqs >= 1, "calib_seqs must be >= 1"),
+            (self.seq_len >= 2, "seq_len must be >= 2"),
             (self.prior_seqs >= 0, "prior_seqs must be >= 0 (0: calib_seqs)"),
             (self.align >= 1, "align must be >= 1"),
             (self.chunk_tokens >= 1, "chunk_tokens must be >= 1"),
@@ -136,8 +137,8 @@ class Profile:
             (re.fullmatch(r"cpu|cuda(:[0-9]+)?", self.device) is not None,
              "device must be cpu, cuda or cuda:N (N a GPU's index)"),
             (self.device_memory_gb >= 0, "device_memory_gb must be >= 0"),
-            (self.reconstruct_seqs >= 1 and self.reconstruct_seq_len >= 2,
-             "reconstruct_seqs >= 1 and reconstruct_seq_len >= 2"),
+            (self.reconstruct_seqs >= 1, "reconstruct_seqs must be >= 1"),
+            (self.reconstruct_seq_len >= 2, "reconstruct_seq_len must be >= 2"),
             (self.reconstruct_ridge >= 0, "reconstruct_ridge must be >= 0"),
             (0 <= self.reconstruct_chat <= 1, "reconstruct_chat must be in [0, 1] (a share of the "
              "repair's windows)"),
@@ -197,7 +198,8 @@ class Profile:
         try:
             return dataclasses.replace(self, **changes)
         except UserError as exc:
-            flags = [f"--{k.replace('_', '-')} {v}" for k, v in changes.items() if k in str(exc)]
+            flags = [f"--{k.replace('_', '-')} {v}" for k, v in changes.items()
+                     if re.search(rf"(?<!\w){k}(?!\w)", str(exc))]  # the key itself, not a longer one
             if not flags:
                 raise
             raise UserError(f"{exc} (given by {', '.join(flags)})") from None

@@ -8,6 +8,8 @@ import json
 import math
 import struct
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -52,6 +54,14 @@ def test_eval_refuses_out_of_range_flags(tiny_llama, sample_text, flags, words):
 def test_eval_refuses_windows_beyond_the_text_without_reading_that_much(tiny_llama, sample_text, flags, words):
     """The text is read for as many tokens as the flags need: never a buffer that large up front."""
     refused(run(*eval_args(tiny_llama, sample_text, *flags)), words)
+
+
+def test_reading_a_prefix_never_asks_for_more_bytes_than_the_file_holds(sample_text):
+    """read(n) allocates n bytes first: a prefix of 2^62 bytes of a small file is the whole file."""
+    from lowmem_bonsai.data import read_text_part
+
+    text, complete = read_text_part(sample_text, max_bytes=2**62)
+    assert complete and text == Path(sample_text).read_text()
 
 
 @pytest.mark.parametrize("args, words", [
@@ -238,12 +248,14 @@ def test_a_missing_or_wrong_kind_of_model_path_says_which(tmp_path, sample_text)
     refused(run("generate", tmp_path, "--prompt", "hi"), f"{tmp_path}: is a folder; expected a .gguf")
 
 
-@pytest.mark.parametrize("flags, words", [
-    (["--prior", "foo"], "prior must be wanda, magnitude, fluctuation or random (given by --prior foo)"),
-    (["--masks-per-round", "3"], "masks_per_round must be an even number >= 2"),
+@pytest.mark.parametrize("flags, words, given", [
+    (["--prior", "foo"], "prior must be wanda, magnitude, fluctuation or random", "--prior foo"),
+    (["--masks-per-round", "3"], "masks_per_round must be an even number >= 2", "--masks-per-round 3"),
+    (["--seq-len", "64", "--reconstruct-seqs", "0"], "reconstruct_seqs must be >= 1", "--reconstruct-seqs 0"),
 ])
-def test_a_flag_the_profile_checks_refuse_is_named_as_the_flag(tmp_path, tiny_llama, sample_text, flags, words):
+def test_a_flag_the_profile_checks_refuse_is_named_as_the_flag(tmp_path, tiny_llama, sample_text, flags, words,
+                                                              given):
     line = refused(run("prune", tiny_llama, "--out", tmp_path / "out", "--calib", sample_text, "--profile",
                        "quick", *flags), words)
-    assert line.endswith(f"(given by {' '.join(flags)})"), line
+    assert line.endswith(f"(given by {given})"), line  # only the flag that was refused
     assert not (tmp_path / "out").exists()
