@@ -470,8 +470,8 @@ def serve_cmd(
         help="Address to listen on: 127.0.0.1 is this machine only; 0.0.0.0 every interface.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 8080,
     ctx: Annotated[Optional[int], typer.Option("--ctx", help=(
-        "Context window in tokens (prompt + answer); at most the model's trained context. Default: "
-        "2048, or the trained context where that is smaller."))] = None,
+        "Context window in tokens (prompt + answer); at most the model's own (its GGUF's "
+        "context_length, with rope scaling). Default: 2048, or the model's where that is smaller."))] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: half the cores).")] = None,
 ) -> None:
     """Serve a GGUF with llama.cpp's OpenAI-compatible HTTP server until Ctrl-C.

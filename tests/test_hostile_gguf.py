@@ -262,3 +262,17 @@ def test_sigterm_during_export_leaves_nothing(tmp_path, tiny_gguf_bytes, monkeyp
     assert not sigterm_guard, "the CLI did not handle SIGTERM"
     assert res.exit_code == 143 and "terminated" in res.output, res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "ok.gguf"]
+
+
+@pytest.mark.parametrize("metadata, context", [
+    ({"llama.context_length": 8192}, 8192),
+    ({"llama.context_length": 4096, "llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}, 16384),
+    ({"llama.context_length": 4096, "llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 4.0}, 4096),
+    ({"llama.context_length": 0}, None),
+    ({}, None),
+])
+def test_the_context_a_gguf_runs_at_counts_its_rope_scaling(tmp_path, metadata, context):
+    from lowmem_bonsai.llamacpp.check import GgufSummary, trained_context
+
+    summary = GgufSummary(tmp_path / "x.gguf", {"general.architecture": "llama", **metadata}, {}, {})
+    assert trained_context(summary) == context

@@ -268,6 +268,14 @@ def check_for_llama(path: Path) -> GgufSummary:
 
 
 def trained_context(s: GgufSummary) -> int | None:
-    """The context length the GGUF's metadata says the model was trained on (None: not stated)."""
-    value = s.metadata.get(f"{s.metadata.get('general.architecture')}.context_length")
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+    """The context the GGUF's metadata says the model runs at (None: not stated): its trained
+    context_length, times its rope scaling factor where it has one (linear, YaRN)."""
+    arch = s.metadata.get("general.architecture")
+    value = s.metadata.get(f"{arch}.context_length")
+    if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return None
+    factor = s.metadata.get(f"{arch}.rope.scaling.factor")
+    scaled = s.metadata.get(f"{arch}.rope.scaling.type") not in (None, "none")
+    if scaled and isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor > 1:
+        return int(value * factor)  # (check_for_llama refused a factor that is not finite)
+    return value

@@ -57,8 +57,8 @@ def serve(*, gguf: Path, host: str = "127.0.0.1", port: int = 8080, n_ctx: int |
     if n_ctx is None:
         n_ctx = min(DEFAULT_CTX, trained or DEFAULT_CTX)
     elif trained is not None and n_ctx > trained:
-        raise UserError(f"--ctx {n_ctx}: more than the {trained} tokens of context {path} was "
-                        f"trained on; pass --ctx {trained} or less")
+        raise UserError(f"--ctx {n_ctx}: more than the {trained} tokens of context {path} runs at "
+                        f"(its context_length and rope scaling); pass --ctx {trained} or less")
     try:
         import uvicorn
         from llama_cpp.server.app import create_app
