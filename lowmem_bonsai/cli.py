@@ -187,13 +187,13 @@ def eval_cmd(
     from tqdm import tqdm
 
     from .evaluate import evaluate
-    from .model.checkpoint import files_read
+    from .model.checkpoint import inputs_of
     from .outputs.atomic import check_output_path, make_dirs, write_json_atomic
 
     _check_threads(threads)
     if json_out is not None:  # refused before the evaluation, not after it
         check_output_path(json_out, flag="--json", folder=False,
-                          inputs=(model, *files_read(model), text_file(data)))
+                          inputs=(*inputs_of(model), text_file(data)))
         make_dirs(json_out.parent)
     if threads:
         torch.set_num_threads(threads)

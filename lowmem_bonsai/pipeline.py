@@ -20,7 +20,7 @@ from .engine.device import resolve_device
 from .engine.ranks import SINGLE, RankLost, Ranks
 from .errors import UserError, WriteError
 from .method.prune import Progress, PruneResult, check_settings, run_rounds, wave_size
-from .model.checkpoint import INDEX_NAME, Checkpoint, files_read
+from .model.checkpoint import INDEX_NAME, Checkpoint, inputs_of
 from .model.config import DTYPES, ModelConfig
 from .outputs.atomic import (check_output_dir, check_output_path, make_dirs, replace_dir,
                              write_json_atomic)
@@ -323,7 +323,7 @@ def prune_model(
     if imported and ranks.world > 1:
         raise UserError(f"{source}: a distributed prune reads a checkpoint folder; import the GGUF "
                         "first (lowmem-bonsai import-gguf) where every rank can read it")
-    check_output_path(out_dir, inputs=(source, *files_read(source), text_file(calib)))
+    check_output_path(out_dir, inputs=(*inputs_of(source), text_file(calib)))
     _check_beside(out_dir)
     if not resume:  # before reading the calibration text, whose warnings would come first
         _check_fresh(out_dir, force=force)

@@ -279,3 +279,10 @@ def trained_context(s: GgufSummary) -> int | None:
     if scaled and isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor > 1:
         return int(value * factor)  # (check_for_llama refused a factor that is not finite)
     return value
+
+
+def checked_gguf(gguf: Path) -> GgufSummary:
+    """The header of the model file ``gguf`` that ``generate``, ``eval`` and ``serve`` hand to
+    llama.cpp, once what would make llama.cpp abort the process is refused."""
+    check_gguf_file(gguf, hint="pass a llama.cpp .gguf model (lowmem-bonsai export-gguf makes one)")
+    return check_for_llama(gguf)

@@ -22,8 +22,7 @@ import torch
 from ..data import check_windows, read_text_part, read_tokens, windows
 from ..errors import UserError
 from ..evaluate import EvalResult, perplexity_of
-from .check import check_for_llama, trained_context
-from .layout import check_gguf_file
+from .check import GgufSummary, checked_gguf, trained_context
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +31,10 @@ LLAMA_SEED_LIMIT = 2**32 - 1  # llama.cpp's seeds are uint32; 0xFFFFFFFF asks it
 
 @contextlib.contextmanager
 def open_llama(gguf: Path, *, n_ctx: int, logits_all: bool = False, seed: int = 0,
-               threads: int | None = None) -> Iterator[Any]:
-    """A ``llama_cpp.Llama`` on ``gguf``, closed afterwards; load failures become UserErrors."""
-    check_gguf_file(gguf, hint="pass a llama.cpp .gguf model (lowmem-bonsai export-gguf makes one)")
-    path = check_for_llama(gguf).path  # what would make llama.cpp abort the process is refused here
+               threads: int | None = None, checked: GgufSummary | None = None) -> Iterator[Any]:
+    """A ``llama_cpp.Llama`` on ``gguf``, closed afterwards; load failures become UserErrors.
+    ``checked``: :func:`checked_gguf`'s summary of it, where the caller has one already."""
+    path = (checked or checked_gguf(gguf)).path
     try:
         import llama_cpp
     except ImportError:
@@ -71,14 +70,14 @@ def generate(*, gguf: Path, prompt: str, n_tokens: int = 64, chat: bool = False,
                         "32-bit, and its largest value means 'random')")
     if not (math.isfinite(temperature) and temperature >= 0):
         raise UserError(f"--temperature {temperature}: expected 0 (greedy) or a positive number")
-    check_gguf_file(gguf, hint="pass a llama.cpp .gguf model (lowmem-bonsai export-gguf makes one)")
-    trained = trained_context(check_for_llama(gguf))
+    checked = checked_gguf(gguf)
+    trained = trained_context(checked)
     if trained is not None and n_tokens >= trained:  # else llama.cpp fails to size the context
         raise UserError(f"-n {n_tokens}: {gguf} has a context of {trained} tokens (prompt and answer "
                         "together); ask for fewer")
     # UTF-8 bytes bound the prompt's tokens; 256 more for a chat template's wrapping.
     n_ctx = max(512, len(prompt.encode("utf-8")) + n_tokens + 256)
-    with open_llama(gguf, n_ctx=n_ctx, seed=seed, threads=threads) as llm:
+    with open_llama(gguf, n_ctx=n_ctx, seed=seed, threads=threads, checked=checked) as llm:
         if chat:
             if "tokenizer.chat_template" not in llm.metadata:
                 raise UserError(f"{gguf}: has no tokenizer.chat_template; expected one for --chat; "

@@ -15,8 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import UserError
-from .check import check_for_llama, trained_context
-from .layout import check_gguf_file
+from .check import checked_gguf, trained_context
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +50,7 @@ def serve(*, gguf: Path, host: str = "127.0.0.1", port: int = 8080, n_ctx: int |
     if n_ctx is not None and n_ctx < 16:  # the flags first: they cost nothing to check
         raise UserError(f"--ctx {n_ctx}: expected at least 16 tokens of context")
     check_address(host, port)
-    check_gguf_file(gguf, hint="pass a llama.cpp .gguf model (lowmem-bonsai export-gguf makes one)")
-    summary = check_for_llama(gguf)  # what would make llama.cpp abort the process is refused here
+    summary = checked_gguf(gguf)  # what would make llama.cpp abort the process is refused here
     path, trained = summary.path, trained_context(summary)
     if n_ctx is None:
         n_ctx = min(DEFAULT_CTX, trained or DEFAULT_CTX)

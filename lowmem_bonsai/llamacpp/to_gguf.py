@@ -34,7 +34,7 @@ from ..engine.memory import RUNTIME_GB, STORAGE_BYTES
 from ..engine.rope import llama3_params, llama3_rope_factors
 from ..errors import UserError, WriteError
 from ..model.adapters import Adapter
-from ..model.checkpoint import Checkpoint, files_read
+from ..model.checkpoint import Checkpoint, inputs_of
 from ..model.config import LayerShape, ModelConfig
 from ..model.tensors import LAYER_TENSORS, SPECS, Dim, Presence, TensorSpec, dim_sizes
 from ..outputs.atomic import check_output_path, fsync_dir
@@ -359,7 +359,7 @@ def export_gguf(*, model_dir: Path, out: Path, type: str = "f16", force: bool = 
         raise UserError(f"--type '{type}' is not supported; expected one of {', '.join(TYPES)}")
     etype = TYPES[type]
     model_dir, out = Path(model_dir), Path(out)
-    check_output_path(out, folder=False, inputs=(model_dir, *files_read(model_dir)))
+    check_output_path(out, folder=False, inputs=inputs_of(model_dir))
     if out.is_dir():
         raise UserError(f"{out}: is a folder; --out names the .gguf file to write")
     if out.exists() and not force:

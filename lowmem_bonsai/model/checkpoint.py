@@ -31,19 +31,21 @@ TOKENIZER_FILES = (  # copied beside a pruned checkpoint's shards
     "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja", "chat_template.json",
 )
 
-
-def files_read(model_dir: Path) -> tuple[Path, ...]:
-    """The files of a checkpoint folder that the tools read (config, plan, weights and their index,
-    tokenizer): what no output of a command reading the folder may replace. () for a file."""
-    folder = Path(model_dir)
-    if not folder.is_dir():
-        return ()
-    names = {"config.json", "plan.json", INDEX_NAME, *TOKENIZER_FILES}
-    return tuple(p for p in sorted(folder.iterdir())
-                 if p.is_file() and (p.name in names or p.suffix == ".safetensors"))
 # Weights are floating point; integer or boolean tensors are refused, never cast.
 WEIGHT_DTYPES = ("F32", "F16", "BF16")
 _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def inputs_of(model_dir: Path) -> tuple[Path, ...]:
+    """A model folder and the files in it the tools read (config, plan, weights and their index,
+    tokenizer): what no output of a command reading it may replace (``check_output_path``'s
+    inputs). A model file alone (a GGUF): just itself."""
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        return (folder,)
+    names = {"config.json", "plan.json", INDEX_NAME, *TOKENIZER_FILES}
+    return (folder, *(p for p in sorted(folder.iterdir())
+                      if p.is_file() and (p.name in names or p.suffix == ".safetensors")))
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,7 +55,7 @@ def check_output_path(out: Path, *, flag: str = "--out", folder: bool = True,
     Refused: '.', '..' and the like; a symbolic link (the result is renamed into place, which
     would replace the link, not fill its target); a path under a file; a folder that is read-only
     or on a read-only file system; the current folder, an input or a folder holding either (pass a
-    checkpoint's files too, :func:`~lowmem_bonsai.model.checkpoint.files_read`, so that ``--force``
+    checkpoint's files too, :func:`~lowmem_bonsai.model.checkpoint.inputs_of`, so that ``--force``
     never replaces its weights, config or tokenizer).
     """
     out = Path(out)
