@@ -18,8 +18,8 @@ from .errors import Terminated, UserError
 from .machine import memory_budget, parse_memory
 from .model.config import DTYPES
 from .profiles import DEFAULT_PROFILE, Profile, load_profile, profile_names
-from .settings import (Allocation, DType, Estimator, HeadUnit, MaskCounts, Method, Prior, RepairTarget, Score,
-                       one_of)
+from .settings import (Allocation, CalibWindows, DType, Estimator, HeadUnit, MaskCounts, Method, Prior,
+                       RepairTarget, Score, one_of)
 from .texts import DEFAULT_CALIB, names_help, text_file
 
 PROFILE_HELP = (f"Profile: one of {', '.join(profile_names())} (default {DEFAULT_PROFILE}), "
@@ -330,7 +330,7 @@ def prune_cmd(
     out: Annotated[Path, typer.Option("--out", help="Folder for the pruned checkpoint.")],
     calib: Annotated[Path, typer.Option(
         help="Calibration text (UTF-8 file, or a text shipped with the package: "
-        f"{names_help()}); the first calib_seqs windows of seq_len tokens are used.")] = Path(DEFAULT_CALIB),
+        f"{names_help()}); windows of seq_len tokens from its start (--calib-windows says which).")] = Path(DEFAULT_CALIB),
     sparsity: Annotated[float, typer.Option(help="Fraction of non-embedding parameters to remove.")] = 0.5,
     profile: Annotated[Optional[str], typer.Option(
         help=PROFILE_HELP)] = None,
@@ -349,6 +349,9 @@ def prune_cmd(
     calib_seqs: Annotated[Optional[int], typer.Option(help="Override the profile.")] = None,
     seq_len: Annotated[Optional[int], typer.Option(help="Override the profile.")] = None,
     prune_frac: Annotated[Optional[float], typer.Option(help="Override the profile.")] = None,
+    calib_windows: Annotated[Optional[str], typer.Option(
+        help=f"Override the profile: which windows the prior pass and the masks read: "
+        f"{one_of(CalibWindows, helped=True)}.")] = None,
     prior: Annotated[Optional[str], typer.Option(
         help=f"Override the profile's prior: {one_of(Prior)}.")] = None,
     estimator: Annotated[Optional[str], typer.Option(
@@ -381,7 +384,7 @@ def prune_cmd(
     prof = load_profile(profile).replace(
         masks_per_round=masks_per_round, calib_seqs=calib_seqs, seq_len=seq_len, prune_frac=prune_frac,
         prior=prior, estimator=estimator, head_unit=head_unit, allocation=allocation,
-        mask_counts=mask_counts, score=score,
+        mask_counts=mask_counts, score=score, calib_windows=calib_windows,
         reconstruct_seqs=reconstruct_seqs, reconstruct_target=reconstruct_target).with_repair(reconstruct)
     prof, budget = _budgeted(prof, memory)
     ranks = join(timeout_s=prof.dist_timeout_s, device=prof.device)

@@ -31,7 +31,7 @@ from .profiles import Profile
 from .method.reconstruct import RepairReport, reconstruct, settings_of
 from .method.round_repair import RoundRepairs
 from .model.plan import Plan
-from .settings import AUTO, Method, Reconstruct
+from .settings import AUTO, CalibWindows, Method, Reconstruct
 from .texts import text_file
 from .llamacpp.from_gguf import gguf_config, import_gguf, is_gguf_model
 
@@ -88,7 +88,8 @@ def check_same_inputs(ranks: Ranks, parts: dict[str, str]) -> None:
 
 
 def calibration_tokens(model_dir: Path, calib: Path | str, profile: Profile) -> torch.Tensor:
-    """The first calib_seqs windows of seq_len tokens of the calibration text.  # (S, T)"""
+    """The prior pass's windows of seq_len tokens of the calibration text, the masks' first among
+    them: the text's first windows, or spread over it (``calib_windows``).  # (S, T)"""
     return calibration_sets(model_dir, calib, profile, repair=False)[0]
 
 
@@ -98,13 +99,18 @@ def calibration_sets(model_dir: Path, calib: Path | str, profile: Profile, *,
     reconstruction's, from one reading of the text, only as far as they need.  # (S, T), (S', T')"""
     if repair is None:
         repair = profile.reconstruct != Reconstruct.NONE
+    spread = profile.calib_windows == CalibWindows.SPREAD
     need = profile.prior_windows * profile.seq_len  # a huge file is not read whole for a few windows
-    if repair:
-        need = max(need, profile.reconstruct_seqs * profile.reconstruct_seq_len)
+    if repair or spread:
+        need = max(need, profile.calib_span_tokens)
     tokenizer = load_tokenizer(model_dir)
     ids = tokenize_file(tokenizer, calib, max_tokens=need)
     # the prior pass's windows; the masks use the first calib_seqs of them (run_rounds)
-    tokens = first_windows(ids, calib, seq_len=profile.seq_len, seqs=profile.prior_windows)
+    if spread:
+        tokens = spread_windows(ids[: profile.calib_span_tokens], calib, seq_len=profile.seq_len,
+                                seqs=profile.prior_windows, first=profile.calib_seqs)
+    else:
+        tokens = first_windows(ids, calib, seq_len=profile.seq_len, seqs=profile.prior_windows)
     repair_tokens = repair_windows(tokenizer, model_dir, ids, calib, profile) if repair else None
     return tokens, repair_tokens
 
@@ -138,6 +144,29 @@ def first_windows(ids: torch.Tensor, calib: Path | str, *, seq_len: int, seqs: i
         log.warning("%s gives only %d calibration windows of %d tokens (asked for %d)", calib,
                     out.shape[0], seq_len, seqs)
     return out
+
+
+def spread_order(available: int, seqs: int, first: int) -> torch.Tensor:
+    """Which ``seqs`` of ``available`` windows (``available >= seqs >= first``), evenly spaced over
+    them, in an order whose first ``first`` are themselves evenly spaced over the text.  # (seqs,)"""
+    at = torch.linspace(0, available - 1, seqs).round().long()  # distinct: the step is >= 1
+    head = [round(j * seqs / first) for j in range(first)]
+    picked = set(head)
+    return at[torch.tensor(head + [i for i in range(seqs) if i not in picked])]
+
+
+def spread_windows(ids: torch.Tensor, calib: Path | str, *, seq_len: int, seqs: int,
+                   first: int) -> torch.Tensor:
+    """``calib_windows = "spread"``: ``seqs`` windows of ``seq_len`` tokens evenly spaced over all of
+    ``ids``, the first ``first`` of them (the masks') evenly spaced too; the first windows when the
+    text has no more than ``seqs``.  # (S, T)"""
+    every = windows(ids, seq_len=seq_len, source=str(calib))
+    if every.shape[0] <= seqs:
+        return first_windows(ids, calib, seq_len=seq_len, seqs=seqs)
+    at = spread_order(every.shape[0], seqs, min(first, seqs))
+    log.info("calibration: %d windows of %d tokens spread over the first %d of the text (the masks' are "
+             "windows %s)", seqs, seq_len, every.shape[0], ", ".join(map(str, sorted(at[:first].tolist()))))
+    return every[at]
 
 
 def work_dir(out_dir: Path) -> Path:

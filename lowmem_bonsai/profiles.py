@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .settings import (AUTO, Allocation, Coarse, DType, Eligible, Estimator, HeadUnit, MaskCounts, MaskFill,
+from .settings import (AUTO, Allocation, CalibWindows, Coarse, DType, Eligible, Estimator, HeadUnit, MaskCounts,
+                       MaskFill,
                        Prior, PriorScope, Reconstruct, RepairTarget, Score, names, one_of)
 
 # An installed wheel carries the profiles in the package (pyproject maps profiles/ to
@@ -29,7 +30,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "compute_dtype": _DTYPE_OR_AUTO, "storage_dtype": _DTYPE_OR_AUTO, "prior": names(Prior),
     "estimator": names(Estimator), "head_unit": names(HeadUnit), "allocation": names(Allocation),
     "mask_counts": names(MaskCounts), "eligible": names(Eligible), "coarse": names(Coarse), "score": names(Score),
-    "prior_scope": names(PriorScope), "mask_fill": names(MaskFill),
+    "prior_scope": names(PriorScope), "mask_fill": names(MaskFill), "calib_windows": names(CalibWindows),
     "reconstruct": names(Reconstruct), "reconstruct_target": names(RepairTarget),
 }
 
@@ -55,6 +56,11 @@ class Profile:
     prior_seqs: int = 0  # windows of seq_len tokens for each round's unmasked prior pass (priors,
     #                      FLAP's ranking); 0 = calib_seqs. Its first calib_seqs are the masks' windows
     seq_len: int = 256
+    calib_windows: str = CalibWindows.FIRST.value  # first: the prior pass reads the text's first
+    #                             prior_seqs windows (the masks the first calib_seqs of them); spread:
+    #                             as many, evenly spaced over the text the prune reads (calib_span_tokens),
+    #                             the masks' calib_seqs evenly spaced among them, so that they see
+    #                             more than the text's first article
     prune_frac: float = 0.05  # fraction of the original non-embedding params removed per round
     align: int = 32  # kept MLP widths are multiples of this (quantization wants 32 or 256)
     prior: str = Prior.WANDA.value  # see settings.Prior
@@ -166,6 +172,13 @@ class Profile:
     def prior_windows(self) -> int:
         """Windows of the prior pass: prior_seqs, at least calib_seqs (the masks' windows)."""
         return max(self.prior_seqs, self.calib_seqs)
+
+    @property
+    def calib_span_tokens(self) -> int:
+        """Tokens from the start of the calibration text that a prune reads: the prior pass's windows,
+        or the repair's text where that is longer (its reconstruct_seqs windows, read whether or not
+        this profile repairs, so that ``calib_windows = "spread"`` picks the same windows either way)."""
+        return max(self.prior_windows * self.seq_len, self.reconstruct_seqs * self.reconstruct_seq_len)
 
     @property
     def chat_seqs(self) -> int:

@@ -95,6 +95,14 @@ class MaskCounts(Setting):
     VARIED = "varied", "random counts, so layer sensitivities are identifiable"
 
 
+class CalibWindows(Setting):
+    """Which windows of the calibration text the prior pass and the masks read (pipeline.py)."""
+
+    FIRST = "first", "the text's first windows"
+    SPREAD = "spread", ("windows evenly spaced over the text the prune reads (the repair's too), the "
+                        "masks' own evenly spaced among them")
+
+
 class Score(Setting):
     NLL = "nll", "calibration text"
     KL = "kl", "to the unpruned model's top-64"
