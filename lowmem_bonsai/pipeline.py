@@ -158,11 +158,12 @@ def spread_order(available: int, seqs: int, first: int) -> torch.Tensor:
 def spread_windows(ids: torch.Tensor, calib: Path | str, *, seq_len: int, seqs: int,
                    first: int) -> torch.Tensor:
     """``calib_windows = "spread"``: ``seqs`` windows of ``seq_len`` tokens evenly spaced over all of
-    ``ids``, the first ``first`` of them (the masks') evenly spaced too; the first windows when the
-    text has no more than ``seqs``.  # (S, T)"""
+    ``ids``, the first ``first`` of them (the masks') evenly spaced too; every window, in that
+    order, when the text has no more than ``seqs``.  # (S, T)"""
     every = windows(ids, seq_len=seq_len, source=str(calib))
-    if every.shape[0] <= seqs:
-        return first_windows(ids, calib, seq_len=seq_len, seqs=seqs)
+    if every.shape[0] < seqs:
+        every = first_windows(ids, calib, seq_len=seq_len, seqs=seqs)  # warns that the text is short
+    seqs = min(seqs, every.shape[0])
     at = spread_order(every.shape[0], seqs, min(first, seqs))
     log.info("calibration: %d windows of %d tokens spread over the first %d of the text (the masks' are "
              "windows %s)", seqs, seq_len, every.shape[0], ", ".join(map(str, sorted(at[:first].tolist()))))

@@ -59,7 +59,8 @@ class Profile:
     calib_windows: str = CalibWindows.FIRST.value  # first: the prior pass reads the text's first
     #                             prior_seqs windows (the masks the first calib_seqs of them); spread:
     #                             as many, evenly spaced over the text the prune reads (calib_span_tokens),
-    #                             the masks' calib_seqs evenly spaced among them, so that they see
+    #                             the masks' calib_seqs evenly spaced among them (only those move
+    #                             where the prior's windows are all of it), so that the masks see
     #                             more than the text's first article
     prune_frac: float = 0.05  # fraction of the original non-embedding params removed per round
     align: int = 32  # kept MLP widths are multiples of this (quantization wants 32 or 256)

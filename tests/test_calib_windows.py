@@ -47,15 +47,27 @@ def test_spread_windows_come_from_the_span_and_the_masks_from_across_it(tiny_lla
     assert none is None and torch.equal(alone, tokens)
 
 
-def test_a_text_with_no_more_windows_than_asked_gives_its_first_ones(tiny_llama, tmp_path, caplog):
+def test_a_text_with_fewer_windows_than_asked_gives_all_with_the_masks_spread(tiny_llama, tmp_path, caplog):
     text = tmp_path / "short.txt"
     text.write_text(" ".join(["the cat sat on the mat"] * 12), encoding="utf-8")
-    profile = load_profile("quick").replace(seq_len=16, prior_seqs=64, calib_seqs=4, reconstruct="none",
+    profile = load_profile("quick").replace(seq_len=4, prior_seqs=64, calib_seqs=2, reconstruct="none",
                                             calib_windows="spread")
     tokens, _ = calibration_sets(tiny_llama, text, profile)
-    ids = tokenize_file(load_tokenizer(tiny_llama), text)
-    assert 1 <= tokens.shape[0] < 64 and torch.equal(tokens, windows(ids, seq_len=16))
+    every = windows(tokenize_file(load_tokenizer(tiny_llama), text), seq_len=4)
+    n = every.shape[0]
+    assert 4 <= n < 64 and tokens.shape[0] == n
+    assert torch.equal(tokens, every[spread_order(n, n, 2)])  # all of them, the masks' from across the text
+    assert torch.equal(tokens[1], every[round(n / 2)])
     assert "calibration windows" in caplog.text
+
+
+def test_as_many_windows_as_asked_still_spread_the_masks(tiny_llama, sample_text):
+    profile = load_profile("quick").replace(seq_len=16, prior_seqs=8, calib_seqs=2, reconstruct_seqs=4,
+                                            reconstruct_seq_len=32, calib_windows="spread")
+    assert profile.calib_span_tokens == 8 * 16  # the prior's windows are all the span
+    tokens, _ = calibration_sets(tiny_llama, sample_text, profile)
+    every = windows(tokenize_file(load_tokenizer(tiny_llama), sample_text)[: 8 * 16], seq_len=16)
+    assert torch.equal(tokens, every[[0, 4, 1, 2, 3, 5, 6, 7]])
 
 
 def test_an_unknown_choice_is_refused():
