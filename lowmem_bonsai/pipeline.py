@@ -99,14 +99,11 @@ def calibration_sets(model_dir: Path, calib: Path | str, profile: Profile, *,
     reconstruction's, from one reading of the text, only as far as they need.  # (S, T), (S', T')"""
     if repair is None:
         repair = profile.reconstruct != Reconstruct.NONE
-    spread = profile.calib_windows == CalibWindows.SPREAD
-    need = profile.prior_windows * profile.seq_len  # a huge file is not read whole for a few windows
-    if repair or spread:
-        need = max(need, profile.calib_span_tokens)
     tokenizer = load_tokenizer(model_dir)
-    ids = tokenize_file(tokenizer, calib, max_tokens=need)
+    # a huge file is not read whole for a few windows
+    ids = tokenize_file(tokenizer, calib, max_tokens=profile.tokens_read(repair))
     # the prior pass's windows; the masks use the first calib_seqs of them (run_rounds)
-    if spread:
+    if profile.calib_windows == CalibWindows.SPREAD:
         tokens = spread_windows(ids[: profile.calib_span_tokens], calib, seq_len=profile.seq_len,
                                 seqs=profile.prior_windows, first=profile.calib_seqs)
     else:
@@ -160,13 +157,12 @@ def spread_windows(ids: torch.Tensor, calib: Path | str, *, seq_len: int, seqs: 
     """``calib_windows = "spread"``: ``seqs`` windows of ``seq_len`` tokens evenly spaced over all of
     ``ids``, the first ``first`` of them (the masks') evenly spaced too; every window, in that
     order, when the text has no more than ``seqs``.  # (S, T)"""
-    every = windows(ids, seq_len=seq_len, source=str(calib))
-    if every.shape[0] < seqs:
-        every = first_windows(ids, calib, seq_len=seq_len, seqs=seqs)  # warns that the text is short
+    # every window of the text (the warning of first_windows where it has fewer than seqs)
+    every = first_windows(ids, calib, seq_len=seq_len, seqs=max(seqs, ids.numel() // seq_len))
     seqs = min(seqs, every.shape[0])
     at = spread_order(every.shape[0], seqs, min(first, seqs))
     log.info("calibration: %d windows of %d tokens spread over the first %d of the text (the masks' are "
-             "windows %s)", seqs, seq_len, every.shape[0], ", ".join(map(str, sorted(at[:first].tolist()))))
+             "windows %s)", seqs, seq_len, every.shape[0], ", ".join(map(str, at[:first].tolist())))
     return every[at]
 
 

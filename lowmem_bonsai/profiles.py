@@ -16,8 +16,7 @@ from typing import Any
 
 from .errors import UserError
 from .settings import (AUTO, Allocation, CalibWindows, Coarse, DType, Eligible, Estimator, HeadUnit, MaskCounts,
-                       MaskFill,
-                       Prior, PriorScope, Reconstruct, RepairTarget, Score, names, one_of)
+                       MaskFill, Prior, PriorScope, Reconstruct, RepairTarget, Score, names, one_of)
 
 # An installed wheel carries the profiles in the package (pyproject maps profiles/ to
 # lowmem_bonsai/_profiles); a checkout reads the repository's top-level profiles/.
@@ -180,6 +179,13 @@ class Profile:
         or the repair's text where that is longer (its reconstruct_seqs windows, read whether or not
         this profile repairs, so that ``calib_windows = "spread"`` picks the same windows either way)."""
         return max(self.prior_windows * self.seq_len, self.reconstruct_seqs * self.reconstruct_seq_len)
+
+    def tokens_read(self, repair: bool) -> int:
+        """Tokens from the start of the calibration text that a prune reads, with or without its
+        repair: the span where it repairs or spreads its windows, else the prior pass's windows."""
+        if repair or self.calib_windows == CalibWindows.SPREAD:
+            return self.calib_span_tokens
+        return self.prior_windows * self.seq_len
 
     @property
     def chat_seqs(self) -> int:

@@ -30,7 +30,6 @@ from lowmem_bonsai.pipeline import (  # noqa: E402
     prune_model, repair_plan, repair_windows, write_checkpoint)
 from lowmem_bonsai.model.plan import Plan  # noqa: E402
 from lowmem_bonsai.profiles import load_profile  # noqa: E402
-from lowmem_bonsai.settings import CalibWindows  # noqa: E402
 from lowmem_bonsai.texts import bundled_path  # noqa: E402
 
 WIKITEXT = bundled_path("wikitext2-valid")  # shipped in the package (lowmem_bonsai/_texts)
@@ -83,11 +82,7 @@ def main() -> None:
     results_path = a.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else []
     # Evaluation starts after every window the calibration could have read.
-    calib_tokens = max(profile.prior_windows * profile.seq_len,
-                       profile.reconstruct_seqs * profile.reconstruct_seq_len
-                       if profile.reconstruct != "none" or a.repairs else 0)
-    if profile.calib_windows == CalibWindows.SPREAD:  # the prior's windows spread over this much
-        calib_tokens = max(calib_tokens, profile.calib_span_tokens)
+    calib_tokens = profile.tokens_read(profile.reconstruct != "none" or bool(a.repairs))
     skip = math.ceil(calib_tokens / a.eval_seq_len)
     if a.split != "after-calib":
         n_windows = len(tokenize_file(load_tokenizer(a.model), a.data)) // a.eval_seq_len
