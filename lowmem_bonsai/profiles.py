@@ -96,6 +96,9 @@ class Profile:
     reconstruct_seqs: int = 64  # calibration windows for it (one pass, from the start of the text)
     reconstruct_seq_len: int = 256
     reconstruct_ridge: float = 1e-3  # lsq's ridge, relative to the mean diagonal of the Gram matrix
+    reconstruct_position_power: float = 0.0  # each token's share of the refit's squared error grows
+    #                             as (its position in the window + 1) ** power (mean 1): a stream
+    #                             error costs more late in a window, where the model reads more context
     reconstruct_sequential: bool = True  # inputs from the repaired earlier layers (else one-shot:
     #                                      statistics of the dense model, as FLAP takes them)
     reconstruct_target: str = RepairTarget.LAYER.value  # what a repaired projection reproduces:
@@ -146,6 +149,7 @@ class Profile:
             (self.reconstruct_seqs >= 1, "reconstruct_seqs must be >= 1"),
             (self.reconstruct_seq_len >= 2, "reconstruct_seq_len must be >= 2"),
             (self.reconstruct_ridge >= 0, "reconstruct_ridge must be >= 0"),
+            (0 <= self.reconstruct_position_power <= 4, "reconstruct_position_power must be in [0, 4]"),
             (0 <= self.reconstruct_chat <= 1, "reconstruct_chat must be in [0, 1] (a share of the "
              "repair's windows)"),
             (self.reconstruct_target == RepairTarget.LAYER or self.reconstruct_sequential,

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lowmem_bonsai.engine.forward import streamed_nll
-from lowmem_bonsai.method.reconstruct import Moments, greedy_heads, greedy_keep, reconstruct, solve
+from lowmem_bonsai.method.reconstruct import (Moments, greedy_heads, greedy_keep, position_weights,
+                                               reconstruct, solve)
 from lowmem_bonsai.model.checkpoint import Checkpoint
 from lowmem_bonsai.model.plan import LayerPlan, Plan
 
@@ -97,17 +98,53 @@ def test_solve_fits_an_explicit_target():
         m.add(z)
 
 
-@pytest.mark.parametrize("target", ["dense", "stream"])
-def test_explicit_targets_equal_a_refit_on_transformers_activations(tmp_path, target):
+def test_weighted_moments_are_weighted_least_squares():
+    """Tokens weighted w: the fit minimises sum w |t - W' z+|^2 (torch's least squares on rows
+    scaled by sqrt(w)), and a weight of 2 is the token twice; bias mode takes weighted means."""
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(400, 10, generator=g, dtype=torch.float64)
+    z[:, 2] += 1.0
+    w = torch.randn(6, 10, generator=g, dtype=torch.float64)
+    t = z @ w.T + 0.5 * torch.randn(400, 6, generator=g, dtype=torch.float64) + 0.2
+    wt = torch.rand(400, generator=g, dtype=torch.float64) * 3
+    keep = torch.tensor([0, 1, 3, 4, 6, 9])
+    m = Moments(10, full=True, n_out=6)
+    m.add(z[:150], t[:150], wt[:150])
+    m.add(z[150:], t[150:], wt[150:])
+    zp = torch.cat([z[:, keep], torch.ones(400, 1, dtype=torch.float64)], 1)
+    ref = torch.linalg.lstsq(zp * wt.sqrt()[:, None], t * wt.sqrt()[:, None]).solution.T
+    r = solve(w, m, keep, mode="lsq", ridge=0.0)
+    torch.testing.assert_close(r.weight, ref[:, :-1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(r.bias, ref[:, -1], rtol=1e-4, atol=1e-5)
+    resid = float((wt[:, None] * (t - zp @ ref.T) ** 2).sum() / (wt[:, None] * t ** 2).sum())
+    assert r.error_after == pytest.approx(resid, rel=1e-4)
+    twice = torch.tensor([2.0 if i % 3 == 0 else 1.0 for i in range(400)], dtype=torch.float64)
+    rows = torch.cat([torch.arange(400), torch.arange(0, 400, 3)])
+    for mode in ("lsq", "bias"):
+        mw, md = Moments(10, full=mode == "lsq", n_out=6), Moments(10, full=mode == "lsq", n_out=6)
+        mw.add(z, t, twice)
+        md.add(z[rows], t[rows])
+        a, b = solve(w, mw, keep, mode=mode, ridge=1e-3), solve(w, md, keep, mode=mode, ridge=1e-3)
+        torch.testing.assert_close(a.weight, b.weight, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a.bias, b.bias, rtol=1e-4, atol=1e-5)
+    pw = position_weights(48, 1.0)
+    assert pw.shape == (1, 48) and float(pw.mean()) == pytest.approx(1.0)
+    assert float(pw[0, -1] / pw[0, 0]) == pytest.approx(48.0) and position_weights(48, 0.0) is None
+
+
+@pytest.mark.parametrize("target, power", [("dense", 0.0), ("stream", 0.0), ("stream", 1.0)])
+def test_explicit_targets_equal_a_refit_on_transformers_activations(tmp_path, target, power):
     """Layer 0 of ``_plan`` loses heads and channels. Its down_proj refit (sequential) against the
     dense model's down_proj output (dense), or the dense model's stream after it (stream), computed
     from transformers: the dense model's activations, and the pruned model's with layer 0's repaired
-    o_proj in place of its own."""
+    o_proj in place of its own. With ``power`` each token's squared error is weighted by
+    (position + 1) ** power, mean 1 over the window."""
     model = make_tiny(tmp_path / "m", "llama-gqa-tied", **TINY)
     ckpt = Checkpoint(tmp_path / "m")
     plan = _plan(ckpt.config)
     tokens = torch.randint(0, 211, (8, 48), generator=torch.Generator().manual_seed(6))
-    rep = reconstruct(ckpt, plan, tokens, tmp_path / "repair", mode="lsq", ridge=1e-2, target=target)
+    rep = reconstruct(ckpt, plan, tokens, tmp_path / "repair", mode="lsq", ridge=1e-2, target=target,
+                      position_power=power)
     fixed = ckpt.with_overlay(rep.files)
     pre = "model.layers.0."
 
@@ -135,9 +172,11 @@ def test_explicit_targets_equal_a_refit_on_transformers_activations(tmp_path, ta
     t = z_d @ w.T + ((x_d - x_p) if target == "stream" else 0)
     keep = torch.tensor(plan.layers[0].channels)
     zp = torch.cat([z_p[:, keep], torch.ones(len(z_p), 1, dtype=torch.float64)], 1)
-    a = zp.T @ zp
+    pos = torch.arange(len(z_p)) % tokens.shape[1]  # rows are window-major
+    wt = ((pos + 1.0) ** power / ((torch.arange(tokens.shape[1]) + 1.0) ** power).mean()).double()
+    a = zp.T @ (wt[:, None] * zp)
     a.diagonal()[:-1] += 1e-2 * a.diagonal()[:-1].mean()
-    sol = torch.linalg.solve(a, zp.T @ t).T
+    sol = torch.linalg.solve(a, zp.T @ (wt[:, None] * t)).T
     torch.testing.assert_close(fixed.get(pre + "mlp.down_proj.weight").double()[:, keep], sol[:, :-1],
                                rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fixed.get(pre + "mlp.down_proj.bias").double(), sol[:, -1], rtol=1e-4, atol=1e-5)
