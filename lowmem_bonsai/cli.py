@@ -345,6 +345,9 @@ def prune_cmd(
         help="Override the profile: calibration windows (of reconstruct_seq_len tokens) for the repair.")] = None,
     reconstruct_target: Annotated[Optional[str], typer.Option(
         help=f"Override the profile: what the repair reproduces: {one_of(RepairTarget, helped=True)}.")] = None,
+    reconstruct_position_power: Annotated[Optional[float], typer.Option(
+        help="Override the profile: each token's squared error in the repair's fit weighs (its position "
+        "in the window + 1) ** this, mean 1 (0: every token alike; quick uses 1).")] = None,
     masks_per_round: Annotated[Optional[int], typer.Option(help="Override the profile.")] = None,
     calib_seqs: Annotated[Optional[int], typer.Option(help="Override the profile.")] = None,
     seq_len: Annotated[Optional[int], typer.Option(help="Override the profile.")] = None,
@@ -385,7 +388,8 @@ def prune_cmd(
         masks_per_round=masks_per_round, calib_seqs=calib_seqs, seq_len=seq_len, prune_frac=prune_frac,
         prior=prior, estimator=estimator, head_unit=head_unit, allocation=allocation,
         mask_counts=mask_counts, score=score, calib_windows=calib_windows,
-        reconstruct_seqs=reconstruct_seqs, reconstruct_target=reconstruct_target).with_repair(reconstruct)
+        reconstruct_seqs=reconstruct_seqs, reconstruct_target=reconstruct_target,
+        reconstruct_position_power=reconstruct_position_power).with_repair(reconstruct)
     prof, budget = _budgeted(prof, memory)
     ranks = join(timeout_s=prof.dist_timeout_s, device=prof.device)
     bars = _Bars()

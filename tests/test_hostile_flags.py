@@ -252,6 +252,8 @@ def test_a_missing_or_wrong_kind_of_model_path_says_which(tmp_path, sample_text)
     (["--prior", "foo"], "prior must be wanda, magnitude, fluctuation or random", "--prior foo"),
     (["--masks-per-round", "3"], "masks_per_round must be an even number >= 2", "--masks-per-round 3"),
     (["--seq-len", "64", "--reconstruct-seqs", "0"], "reconstruct_seqs must be >= 1", "--reconstruct-seqs 0"),
+    (["--reconstruct-position-power", "-1"], "reconstruct_position_power must be in [0, 4]",
+     "--reconstruct-position-power -1.0"),
 ])
 def test_a_flag_the_profile_checks_refuse_is_named_as_the_flag(tmp_path, tiny_llama, sample_text, flags, words,
                                                               given):
