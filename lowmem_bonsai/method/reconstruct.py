@@ -39,7 +39,8 @@ With t = W z, C = W G[:in] and both reduce to the formulas above.
 
 ``position_power``: every moment weighs each token by w = (p + 1) ** position_power / mean, p its
 position in its window (G = sum w z+ z+^T, C = sum w t z+^T, the bias's sums and count weighted
-alike), so the fits minimise sum w |t - W' z+|^2; 0 (every w = 1) is the plain fit.
+alike), so the fits minimise sum w |t - W' z+|^2; 0 (every w = 1) is the plain fit. The report's
+per-layer errors are then the weighted ones.
 
 ``reselect`` (lsq): the repair also chooses which MLP channels and heads a layer keeps, as many as
 the plan keeps there, from the same moments: greedy structured OBS (as ZipLM's structured pruner). From the
@@ -369,7 +370,8 @@ def position_weights(seq_len: int, power: float) -> torch.Tensor | None:
     Why: on SmolLM2 the repaired model's normalised stream is as close to the dense one at the end
     of a 256-token window as at its start, yet its loss against dense grows along the window (test
     windows, 10 %: +0.04 nats at positions 4-63, +0.08 at 128-254): the same error costs more where
-    the dense model reads more context. Weighing late tokens more spends the fit where it pays.  # (1, T)
+    the dense model reads more context. Weighing late tokens more spends the fit where it pays.
+    Returns (1, T).
     """
     if power == 0:
         return None
