@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = dense.config
     cos, sin = rope_tables(cfg, a.seq_len)
     hd = embed_tokens(dense, toks, dtype=torch.float32)
-    hp = embed_tokens(pruned, toks, dtype=torch.float32)
+    hp = hd.clone()  # pruning leaves the embeddings as they are
     spans = buckets(a.seq_len)
     one = torch.ones(cfg.hidden_size)
     stream: dict[int, list[float]] = {}
