@@ -143,12 +143,14 @@ def test_a_round_of_one_wave_is_shared_by_both_ranks(tmp_path, job):
         assert mine["mask_loss_mean"] == pytest.approx(theirs["mask_loss_mean"], rel=1e-6)
 
 
-@pytest.mark.parametrize("extra", ["", 'reconstruct_target = "stream"\nreconstruct_reselect = true\n'])
+@pytest.mark.parametrize("extra", ["", 'reconstruct_target = "stream"\nreconstruct_reselect = true\n',
+                                   'reconstruct_position_power = 1\n'])
 def test_reconstruction_shares_its_windows_and_matches_one_process(tmp_path, job, extra):
     """lsq over 2 ranks: each streams half the windows and the moments are summed before every
     solve, so the repaired weights equal one process's up to the order of the sums (a rank that
     kept only its own half would solve a different system). With reselect, the ranks choose the
-    channels from the summed moments too: the same plan as one process."""
+    channels from the summed moments too: the same plan as one process. With a position power, each
+    rank's moments carry the weighted token count too, and the sums still solve one system."""
     from safetensors.torch import load_file
 
     model_dir, _, text, _ = job
