@@ -97,9 +97,10 @@ class Profile:
     reconstruct_seq_len: int = 256
     reconstruct_ridge: float = 1e-3  # lsq's ridge, relative to the mean diagonal of the Gram matrix
     reconstruct_position_power: float = 0.0  # each token's share of the refit's squared error grows
-    #                             as (its position in the window + 1) ** power (mean 1): a stream
-    #                             error costs more late in a window, where the model reads more context
-    #                             (SmolLM2: power 1 better at 10 %, worse at 20 %; no profile sets it)
+    #                             as (its position in the window + 1) ** power, position 0 (the
+    #                             attention sink) weighing as the last (mean 1): a stream error costs
+    #                             more late in a window, where the model reads more context
+    #                             (SmolLM2, power 1: better at 10 and 20 %; no profile sets it yet)
     reconstruct_sequential: bool = True  # inputs from the repaired earlier layers (else one-shot:
     #                                      statistics of the dense model, as FLAP takes them)
     reconstruct_target: str = RepairTarget.LAYER.value  # what a repaired projection reproduces:

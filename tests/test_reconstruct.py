@@ -129,7 +129,8 @@ def test_weighted_moments_are_weighted_least_squares():
         torch.testing.assert_close(a.bias, b.bias, rtol=1e-4, atol=1e-5)
     pw = position_weights(48, 1.0)
     assert pw.shape == (1, 48) and float(pw.mean()) == pytest.approx(1.0)
-    assert float(pw[0, -1] / pw[0, 0]) == pytest.approx(48.0) and position_weights(48, 0.0) is None
+    assert float(pw[0, -1] / pw[0, 1]) == pytest.approx(24.0) and position_weights(48, 0.0) is None
+    assert float(pw[0, 0]) == float(pw[0, -1])  # position 0, the attention sink, weighs as the last
 
 
 @pytest.mark.parametrize("target, power", [("dense", 0.0), ("stream", 0.0), ("stream", 1.0)])
@@ -138,7 +139,7 @@ def test_explicit_targets_equal_a_refit_on_transformers_activations(tmp_path, ta
     dense model's down_proj output (dense), or the dense model's stream after it (stream), computed
     from transformers: the dense model's activations, and the pruned model's with layer 0's repaired
     o_proj in place of its own. With ``power`` each token's squared error is weighted by
-    (position + 1) ** power, mean 1 over the window."""
+    (position + 1) ** power, position 0 as the last, mean 1 over the window."""
     model = make_tiny(tmp_path / "m", "llama-gqa-tied", **TINY)
     ckpt = Checkpoint(tmp_path / "m")
     plan = _plan(ckpt.config)
@@ -173,7 +174,9 @@ def test_explicit_targets_equal_a_refit_on_transformers_activations(tmp_path, ta
     keep = torch.tensor(plan.layers[0].channels)
     zp = torch.cat([z_p[:, keep], torch.ones(len(z_p), 1, dtype=torch.float64)], 1)
     pos = torch.arange(len(z_p)) % tokens.shape[1]  # rows are window-major
-    wt = ((pos + 1.0) ** power / ((torch.arange(tokens.shape[1]) + 1.0) ** power).mean()).double()
+    raw = (torch.arange(tokens.shape[1]) + 1.0) ** power
+    raw[0] = raw[-1]  # position 0, the attention sink, weighs as the last
+    wt = (raw / raw.mean())[pos].double()
     a = zp.T @ (wt[:, None] * zp)
     a.diagonal()[:-1] += 1e-2 * a.diagonal()[:-1].mean()
     sol = torch.linalg.solve(a, zp.T @ (wt[:, None] * t)).T

@@ -38,9 +38,10 @@ For the last two the fit needs the cross moments C = sum t z+^T (out x in + 1) b
 With t = W z, C = W G[:in] and both reduce to the formulas above.
 
 ``position_power``: every moment weighs each token by w = (p + 1) ** position_power / mean, p its
-position in its window (G = sum w z+ z+^T, C = sum w t z+^T, the bias's sums and count weighted
-alike), so the fits minimise sum w |t - W' z+|^2; 0 (every w = 1) is the plain fit. The report's
-per-layer errors are then the weighted ones.
+position in its window, except position 0 (the attention sink), which weighs as the last position
+(G = sum w z+ z+^T, C = sum w t z+^T, the bias's sums and count weighted alike), so the fits
+minimise sum w |t - W' z+|^2; 0 (every w = 1) is the plain fit. The report's per-layer errors are
+then the weighted ones.
 
 ``reselect`` (lsq): the repair also chooses which MLP channels and heads a layer keeps, as many as
 the plan keeps there, from the same moments: greedy structured OBS (as ZipLM's structured pruner). From the
@@ -363,17 +364,25 @@ def passes(target: str, sequential: bool = True) -> int:
 
 
 def position_weights(seq_len: int, power: float) -> torch.Tensor | None:
-    """Each position's weight in a window, (p + 1) ** power scaled to mean 1; None for power 0.
+    """Each position's weight in a window, (p + 1) ** power, except position 0, which weighs as
+    much as the last; scaled to mean 1. None for power 0. Returns (1, T).
 
     Why: on SmolLM2 the repaired model's normalised stream is as close to the dense one at the end
     of a 256-token window as at its start, yet its loss against dense grows along the window (test
     windows, 10 %: +0.04 nats at positions 4-63, +0.08 at 128-254): the same error costs more where
     the dense model reads more context. Weighing late tokens more spends the fit where it pays.
-    Returns (1, T).
+
+    Position 0 is the exception: its state is the attention sink (it carries the massive
+    activations) that every later token's attention reads. Weighted as (0 + 1) ** power, 1/128 of
+    the mean over 256 tokens, the fit all but dropped it, and at 20 % its stream error rose a
+    hundredfold (0.003 -> 0.30 after layer 0) and the model lost 3.7 % of perplexity instead of
+    gaining; weighed as the last token, it gains at 10 % and at 20 % (docs/quality-history.md,
+    "The first token is the sink").
     """
     if power == 0:
         return None
     w = torch.arange(1, seq_len + 1, dtype=torch.float64) ** power
+    w[0] = w[-1]
     return (w / w.mean()).float()[None, :]
 
 
@@ -411,7 +420,8 @@ def reconstruct(
     module's notes).
 
     ``position_power``: each token's share of every fit's squared error grows as (position in its
-    window + 1) ** position_power (mean 1 over a window); 0 weighs every token alike.
+    window + 1) ** position_power, position 0 weighing as the last (mean 1 over a window); 0 weighs
+    every token alike.
     """
     if mode not in (Reconstruct.BIAS, Reconstruct.LSQ):
         raise ValueError(mode)
