@@ -375,9 +375,9 @@ def position_weights(seq_len: int, power: float) -> torch.Tensor | None:
     Position 0 is the exception: its state is the attention sink (it carries the massive
     activations) that every later token's attention reads. Weighted as (0 + 1) ** power, 1/128 of
     the mean over 256 tokens, the fit all but dropped it, and at 20 % its stream error rose a
-    hundredfold (0.003 -> 0.30 after layer 0) and the model lost 3.7 % of perplexity instead of
-    gaining; weighed as the last token, it gains at 10 % and at 20 % (docs/quality-history.md,
-    "The first token is the sink").
+    hundredfold (0.003 -> 0.30 after layer 0) and the test perplexity rose 3.7-3.9 % instead of
+    falling; weighed as the last token, it falls at 10 % and at 20 % (docs/quality-history.md,
+    "Position 0 is the attention sink").
     """
     if power == 0:
         return None
