@@ -145,12 +145,13 @@ class Moments:
         with ``weight`` (...,) each token's share of the squared error (every moment weighted)."""
         z = z.reshape(-1, self.n_in).float()  # (tokens, in)
         w = None if weight is None else weight.reshape(-1, 1).float()  # (tokens, 1)
+        root = None if w is None else w.sqrt()  # on both sides of every product: sum w z+ z+^T, sum w t z+^T
         self.sums += (z if w is None else z * w).sum(0).double()
         self.tokens += z.shape[0]
         self.weight_sum += z.shape[0] if w is None else float(w.double().sum())
         zp = torch.cat([z, z.new_ones(z.shape[0], 1)], 1) if self.gram is not None else None  # (tokens, in + 1)
-        if zp is not None and w is not None:
-            zp *= w.sqrt()  # sqrt(w) on both sides of every product: sum w z+ z+^T, sum w t z+^T
+        if zp is not None and root is not None:
+            zp *= root
         if zp is not None:
             self.gram.addmm_(zp.T, zp)
         if (target is None) != (self.t_sums is None):
@@ -158,9 +159,10 @@ class Moments:
         if target is not None:
             t = target.reshape(-1, self.n_out).float()  # (tokens, out)
             self.t_sums += (t if w is None else t * w).sum(0).double()
-            self.t_sq += float((t.double().square() if w is None else t.double().square() * w.double()).sum())
+            sq = t.double().square()
+            self.t_sq += float((sq if w is None else sq * w.double()).sum())
             if zp is not None:
-                self.cross.addmm_((t if w is None else t * w.sqrt()).T, zp)
+                self.cross.addmm_((t if root is None else t * root).T, zp)
 
     def summed(self, ranks: Ranks, *, what: str) -> Moments:
         """Every rank's moments added up (fp64 sums; the Gram matrix back in fp32), on every rank."""
