@@ -150,9 +150,9 @@ class Moments:
         self.tokens += z.shape[0]
         self.weight_sum += z.shape[0] if w is None else float(w.double().sum())
         zp = torch.cat([z, z.new_ones(z.shape[0], 1)], 1) if self.gram is not None else None  # (tokens, in + 1)
-        if zp is not None and root is not None:
-            zp *= root
         if zp is not None:
+            if root is not None:
+                zp *= root
             self.gram.addmm_(zp.T, zp)
         if (target is None) != (self.t_sums is None):
             raise ValueError("a target goes with every input exactly when n_out is set")
@@ -378,8 +378,8 @@ def position_weights(seq_len: int, power: float) -> torch.Tensor | None:
     activations) that every later token's attention reads. Weighted as (0 + 1) ** power, 1/128 of
     the mean over 256 tokens, the fit all but dropped it, and at 20 % its stream error rose a
     hundredfold (0.003 -> 0.30 after layer 0) and the test perplexity rose 3.7-3.9 % instead of
-    falling; weighed as the last token, it falls at 10 % and at 20 % (docs/quality-history.md,
-    "Position 0 is the attention sink").
+    falling; weighed as the last token, it falls on every plan measured at 10-50 %
+    (docs/quality-history.md, "Position 0 is the attention sink" and the section after it).
     """
     if power == 0:
         return None
