@@ -100,7 +100,7 @@ class Profile:
     #                             as (its position in the window + 1) ** power, position 0 (the
     #                             attention sink) weighing as the last (mean 1): a stream error costs
     #                             more late in a window, where the model reads more context
-    #                             (SmolLM2, power 1: better at 10-50 %; no profile sets it yet)
+    #                             (SmolLM2, power 1: better at 10-50 %; the profiles that reselect set it)
     reconstruct_sequential: bool = True  # inputs from the repaired earlier layers (else one-shot:
     #                                      statistics of the dense model, as FLAP takes them)
     reconstruct_target: str = RepairTarget.LAYER.value  # what a repaired projection reproduces:
