@@ -1,0 +1,66 @@
+"""tools/merge_results.py: one split's rows of several bench_quality.py files, the latest of each
+model, eval-only rows completed from the same model's row on another split."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOL = Path(__file__).resolve().parent.parent / "tools" / "merge_results.py"
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("merge_results", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def row(method, split, ppl, sparsity=0.1, seed=0, **kw):
+    r = {"method": method, "sparsity": sparsity, "split": split, "perplexity": ppl}
+    if method != "dense":
+        r["seed"] = seed
+    return r | kw
+
+
+def test_latest_rows_renamed_and_eval_only_rows_completed(tmp_path, capsys):
+    first = [row("dense", "tune", 36.7, 0.0, forward_tokens=0, achieved=0.0),
+             row("dense", "test", 44.13, 0.0, forward_tokens=0, achieved=0.0),
+             row("bonsai+lsq", "tune", 38.2, forward_tokens=524288, achieved=0.1),
+             row("bonsai+lsq", "test", 46.6),  # eval-only: the tune row's model on the test windows
+             row("flap+lsq", "test", 47.9, forward_tokens=540672, achieved=0.1)]
+    second = [row("dense", "test", 44.13 * (1 + 1e-8), 0.0, forward_tokens=0, achieved=0.0),
+              row("flap+lsq", "test", 47.2, forward_tokens=540672, achieved=0.1),  # a later run replaces it
+              row("flap+lsq", "test", 53.6, 0.2, forward_tokens=507904, achieved=0.2),
+              row("prior", "test", 55.0, forward_tokens=4608, achieved=0.1)]  # not asked for
+    a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "out.json"
+    a.write_text(json.dumps(first))
+    b.write_text(json.dumps(second))
+    subprocess.run([sys.executable, str(TOOL), str(a), str(b), "--split", "test", "--methods",
+                    "bonsai+lsq=bonsai.c16+lsq", "flap+lsq", "--out", str(out)], check=True)
+    got = json.loads(out.read_text())
+    assert [(r["method"], r["sparsity"], r["perplexity"]) for r in got] == [
+        ("dense", 0.0, 44.13), ("bonsai.c16+lsq", 0.1, 46.6), ("flap+lsq", 0.1, 47.2), ("flap+lsq", 0.2, 53.6)]
+    bonsai = got[1]
+    assert bonsai["forward_tokens"] == 524288 and bonsai["achieved"] == 0.1
+    assert "from the same model's row on the tune windows" in bonsai["note"]
+    assert "note" not in got[2]
+
+
+def test_refuses_mixed_windows_missing_methods_and_rows_it_cannot_complete():
+    tool = _tool()
+    dense = [row("dense", "test", 44.13, 0.0), row("dense", "test", 44.5, 0.0)]
+    with pytest.raises(SystemExit, match="differ"):
+        tool.merge(dense, "test", {"bonsai": "bonsai"})
+    rows = [row("dense", "test", 44.13, 0.0), row("bonsai", "test", 50.0)]
+    with pytest.raises(SystemExit, match="no test rows of \\['flap'\\]"):
+        tool.merge(rows, "test", {"bonsai": "bonsai", "flap": "flap"})
+    with pytest.raises(SystemExit, match="has no forward_tokens or achieved"):
+        tool.merge(rows, "test", {"bonsai": "bonsai"})
+    with pytest.raises(SystemExit, match="no dense row"):
+        tool.merge(rows[1:], "test", {"bonsai": "bonsai"})
