@@ -105,7 +105,8 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
             return 2 * n ** 3 + 4 * round(sparsity * units) * block * n * (n + cfg.hidden_size)
 
         reselect = profile.reconstruct_reselect and sum(
-            eliminate(s.intermediate_size, 1) + eliminate(s.num_attention_heads, cfg.head_dim)
+            eliminate(s.intermediate_size, 1)
+            + (eliminate(s.num_attention_heads, cfg.head_dim) if profile.reconstruct_reselect_heads else 0)
             for s in cfg.layers)
         calib_tokens = seqs * profile.reconstruct_seq_len  # each adds to the moments once
         repair_flops = repair_tokens * 2 * total + 2 * calib_tokens * grams + solves

@@ -115,6 +115,9 @@ class Profile:
     #                                     heads each layer keeps (as many as the plan keeps), by greedy
     #                                     structured OBS on its own moments; the widths stay the plan's
     #                                     (the final repair only: never those between the rounds)
+    reconstruct_reselect_heads: bool = True  # with reconstruct_reselect: where the plan drops
+    #                                     heads, the repair chooses those too; false keeps the plan's
+    #                                     heads and reselects only the MLP channels
     reconstruct_chat: float = 0.0  # share of the repair's windows whose text is written as chat
     #                                turns with the checkpoint's chat template (none without one),
     #                                so that the repair keeps what the template's tokens use

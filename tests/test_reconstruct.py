@@ -469,6 +469,18 @@ def test_reselect_keeps_the_widths_and_writes_the_plan_it_repaired(tmp_path, sam
     heads = [len(set(a.heads) - set(b.heads)) for a, b in zip(plans[False].layers, plans[True].layers)]
     assert [info.get("heads_changed", 0) for info in layers] == heads and sum(heads) > 0  # whole groups here
     assert all({h // 2 for h in lp.heads} == set(lp.kv_heads) for lp in plans[True].layers)
+    # reconstruct_reselect_heads = false: the method's heads stay, the channels are still the repair's
+    out = tmp_path / "channels"
+    rep = prune_model(model_dir=tmp_path / "m", out_dir=out, sparsity=0.3, calib=sample_text, seed=1, method="prior",
+                      profile=base.replace(reconstruct_reselect=True, reconstruct_reselect_heads=False))
+    own = Plan.load(out / "plan.json")
+    assert [lp.heads for lp in own.layers] == [lp.heads for lp in plans[False].layers]
+    assert [lp.kv_heads for lp in own.layers] == [lp.kv_heads for lp in plans[False].layers]
+    assert own.shapes() == plans[False].shapes()
+    assert not any("heads_changed" in info for info in rep["reconstruction"]["layers"])
+    assert sum(info.get("channels_changed", 0) for info in rep["reconstruction"]["layers"]) > 0
+    first = rep["reconstruction"]["layers"][0]  # layer 0: the same heads on the same inputs, the same fit
+    assert first["attn_error"] == reps[False]["reconstruction"]["layers"][0]["attn_error"]
     for before, after in zip(reps[False]["reconstruction"]["layers"], layers):
         for key in ("attn_error", "mlp_error"):
             if key in after:

@@ -56,7 +56,8 @@ same way on o_proj's moments, a head being a block J of head_dim columns:
     cost(J) = tr(W*_J ((A^-1)_JJ)^-1 W*_J^T),
 
 whole KV groups first (as many as the plan drops), then query heads, as many from every kept group
-(GQA: a group's heads share its K and V, and llama.cpp needs n_head / n_head_kv whole). The plan's
+(GQA: a group's heads share its K and V, and llama.cpp needs n_head / n_head_kv whole);
+``reselect_heads`` false keeps the plan's heads and reselects only the channels. The plan's
 widths stay (the method chose how much each layer loses); the report's plan is the one to write.
 
 The repaired tensors are written full-width (removed columns zero) in the source's names, one
@@ -101,6 +102,7 @@ def settings_of(profile: Profile) -> dict[str, Any]:
     return dict(mode=profile.reconstruct, ridge=profile.reconstruct_ridge,
                 sequential=profile.reconstruct_sequential, target=profile.reconstruct_target,
                 unpruned=profile.reconstruct_unpruned, reselect=profile.reconstruct_reselect,
+                reselect_heads=profile.reconstruct_reselect_heads,
                 position_power=profile.reconstruct_position_power,
                 dtype=torch.float32,
                 chunk_tokens=profile.chunk_tokens, prefetch=profile.prefetch)
@@ -400,6 +402,7 @@ def reconstruct(
     target: str = RepairTarget.LAYER,
     unpruned: bool = False,
     reselect: bool = False,
+    reselect_heads: bool = True,
     position_power: float = 0.0,
     dtype: torch.dtype = torch.float32,
     chunk_tokens: int = 4096,
@@ -518,7 +521,7 @@ def reconstruct(
             for c in chunks():
                 gather(m, heads_of, w.o, w.o_bias, c)
             even = bool(lp.kv_heads) and len(lp.heads) % len(lp.kv_heads) == 0  # every group as many
-            if reselect and even and len(lp.heads) < w.n_heads:
+            if reselect and reselect_heads and even and len(lp.heads) < w.n_heads:
                 m = m.summed(ranks, what=f"the reconstruction of layer {w.layer}")
                 heads, kv_heads = greedy_heads(m, w.o, w.head_dim, w.n_kv_heads, len(lp.kv_heads),
                                                len(lp.heads) // len(lp.kv_heads), ridge=ridge)
