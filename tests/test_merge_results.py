@@ -64,3 +64,36 @@ def test_refuses_mixed_windows_missing_methods_and_rows_it_cannot_complete():
         tool.merge(rows, "test", {"bonsai": "bonsai"})
     with pytest.raises(SystemExit, match="no dense row"):
         tool.merge(rows[1:], "test", {"bonsai": "bonsai"})
+
+
+def test_two_names_for_one_model_keep_the_latest_row_and_the_latest_usable_twin():
+    """Two methods given one name are one model: the later row wins. An eval-only row takes its
+    forward tokens from the latest row on another split that has them, not from the first one."""
+    tool = _tool()
+    rows = [row("dense", "test", 44.13, 0.0),
+            row("old", "tune", 38.3),  # no forward tokens: not a twin
+            row("old", "test", 46.9, forward_tokens=1, achieved=0.1),
+            row("new", "tune", 38.2, forward_tokens=524288, achieved=0.1),
+            row("new", "test", 46.6)]  # eval-only, replaces "old"'s row of the same model
+    got = tool.merge(rows, "test", tool.parse_names(["old=b", "new=b"]))
+    assert [(r["method"], r["perplexity"], r["forward_tokens"]) for r in got[1:]] == [("b", 46.6, 524288)]
+
+
+def test_bad_inputs_are_refused_in_one_line(tmp_path):
+    tool = _tool()
+    for given, match in ((["a="], "neither empty"), (["=b"], "neither empty"), (["a", "a=b"], "a given twice")):
+        with pytest.raises(SystemExit, match=match):
+            tool.parse_names(given)
+    rows = [row("dense", "test", 44.13, 0.0, eval_skip=1037, eval_seqs=32),
+            row("bonsai", "test", 50.0, forward_tokens=1, achieved=0.1, eval_skip=8, eval_seqs=32)]
+    with pytest.raises(SystemExit, match="eval_skip 8 on the test windows, the dense row's is 1037"):
+        tool.merge(rows, "test", {"bonsai": "bonsai"})
+    bad = {"missing.json": None, "broken.json": "[{", "dict.json": "{}", "rowless.json": '[{"method": "x"}]'}
+    for name, text in bad.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        run = subprocess.run([sys.executable, str(TOOL), str(tmp_path / name), "--split", "test",
+                              "--methods", "x", "--out", str(tmp_path / "out.json")], capture_output=True, text=True)
+        assert run.returncode != 0 and len(run.stderr.strip().splitlines()) == 1, (name, run.stderr)
+        assert name in run.stderr and not (tmp_path / "out.json").exists()
+    assert "row 0 has no sparsity, perplexity" in run.stderr
