@@ -274,7 +274,8 @@ def estimate_cmd(
         when = ("after the rounds" if r["repairs"] == 1 else
                 f"{r['repairs']} repairs: before every round after the first, and after the rounds")
         target = "" if r.get("target", "layer") == "layer" else f" (target {r['target']})"
-        target += ", reselecting MLP channels" if r.get("reselect") else ""
+        target += (", reselecting MLP channels and heads" if r.get("reselect_heads") else
+                   ", reselecting MLP channels" if r.get("reselect") else "")
         if r.get("chat_windows"):
             target += f", {r['chat_windows']} of {r['windows']} windows as chat turns"
         typer.echo(f"repair     {r['mode']}{target}: {r['forward_tokens']:,} forward tokens, {r['tflops']:.1f} TFLOP, "
@@ -340,7 +341,7 @@ def prune_cmd(
         help="Override the profile: repair what is left after the units are chosen: none, bias (the "
         "removed inputs' mean, as FLAP) or lsq (least-squares refit of o_proj/down_proj and a bias "
         "from calibration activations; the profile's reconstruct_reselect, lsq only, then also chooses the "
-        "MLP channels and heads each layer keeps).")] = None,
+        "MLP channels each layer keeps, and with reconstruct_reselect_heads its heads).")] = None,
     reconstruct_seqs: Annotated[Optional[int], typer.Option(
         help="Override the profile: calibration windows (of reconstruct_seq_len tokens) for the repair.")] = None,
     reconstruct_target: Annotated[Optional[str], typer.Option(

@@ -143,6 +143,8 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         "masks_per_round_per_rank": rank_masks,
         "reconstruction": {"mode": profile.reconstruct, "target": profile.reconstruct_target,
                            "reselect": profile.reconstruct_reselect and profile.reconstruct == "lsq",
+                           "reselect_heads": (profile.reconstruct_reselect and profile.reconstruct_reselect_heads
+                                              and profile.reconstruct == "lsq"),
                            "chat_windows": profile.chat_seqs if has_chat else 0,
                            "windows": seqs,
                            "repairs": repairs if repairing else 0,

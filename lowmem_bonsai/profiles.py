@@ -115,9 +115,13 @@ class Profile:
     #                                     heads each layer keeps (as many as the plan keeps), by greedy
     #                                     structured OBS on its own moments; the widths stay the plan's
     #                                     (the final repair only: never those between the rounds)
-    reconstruct_reselect_heads: bool = True  # with reconstruct_reselect: where the plan drops
+    reconstruct_reselect_heads: bool = False  # with reconstruct_reselect: where the plan drops
     #                                     heads, the repair chooses those too; false keeps the plan's
-    #                                     heads and reselects only the MLP channels
+    #                                     heads and reselects only the MLP channels (SmolLM2, FLAP's
+    #                                     plans under quick's repair, test windows: heads kept 53.51 /
+    #                                     63.89 / 138.56 at 20 / 30 / 50 % against 53.65 / 64.20 /
+    #                                     136.93 reselected; 181.11 against 206.75 at 50 % without the
+    #                                     position weighting; docs/quality-history.md)
     reconstruct_chat: float = 0.0  # share of the repair's windows whose text is written as chat
     #                                turns with the checkpoint's chat template (none without one),
     #                                so that the repair keeps what the template's tokens use

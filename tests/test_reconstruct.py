@@ -442,8 +442,8 @@ def test_head_reselection_is_greedy_block_elimination_that_keeps_the_groups_even
 
 
 def test_reselect_keeps_the_widths_and_writes_the_plan_it_repaired(tmp_path, sample_text):
-    """A prune with reconstruct_reselect: the plan written has the widths the method chose, its
-    heads and channels are the repair's (the report says how many it exchanged; every kept query
+    """A prune with reconstruct_reselect (and reconstruct_reselect_heads): the plan written has the
+    widths the method chose, its heads and channels are the repair's (the report says how many it exchanged; every kept query
     head's KV group is kept), the tensors written are sliced to them, and the refit errors are no
     higher than on the method's units."""
     from lowmem_bonsai.pipeline import prune_model
@@ -460,7 +460,8 @@ def test_reselect_keeps_the_widths_and_writes_the_plan_it_repaired(tmp_path, sam
     for reselect in (False, True):
         out = tmp_path / str(reselect)
         reps[reselect] = prune_model(model_dir=tmp_path / "m", out_dir=out, sparsity=0.3, calib=sample_text,
-                                     seed=1, method="prior", profile=base.replace(reconstruct_reselect=reselect))
+                                     seed=1, method="prior", profile=base.replace(reconstruct_reselect=reselect,
+                                                                                  reconstruct_reselect_heads=True))
         plans[reselect] = Plan.load(out / "plan.json")
     assert plans[True].shapes() == plans[False].shapes()
     layers = reps[True]["reconstruction"]["layers"]
@@ -469,7 +470,7 @@ def test_reselect_keeps_the_widths_and_writes_the_plan_it_repaired(tmp_path, sam
     heads = [len(set(a.heads) - set(b.heads)) for a, b in zip(plans[False].layers, plans[True].layers)]
     assert [info.get("heads_changed", 0) for info in layers] == heads and sum(heads) > 0  # whole groups here
     assert all({h // 2 for h in lp.heads} == set(lp.kv_heads) for lp in plans[True].layers)
-    # reconstruct_reselect_heads = false: the method's heads stay, the channels are still the repair's
+    # reconstruct_reselect_heads = false (the default): the method's heads stay, the channels are the repair's
     out = tmp_path / "channels"
     rep = prune_model(model_dir=tmp_path / "m", out_dir=out, sparsity=0.3, calib=sample_text, seed=1, method="prior",
                       profile=base.replace(reconstruct_reselect=True, reconstruct_reselect_heads=False))

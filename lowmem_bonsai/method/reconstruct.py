@@ -402,7 +402,7 @@ def reconstruct(
     target: str = RepairTarget.LAYER,
     unpruned: bool = False,
     reselect: bool = False,
-    reselect_heads: bool = True,
+    reselect_heads: bool = False,
     position_power: float = 0.0,
     dtype: torch.dtype = torch.float32,
     chunk_tokens: int = 4096,
