@@ -111,9 +111,10 @@ class Profile:
     #                             beside the pruned one (sequential only)
     reconstruct_unpruned: bool = False  # with target dense / stream: also refit the o_proj / down_proj
     #                                     of layers that lost nothing there (all columns)
-    reconstruct_reselect: bool = False  # with lsq: the repair also chooses which MLP channels and
-    #                                     heads each layer keeps (as many as the plan keeps), by greedy
-    #                                     structured OBS on its own moments; the widths stay the plan's
+    reconstruct_reselect: bool = False  # with lsq: the repair also chooses which MLP channels each
+    #                                     layer keeps (as many as the plan keeps; the heads too with
+    #                                     reconstruct_reselect_heads), by greedy structured OBS on its
+    #                                     own moments; the widths stay the plan's
     #                                     (the final repair only: never those between the rounds)
     reconstruct_reselect_heads: bool = False  # with reconstruct_reselect: where the plan drops
     #                                     heads, the repair chooses those too; false keeps the plan's
@@ -166,6 +167,9 @@ class Profile:
              "(one-shot statistics are the dense model's: its target is the layer's own)"),
             (self.reconstruct != Reconstruct.BIAS or not self.reconstruct_reselect,
              "reconstruct_reselect = true needs reconstruct = \"lsq\" (it chooses from the Gram matrix)"),
+            (self.reconstruct_reselect or not self.reconstruct_reselect_heads,
+             "reconstruct_reselect_heads = true needs reconstruct_reselect = true (the heads are chosen "
+             "with the channels)"),
             (self.reconstruct != Reconstruct.NONE or not self.reconstruct_in_rounds,
              "reconstruct_in_rounds = true needs reconstruct = bias or lsq (the repair it runs "
              "between the rounds)"),
@@ -217,12 +221,13 @@ class Profile:
 
     def with_repair(self, mode: str | None) -> Profile:
         """This profile repairing with ``mode`` (none | bias | lsq; None keeps its own). Choosing
-        the channels needs lsq's Gram matrix, so ``bias`` also turns reconstruct_reselect off
-        (a profile file that sets both is refused instead: there the choice is the file's)."""
+        the channels needs lsq's Gram matrix, so ``bias`` also turns reconstruct_reselect (and
+        reconstruct_reselect_heads) off (a profile file that sets both is refused instead: there
+        the choice is the file's)."""
         if mode is None:
             return self
-        return self.replace(reconstruct=mode,
-                            reconstruct_reselect=False if mode == Reconstruct.BIAS else None)
+        off = False if mode == Reconstruct.BIAS else None
+        return self.replace(reconstruct=mode, reconstruct_reselect=off, reconstruct_reselect_heads=off)
 
     def replace(self, **changes: Any) -> Profile:
         """The profile with the ``changes`` that are not None (a command's flags); a value the

@@ -77,6 +77,10 @@ def test_two_names_for_one_model_keep_the_latest_row_and_the_latest_usable_twin(
             row("new", "test", 46.6)]  # eval-only, replaces "old"'s row of the same model
     got = tool.merge(rows, "test", tool.parse_names(["old=b", "new=b"]))
     assert [(r["method"], r["perplexity"], r["forward_tokens"]) for r in got[1:]] == [("b", 46.6, 524288)]
+    same_split = [row("dense", "test", 44.13, 0.0), row("b", "test", 47.0, forward_tokens=7, achieved=0.1),
+                  row("b", "test", 46.9)]  # an eval-only row replacing a full one on the same windows
+    got = tool.merge(same_split, "test", {"b": "b"})[1]
+    assert (got["perplexity"], got["forward_tokens"]) == (46.9, 7) and "test windows" in got["note"]
 
 
 def test_bad_inputs_are_refused_in_one_line(tmp_path):
@@ -88,7 +92,8 @@ def test_bad_inputs_are_refused_in_one_line(tmp_path):
             row("bonsai", "test", 50.0, forward_tokens=1, achieved=0.1, eval_skip=8, eval_seqs=32)]
     with pytest.raises(SystemExit, match="eval_skip 8 on the test windows, the dense row's is 1037"):
         tool.merge(rows, "test", {"bonsai": "bonsai"})
-    bad = {"missing.json": None, "broken.json": "[{", "dict.json": "{}", "rowless.json": '[{"method": "x"}]'}
+    bad = {"missing.json": None, "broken.json": "[{", "dict.json": "{}",
+           "null.json": '[{"method": "x", "sparsity": 0.1, "perplexity": null}]', "rowless.json": '[{"method": "x"}]'}
     for name, text in bad.items():
         if text is not None:
             (tmp_path / name).write_text(text)

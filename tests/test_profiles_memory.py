@@ -65,6 +65,12 @@ def test_choosing_bias_turns_the_profiles_reselection_off_and_a_file_with_both_i
     f.write_text('reconstruct = "bias"\nreconstruct_reselect = true\n')
     with pytest.raises(UserError, match="reconstruct_reselect = true needs"):
         load_profile(f)
+    heads = quick.replace(reconstruct_reselect_heads=True)  # the heads are chosen with the channels
+    assert not quick.reconstruct_reselect_heads and heads.reconstruct_reselect_heads
+    both_off = heads.with_repair("bias")
+    assert not both_off.reconstruct_reselect and not both_off.reconstruct_reselect_heads
+    with pytest.raises(UserError, match="reconstruct_reselect_heads = true needs reconstruct_reselect = true"):
+        heads.replace(reconstruct_reselect=False)
 
 
 def test_planner_fits_13b_in_16gb_and_refuses_a_budget_that_cannot_work():
@@ -138,3 +144,22 @@ def test_gpu_profile_without_a_gpu_is_refused_before_any_work(tmp_path, monkeypa
     assert not (out / "model.safetensors").exists()
     res = CliRunner().invoke(app, ["eval", str(tmp_path / "m"), "--data", str(sample_text), "--device", "cuda"])
     assert res.exit_code != 0 and "sees no CUDA GPU here" in res.output
+
+
+def test_estimate_counts_the_elimination_over_heads_only_where_the_repair_chooses_heads(tiny_llama):
+    """reconstruct_reselect_heads adds the greedy elimination over o_proj's head blocks to the
+    repair's work: per layer the inverse (2 n^3, n = heads x head_dim + 1) and two downdates per
+    dropped head (4 x dropped x head_dim x n x (n + hidden)); the summary and the CLI say which."""
+    from lowmem_bonsai.estimate import estimate
+    from lowmem_bonsai.model.checkpoint import Checkpoint
+
+    cfg = Checkpoint(tiny_llama).config
+    profile = load_profile("quick")
+    runs = {heads: estimate(model_dir=tiny_llama, profile=profile.replace(reconstruct_reselect_heads=heads),
+                            sparsity=0.5, measure_seconds=0.01)["reconstruction"] for heads in (False, True)}
+    assert runs[False]["reselect"] and not runs[False]["reselect_heads"] and runs[True]["reselect_heads"]
+    want = 0.0
+    for s in cfg.layers:
+        n = s.num_attention_heads * cfg.head_dim + 1
+        want += 2 * n ** 3 + 4 * round(0.5 * s.num_attention_heads) * cfg.head_dim * n * (n + cfg.hidden_size)
+    assert (runs[True]["tflops"] - runs[False]["tflops"]) * 1e12 == pytest.approx(want, rel=1e-9)

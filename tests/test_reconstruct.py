@@ -461,7 +461,7 @@ def test_reselect_keeps_the_widths_and_writes_the_plan_it_repaired(tmp_path, sam
         out = tmp_path / str(reselect)
         reps[reselect] = prune_model(model_dir=tmp_path / "m", out_dir=out, sparsity=0.3, calib=sample_text,
                                      seed=1, method="prior", profile=base.replace(reconstruct_reselect=reselect,
-                                                                                  reconstruct_reselect_heads=True))
+                                                                                  reconstruct_reselect_heads=reselect))
         plans[reselect] = Plan.load(out / "plan.json")
     assert plans[True].shapes() == plans[False].shapes()
     layers = reps[True]["reconstruction"]["layers"]

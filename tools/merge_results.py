@@ -40,9 +40,13 @@ def merge(rows: list[dict], split: str, names: dict[str, str]) -> list[dict]:
         raise SystemExit(f"dense rows on the {split} windows differ "
                          f"({sorted({d['perplexity'] for d in dense})}): other windows?")
     latest: dict[tuple, dict] = {}
+    earlier: dict[tuple, list[dict]] = {}  # the rows a later one replaced
     for r in rows:
         if r.get("split") == split and r["method"] in names:
-            latest[row_key(r, names)] = r  # a later row replaces an earlier one, under either name
+            key = row_key(r, names)
+            if key in latest:
+                earlier.setdefault(key, []).append(latest[key])
+            latest[key] = r  # a later row replaces an earlier one, under either name
     missing = set(names) - {r["method"] for r in rows if r.get("split") == split}
     if missing:
         raise SystemExit(f"--methods: no {split} rows of {sorted(missing)}")
@@ -59,12 +63,13 @@ def merge(rows: list[dict], split: str, names: dict[str, str]) -> list[dict]:
         r = dict(r)
         filled = [f for f in ("forward_tokens", "achieved") if r.get(f) is None]
         if filled:
-            # the latest row of the same model on another split that has them all
-            twin = next((t for t in reversed(other.get(key, [])) if all(t.get(f) is not None for f in filled)),
-                        None)
+            # the latest row of the same model on another split that has them all, else the
+            # latest earlier row of it on this split (an eval-only row that replaced a full one)
+            twins = [*reversed(other.get(key, [])), *reversed(earlier.get(key, []))]
+            twin = next((t for t in twins if all(t.get(f) is not None for f in filled)), None)
             if twin is None:
                 raise SystemExit(f"{key[0]} at {key[1]}, seed {key[2]}: the {split} row has no "
-                                 f"{' or '.join(filled)}, and no row of the same model on another split has")
+                                 f"{' or '.join(filled)}, and no other row of the same model has")
             r.update({f: twin[f] for f in filled})
             note = f"{' and '.join(filled)} from the same model's row on the {twin.get('split')} windows"
             r["note"] = f"{r['note']}; {note}" if r.get("note") else note
@@ -87,6 +92,11 @@ def read_rows(path: Path) -> list[dict]:
         lacks = [k for k in ("method", "sparsity", "perplexity") if not isinstance(r, dict) or k not in r]
         if lacks:
             raise SystemExit(f"{path}: row {i} has no {', '.join(lacks)} (a bench_quality.py results file?)")
+        number = [k for k in ("sparsity", "perplexity")
+                  if isinstance(r[k], bool) or not isinstance(r[k], (int, float))]
+        if not isinstance(r["method"], str) or number:
+            raise SystemExit(f"{path}: row {i}: expected a method name and numbers for sparsity and "
+                             f"perplexity, got {r['method']!r}, {r['sparsity']!r}, {r['perplexity']!r}")
     return got
 
 
