@@ -122,6 +122,7 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         dtype_name, rates, gflops = profile.compute_dtype, {}, float("nan")
     out_bytes = (total * (1 - sparsity) + embed) * storage
     imported = (total + embed) * import_bytes  # OUT.partial/source, until the prune completes
+    reselecting = profile.reconstruct_reselect and profile.reconstruct == "lsq"
     return {
         "model": str(model_dir),
         "profile": profile.name,
@@ -142,9 +143,7 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         "forward_tokens_per_round_per_rank": rank_tokens_per_round,  # the busiest rank's
         "masks_per_round_per_rank": rank_masks,
         "reconstruction": {"mode": profile.reconstruct, "target": profile.reconstruct_target,
-                           "reselect": profile.reconstruct_reselect and profile.reconstruct == "lsq",
-                           "reselect_heads": (profile.reconstruct_reselect and profile.reconstruct_reselect_heads
-                                              and profile.reconstruct == "lsq"),
+                           "reselect": reselecting, "reselect_heads": reselecting and profile.reconstruct_reselect_heads,
                            "chat_windows": profile.chat_seqs if has_chat else 0,
                            "windows": seqs,
                            "repairs": repairs if repairing else 0,

@@ -143,8 +143,8 @@ def test_a_round_of_one_wave_is_shared_by_both_ranks(tmp_path, job):
         assert mine["mask_loss_mean"] == pytest.approx(theirs["mask_loss_mean"], rel=1e-6)
 
 
-@pytest.mark.parametrize("extra", ["", 'reconstruct_target = "stream"\nreconstruct_reselect = true\nreconstruct_reselect_heads = true\n',
-                                   'reconstruct_position_power = 1\n'])
+@pytest.mark.parametrize("extra", ["", 'reconstruct_target = "stream"\nreconstruct_reselect = true\n'
+                                   'reconstruct_reselect_heads = true\n', 'reconstruct_position_power = 1\n'])
 def test_reconstruction_shares_its_windows_and_matches_one_process(tmp_path, job, extra):
     """lsq over 2 ranks: each streams half the windows and the moments are summed before every
     solve, so the repaired weights equal one process's up to the order of the sums (a rank that

@@ -443,8 +443,8 @@ def test_head_reselection_is_greedy_block_elimination_that_keeps_the_groups_even
 
 def test_reselect_keeps_the_widths_and_writes_the_plan_it_repaired(tmp_path, sample_text):
     """A prune with reconstruct_reselect (and reconstruct_reselect_heads): the plan written has the
-    widths the method chose, its heads and channels are the repair's (the report says how many it exchanged; every kept query
-    head's KV group is kept), the tensors written are sliced to them, and the refit errors are no
+    widths the method chose, its heads and channels are the repair's (the report says how many it
+    exchanged; every kept query head's KV group is kept), the tensors written are sliced to them, and the refit errors are no
     higher than on the method's units."""
     from lowmem_bonsai.pipeline import prune_model
     from lowmem_bonsai.profiles import load_profile

@@ -41,19 +41,20 @@ def merge(rows: list[dict], split: str, names: dict[str, str]) -> list[dict]:
                          f"({sorted({d['perplexity'] for d in dense})}): other windows?")
     latest: dict[tuple, dict] = {}
     earlier: dict[tuple, list[dict]] = {}  # the rows a later one replaced
+    other: dict[tuple, list[dict]] = {}  # the same models' rows on other splits
     for r in rows:
-        if r.get("split") == split and r["method"] in names:
-            key = row_key(r, names)
-            if key in latest:
-                earlier.setdefault(key, []).append(latest[key])
-            latest[key] = r  # a later row replaces an earlier one, under either name
+        if r["method"] not in names:
+            continue
+        key = row_key(r, names)
+        if r.get("split") != split:
+            other.setdefault(key, []).append(r)
+            continue
+        if key in latest:
+            earlier.setdefault(key, []).append(latest[key])
+        latest[key] = r  # a later row replaces an earlier one, under either name
     missing = set(names) - {r["method"] for r in rows if r.get("split") == split}
     if missing:
         raise SystemExit(f"--methods: no {split} rows of {sorted(missing)}")
-    other: dict[tuple, list[dict]] = {}
-    for r in rows:
-        if r.get("split") != split and r["method"] in names:
-            other.setdefault(row_key(r, names), []).append(r)
     out = [dense[0]]
     for key, r in latest.items():
         for f in WINDOWS:
@@ -128,6 +129,7 @@ def main() -> None:
              f"{r.get('forward_tokens') or 0:>9,}" for r in merged]
     a.out.write_text(json.dumps(merged, indent=1) + "\n")
     print("\n".join(lines))
+
 
 if __name__ == "__main__":
     main()

@@ -43,8 +43,8 @@ position in its window, except position 0 (the attention sink), which weighs as 
 minimise sum w |t - W' z+|^2; 0 (every w = 1) is the plain fit. The report's per-layer errors are
 then the weighted ones.
 
-``reselect`` (lsq): the repair also chooses which MLP channels (and with ``reselect_heads`` heads) a layer keeps, as many as
-the plan keeps there, from the same moments: greedy structured OBS (as ZipLM's structured pruner). From the
+``reselect`` (lsq): the repair also chooses which MLP channels (and with ``reselect_heads`` heads) a
+layer keeps, as many as the plan keeps there, from the same moments: greedy structured OBS (as ZipLM's structured pruner). From the
 refit on every channel, W* = C A^-1 (A = G + lambda I, the constant unpenalised), channels are
 dropped one at a time, each the one whose removal, the rest refit, raises the error least,
 
