@@ -84,7 +84,7 @@ app = typer.Typer(
 )
 
 MEMORY_HELP = ("Memory this run may use, e.g. 6G, 6GB, 6144M or 6.5G (binary: 1G = 2^30 bytes). "
-               "Default: the smaller of {what} and 95 % of what this machine or its container has "
+               "Default: {what}95 % of what this machine or its container has "
                "(available memory; cgroup v1/v2 memory limit).")
 
 
@@ -179,7 +179,7 @@ def eval_cmd(
     device: Annotated[str, typer.Option(help="Where a checkpoint's blocks compute: cpu, cuda or cuda:N.")] = "cpu",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON.")] = None,
     memory: Annotated[Optional[str], typer.Option(
-        help=MEMORY_HELP.format(what="nothing else") + " Fewer windows go through a pass when "
+        help=MEMORY_HELP.format(what="") + " Fewer windows go through a pass when "
         "--batch-seqs would not fit. Checkpoints only: llama.cpp sizes a .gguf itself.")] = None,
 ) -> None:
     """Perplexity: the whole file tokenized once (no BOS), cut into non-overlapping windows of
@@ -234,7 +234,7 @@ def estimate_cmd(
         help=f"{one_of(Method, helped=True)}; all but bonsai are baselines without masks.")] = Method.BONSAI,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     memory: Annotated[Optional[str], typer.Option(
-        help=MEMORY_HELP.format(what="the profile's memory_gb"))] = None,
+        help=MEMORY_HELP.format(what="the smaller of the profile's memory_gb and "))] = None,
     ranks: Annotated[int, typer.Option(
         help="Ranks of a distributed prune (torchrun), each a machine like this one: the ETA "
         "divides the waves and windows among them.")] = 1,
@@ -372,7 +372,7 @@ def prune_cmd(
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out (and any saved progress).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a prune that stopped (crash, kill, Ctrl-C).")] = False,
     memory: Annotated[Optional[str], typer.Option(
-        help=MEMORY_HELP.format(what="the profile's memory_gb"))] = None,
+        help=MEMORY_HELP.format(what="the smaller of the profile's memory_gb and "))] = None,
 ) -> None:
     """Prune a model with Bonsai: score sub-models with forward passes, regress, remove, repeat.
 

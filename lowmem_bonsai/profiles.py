@@ -51,10 +51,10 @@ class Profile:
     # method
     masks_per_round: int = 64  # sub-models scored per round (antithetic pairs: must be even)
     wave_masks: int = 0  # masks per streamed pass; 0 = sized from memory_gb
-    calib_seqs: int = 8
+    calib_seqs: int = 8  # windows of seq_len tokens each sub-model (mask) is scored on
     prior_seqs: int = 0  # windows of seq_len tokens for each round's unmasked prior pass (priors,
     #                      FLAP's ranking); 0 = calib_seqs. Its first calib_seqs are the masks' windows
-    seq_len: int = 256
+    seq_len: int = 256  # tokens per calibration window of the rounds (masks and prior pass)
     calib_windows: str = CalibWindows.FIRST.value  # first: the prior pass reads the text's first
     #                             prior_seqs windows (the masks the first calib_seqs of them); spread:
     #                             as many, evenly spaced over the text the prune reads (calib_span_tokens),
@@ -94,7 +94,7 @@ class Profile:
     reconstruct: str = "none"  # none | bias (FLAP's compensation) | lsq (ridge refit of the kept
     #                            columns of o_proj / down_proj and a bias)
     reconstruct_seqs: int = 64  # calibration windows for it (one pass, from the start of the text)
-    reconstruct_seq_len: int = 256
+    reconstruct_seq_len: int = 256  # tokens per window of the repair's text
     reconstruct_ridge: float = 1e-3  # lsq's ridge, relative to the mean diagonal of the Gram matrix
     reconstruct_position_power: float = 0.0  # each token's share of the refit's squared error grows
     #                             as (its position in the window + 1) ** power, position 0 (the
