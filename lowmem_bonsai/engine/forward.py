@@ -119,10 +119,6 @@ def token_nll(ckpt: Checkpoint, hidden: torch.Tensor, targets: torch.Tensor, *, 
             # One 2-D GEMM: the strided (rows, T-1, H) view would go through a slower batched GEMM.
             x = hidden[a:b, :-1].reshape(-1, hidden.shape[-1])  # (rows (T-1), H), a copy
             logits = F.linear(x, w).float().view(b - a, t - 1, -1)  # (rows, T-1, Vc)
-            m = torch.maximum(run_max[a:b], logits.amax(-1))
-            run_sum[a:b] = run_sum[a:b] * torch.exp(run_max[a:b] - m) + torch.exp(
-                logits - m[..., None]).sum(-1)
-            run_max[a:b] = m
             seq = torch.arange(a, b, device=dev) % targets.shape[0]
             tg = targets[seq]  # (rows, T-1, K)
             inside = (tg >= v0) & (tg < v1)
@@ -135,6 +131,12 @@ def token_nll(ckpt: Checkpoint, hidden: torch.Tensor, targets: torch.Tensor, *, 
                 idx = torch.cat([best_id[a:b], idx + v0], -1)
                 keep = val.topk(top_k, dim=-1).indices
                 best_val[a:b], best_id[a:b] = val.gather(-1, keep), idx.gather(-1, keep)
+            # Last, in place: the chunk's logits are the only (rows, T-1, Vc) buffer held (not
+            # three), so the head's peak is that buffer and, below fp32, the GEMM's output.
+            m = torch.maximum(run_max[a:b], logits.amax(-1))
+            run_sum[a:b] = run_sum[a:b] * torch.exp(run_max[a:b] - m) + logits.sub_(m[..., None]).exp_().sum(-1)
+            run_max[a:b] = m
+            del logits
         del w
     lse = run_max + torch.log(run_sum)  # (N, T-1)
     nll = (lse - target_logit).double().sum(1).cpu()

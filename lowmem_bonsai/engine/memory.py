@@ -17,6 +17,7 @@ from ..errors import UserError
 from ..model.config import DTYPES, ModelConfig
 from ..profiles import Profile
 from ..settings import AUTO, DType, names
+from .block import STATS_ELEMENTS
 from .device import synchronize
 
 DTYPE_BYTES = {AUTO: 4, **{name: dt.itemsize for name, dt in DTYPES.items()}}  # auto: the widest
@@ -89,7 +90,7 @@ def plan_memory(config: ModelConfig, profile: Profile, *, storage_bytes: int = 2
     qkv = (most_heads + 2 * config.num_key_value_heads) * config.head_dim
     per_token = (qkv + 3 * h + 3 * widest.intermediate_size) * b  # qkv, norms/residual, gate|up, act
     scores = max(1, profile.chunk_tokens // t) * most_heads * t * t * 4  # if SDPA materialises them
-    activations = chunk * per_token + scores
+    activations = chunk * per_token + scores + 2 * STATS_ELEMENTS * 8  # + the prior pass's fp64 slice, squared
     tokens_per_mask = profile.calib_seqs * t
     vocab_rows = max(256, LOGIT_BUDGET // max(chunk, 1))
     head = LOGIT_BUDGET * 4 * 3 + vocab_rows * h * (b + storage_bytes)
