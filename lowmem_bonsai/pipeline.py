@@ -19,6 +19,7 @@ from .data import load_tokenizer, tokenize_file, windows
 from .engine.device import resolve_device
 from .engine.ranks import SINGLE, RankLost, Ranks
 from .errors import UserError, WriteError
+from .machine import release_freed_memory
 from .method.prune import Progress, PruneResult, check_settings, run_rounds, wave_size
 from .model.checkpoint import INDEX_NAME, Checkpoint, inputs_of
 from .model.config import DTYPES, ModelConfig
@@ -302,12 +303,14 @@ def _failed(exc: UserError | None, state: RunState, out_dir: Path) -> UserError 
 def repair_plan(ckpt: Checkpoint, plan: Plan, tokens: torch.Tensor, folder: Path, profile: Profile, *,
                 on_block=None, ranks: Ranks = SINGLE) -> RepairReport:
     """The profile's reconstruction of ``plan`` on ``tokens``; files in ``folder`` (by rank 0)."""
+    release_freed_memory()  # what the rounds freed, before the repair's streams
     return reconstruct(ckpt, plan, tokens, folder, **settings_of(profile), on_block=on_block, ranks=ranks)
 
 
 def write_checkpoint(source: Checkpoint, plan: Plan, stage: Path, *, model_dir: Path, profile: Profile,
                      on_block=None) -> None:
     """The pruned checkpoint (shards, config, tokenizer, plan.json) into ``stage``."""
+    release_freed_memory()  # what the rounds and the repair freed
     storage = None if profile.storage_dtype == AUTO else DTYPES[profile.storage_dtype]
     write_pruned(source, plan, stage, dtype=storage, on_block=on_block)
     write_json_atomic(stage / "config.json", pruned_config(source, plan))

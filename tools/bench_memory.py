@@ -16,6 +16,11 @@ A prune uses a small profile so that it finishes in minutes (4 masks x 2 x 64 to
 round; the 13B shape also with reconstruct = "lsq" over 8 x 128 tokens, and with the stream target
 over 64 x 256 tokens, without and with reconstruct_reselect). The checkpoints get a
 byte-level BPE tokenizer (make_checkpoint.py --bpe), which export-gguf can convert.
+
+With ``--smollm2 DIR`` (an imported SmolLM2-135M, ``lowmem-bonsai import-gguf``) a shipped profile
+is measured as it is ("profile:NAME": one round of 5 % with the profile's own waves of masks, row
+chunks, prior pass and repair): the real model with ``laptop-16gb`` under 3G, where the lm_head and
+the buffers freed between phases weigh most.
 """
 
 from __future__ import annotations
@@ -71,11 +76,16 @@ RUNS = [
     ("llama2-13b-x2", "eval", "6G", ""), ("llama2-13b-x2", "eval", "8G", ""),
     ("llama2-13b-x2", "export-gguf", "2G", ""), ("llama2-13b-x2", "import-gguf", "2G", ""),
     ("llama2-13b-x2", "export-gguf:q8_0", "2G", ""), ("llama2-13b-x2", "export-gguf:q4_k_m", "2G", ""),
+    # a shipped profile as it is (its waves of masks, row chunks, prior pass and repair), on the
+    # real model: with --smollm2 DIR
+    ("smollm2-135m", "prune", "3G", "profile:laptop-16gb"),
 ]
 PLAN_LINE = re.compile(r"memory plan: .*peak ([0-9.]+) GiB")
 
 
-def make(name: str, scratch: Path) -> Path:
+def make(name: str, scratch: Path, given: dict[str, Path]) -> Path | None:
+    if name in given or name not in MODELS:
+        return given.get(name)
     shape, layers = MODELS[name]
     out = scratch / name
     if not (out / "config.json").is_file():
@@ -88,6 +98,11 @@ def command(model: Path, cmd: str, cap: str, reconstruct: str, scratch: Path) ->
     """The command line to measure and, for a prune, its planned peak (GiB) from estimate."""
     out = scratch / "out" / f"{model.name}-{cmd}-{cap}-{reconstruct or 'x'}"
     gguf = scratch / "out" / f"{model.name}.gguf"
+    if cmd == "prune" and reconstruct.startswith("profile:"):
+        args = [str(model), "--profile", reconstruct.partition(":")[2], "--sparsity", "0.05", "--memory", cap]
+        est = subprocess.run([*CLI, "estimate", *args, "--json"], check=True, capture_output=True, text=True)
+        planned = json.loads(est.stdout)["memory"]["total_gb"]
+        return [*CLI, "-v", "prune", *args, "--out", str(out), "--calib", "wikitext2-valid", "--force"], planned
     if cmd == "prune":
         profile = scratch / f"bench-{reconstruct}.toml"
         # lsq-stream: reconstruct_target = "stream"; lsq-stream-reselect: reconstruct_reselect too
@@ -128,7 +143,10 @@ def main() -> None:
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--resume", action="store_true", help="keep the runs in --json that succeeded")
     ap.add_argument("--only", help="run only the models whose name contains this")
+    ap.add_argument("--smollm2", type=Path, help="an imported SmolLM2-135M folder: also measure it "
+                    "(without it, its runs are left out)")
     a = ap.parse_args()
+    given = {"smollm2-135m": a.smollm2} if a.smollm2 else {}
     gib = 1024**3
     results = json.loads(a.json.read_text())["runs"] if a.resume and a.json.is_file() else []
     done = {(r["model"], r["command"], r["cap"], r["reconstruct"] or "") for r in results if r["exit"] == 0}
@@ -136,7 +154,9 @@ def main() -> None:
     for name, cmd, cap, reconstruct in RUNS:
         if (a.only and a.only not in name) or (name, cmd, cap, reconstruct) in done:
             continue
-        model = make(name, a.scratch)
+        model = make(name, a.scratch, given)
+        if model is None:
+            continue
         args, planned = command(model, cmd, cap, reconstruct, a.scratch)
         t0 = time.time()
         fig, err = measure(a.memcap, cap, args, a.scratch)
@@ -145,7 +165,7 @@ def main() -> None:
             planned = float(found[-1]) if found else None
         peak = fig["peak_anon"] / gib
         row = {
-            "model": name, "shape": MODELS[name][0], "layers": json.loads((model / "config.json").read_text())[
+            "model": name, "shape": MODELS.get(name, (name,))[0], "layers": json.loads((model / "config.json").read_text())[
                 "num_hidden_layers"], "command": cmd, "cap": cap, "reconstruct": reconstruct or None,
             "planned_gib": planned, "peak_anon_gib": round(peak, 3),
             "peak_charged_gib": round(fig["peak_charged"] / gib, 3), "exit": fig["exit"],

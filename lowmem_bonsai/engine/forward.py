@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..machine import release_freed_memory
 from ..model.checkpoint import Checkpoint
 from ..model.plan import Plan
 from .block import ColumnStats, UnitStats, block_forward, rms_norm
@@ -227,12 +228,15 @@ def streamed_pass(
             on_block(w.layer)
         del w
 
+    release_freed_memory()  # the blocks' row-chunk buffers, before the lm_head's
     if soft is not None:
         targets, weights = soft.ids, soft.probs  # (S, T-1, K)
     else:
         targets, weights = tokens[:, 1:], None  # (S, T-1)
     out = token_nll(ckpt, hidden, targets, dtype=dtype, rows_per_chunk=rows_per_chunk, weights=weights,
                     top_k=top_k if want_teacher else 0)
+    del hidden
+    release_freed_memory()
     dist = None
     if want_teacher:
         out, dist = out

@@ -88,6 +88,7 @@ from ..engine.memory import SOLVE_FP64_MAX
 from ..engine.ranks import SINGLE, Ranks
 from ..engine.rope import rope_tables
 from ..engine.streamer import BlockStreamer
+from ..machine import release_freed_memory
 from ..model.checkpoint import Checkpoint
 from ..model.plan import Plan
 from ..outputs.atomic import write_bytes_atomic
@@ -571,5 +572,6 @@ def reconstruct(
         if on_block is not None:
             on_block(w.layer)
         del w
+        release_freed_memory()  # the layer's moments and solve
     return RepairReport(mode, sequential, s_count * t, layers, files,
                         Plan(tuple(kept), meta=plan.meta) if reselect else plan, target)
