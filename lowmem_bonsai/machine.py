@@ -175,8 +175,9 @@ def memory_budget(*, profile_gb: float | None, profile_name: str = "", memory: s
 # resident unless it lies at the heap's top; the threshold itself rises (to 32 MB) each time a larger
 # mapped buffer is freed. A streamed pass frees row-chunk buffers of a few MB by the thousand, so
 # what a pass freed can stay resident into the next phase: SmolLM2 pruned with laptop-16gb held
-# 0.67 GiB with 1 MB of live tensors when its repair began, and peaked at 0.77-1.34 GiB from run to
-# run, in two of four runs above its plan's 1.21. Making every buffer of 1 MiB or more its own
+# 0.67 GiB with 1 MB of live tensors when its repair began, and peaked at 1.25-1.34 GiB in three
+# runs, above its plan's 1.21 (its rounds alone: 0.76-1.17 from run to run). Making every buffer of
+# 1 MiB or more its own
 # mapping (mallopt M_MMAP_THRESHOLD) gave 0.73-0.77 GiB, at the price of a fresh mapping, zeroed
 # page by page, for every such buffer (one round took 357 s against 228 s, on a machine not
 # otherwise quiet); malloc_trim between a run's phases costs a few milliseconds a call.

@@ -103,3 +103,26 @@ def test_streamer_holds_at_most_prefetch_plus_one(tmp_path):
         assert seen == list(range(5))
         assert streamer.max_resident == prefetch + 1
         assert streamer.resident == 0
+
+
+def test_unit_stats_sum_in_fp64_slices_and_take_a_layer_without_heads(monkeypatch):
+    """The prior's statistics are fp64 sums over every token, taken a slice of rows at a time; a layer
+    whose heads are all gone passes a (tokens, 0) attention input."""
+    import lowmem_bonsai.engine.block as block
+
+    gen = torch.Generator().manual_seed(0)
+    attn, act = torch.randn(3, 50, 8, generator=gen), torch.randn(3, 50, 12, generator=gen)
+    whole = block.UnitStats(*(torch.zeros(n, dtype=torch.float64) for n in (8, 8, 12, 12)))
+    whole.add(attn, act)
+    monkeypatch.setattr(block, "STATS_ELEMENTS", 40)  # a few rows a slice
+    sliced = block.UnitStats(*(torch.zeros(n, dtype=torch.float64) for n in (8, 8, 12, 12)))
+    sliced.add(attn, act)
+    for x, ref in ((attn, sliced.head_sum), (act, sliced.chan_sum)):
+        torch.testing.assert_close(ref, x.reshape(-1, x.shape[-1]).double().sum(0))
+    torch.testing.assert_close(sliced.chan_sq, act.reshape(-1, 12).double().square().sum(0))
+    torch.testing.assert_close(sliced.head_sq, whole.head_sq)
+    assert sliced.tokens == whole.tokens == 150
+    no_heads = block.UnitStats(*(torch.zeros(n, dtype=torch.float64) for n in (0, 0, 12, 12)))
+    no_heads.add(act.new_zeros(150, 0), act)
+    assert no_heads.tokens == 150
+    torch.testing.assert_close(no_heads.chan_sum, sliced.chan_sum)

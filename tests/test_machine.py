@@ -158,8 +158,8 @@ for _ in range(100):
     small.append(torch.ones(32 << 10))  # long-lived 128 kB ones between them
 del big
 held = rss() - base
-assert release_freed_memory()
-print(held, rss() - base)
+done = release_freed_memory()
+print(int(done), held, rss() - base)
 """
 
 
@@ -173,9 +173,11 @@ def test_freed_buffers_go_back_to_the_system():
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc's malloc_trim: Linux only")
     out = subprocess.run([sys.executable, "-c", RETAIN], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1])
+                         cwd=Path(__file__).resolve().parents[1], timeout=300)
     assert out.returncode == 0, out.stderr
-    held, after = map(int, out.stdout.split())
+    done, held, after = map(int, out.stdout.split())
+    if not done:
+        pytest.skip("not glibc: no malloc_trim")
     if held < 100 * 2**20:
         pytest.skip(f"this C library returned the freed buffers by itself ({held} bytes held)")
     assert after < 32 * 2**20, (held, after)  # of 300 MB freed (the 12.5 MB of small ones are live)

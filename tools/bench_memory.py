@@ -143,10 +143,12 @@ def main() -> None:
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--resume", action="store_true", help="keep the runs in --json that succeeded")
     ap.add_argument("--only", help="run only the models whose name contains this")
-    ap.add_argument("--smollm2", type=Path, help="an imported SmolLM2-135M folder: also measure it "
+    ap.add_argument("--smollm2", type=lambda p: Path(p).resolve(), help="an imported SmolLM2-135M folder: also measure it "
                     "(without it, its runs are left out)")
     a = ap.parse_args()
     given = {"smollm2-135m": a.smollm2} if a.smollm2 else {}
+    if not a.smollm2:
+        print("no --smollm2 folder: the shipped profile's run on SmolLM2 is left out", flush=True)
     gib = 1024**3
     results = json.loads(a.json.read_text())["runs"] if a.resume and a.json.is_file() else []
     done = {(r["model"], r["command"], r["cap"], r["reconstruct"] or "") for r in results if r["exit"] == 0}

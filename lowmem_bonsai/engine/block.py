@@ -11,6 +11,7 @@ with one row of multipliers per row of hidden states, so rows of different masks
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ from ..model.checkpoint import Checkpoint
 from ..model.plan import LayerPlan
 from .rope import apply_rope
 
-STATS_ELEMENTS = 1 << 22  # activations a prior pass holds in fp64 at once (32 MB, and its square)
+STATS_ELEMENTS = 1 << 22  # activations a prior pass holds in fp64 at once (32 MB, squared in place)
 
 
 @dataclass(slots=True)
@@ -167,17 +168,18 @@ class UnitStats:
                    z(w.n_channels))
 
     def add(self, attn: torch.Tensor, act: torch.Tensor) -> None:
-        a = attn.reshape(-1, attn.shape[-1])
-        c = act.reshape(-1, act.shape[-1])
+        rows = math.prod(act.shape[:-1])  # tokens (attn is (tokens, 0) in a layer without heads)
+        a = attn.reshape(rows, attn.shape[-1])
+        c = act.reshape(rows, act.shape[-1])
         for x, total, sq in ((a, self.head_sum, self.head_sq), (c, self.chan_sum, self.chan_sq)):
-            # fp64 a slice of rows at a time: a whole row chunk in fp64, with its square, would be
+            # fp64 a slice of rows at a time: a whole row chunk in fp64, with its square, was
             # 2 x 8 bytes per element beside the block's activations (0.9 GB for a 13B MLP)
             step = max(1, STATS_ELEMENTS // max(x.shape[1], 1))
             for i in range(0, x.shape[0], step):
                 d = x[i : i + step].to(torch.float64, copy=True)  # squared in place below
                 total += d.sum(0)
                 sq += d.square_().sum(0)
-        self.tokens += a.shape[0]
+        self.tokens += rows
 
     def cpu(self) -> UnitStats:
         return UnitStats(self.head_sum.cpu(), self.head_sq.cpu(), self.chan_sum.cpu(), self.chan_sq.cpu(),
