@@ -11,9 +11,11 @@ command that plans says which one it took and why.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -170,26 +172,33 @@ def memory_budget(*, profile_gb: float | None, profile_name: str = "", memory: s
                   reason=why + (f", which is below {theirs}" if theirs else ""))
 
 
-
 # glibc's malloc serves a buffer below its mmap threshold from a heap and, once freed, keeps it
 # resident unless it lies at the heap's top; the threshold itself rises (to 32 MB) each time a larger
 # mapped buffer is freed. A streamed pass frees row-chunk buffers of a few MB by the thousand, so
 # what a pass freed can stay resident into the next phase: SmolLM2 pruned with laptop-16gb held
 # 0.67 GiB with 1 MB of live tensors when its repair began, and peaked at 1.25-1.34 GiB in three
 # runs, above its plan's 1.21 (its rounds alone: 0.76-1.17 from run to run). Making every buffer of
-# 1 MiB or more its own
-# mapping (mallopt M_MMAP_THRESHOLD) gave 0.73-0.77 GiB, at the price of a fresh mapping, zeroed
-# page by page, for every such buffer (one round took 357 s against 228 s, on a machine not
-# otherwise quiet); malloc_trim between a run's phases costs a few milliseconds a call.
-def release_freed_memory() -> bool:
-    """Hand the pages of freed heap memory back to the system (glibc's malloc_trim), between a
-    run's phases. False where the C library is not glibc, or not Linux: nothing done."""
+# 1 MiB or more its own mapping (mallopt M_MMAP_THRESHOLD) gave 0.73-0.77 GiB, at the price of a
+# fresh mapping, zeroed page by page, for every such buffer (one round took 357 s against 228 s, on
+# a machine not otherwise quiet); malloc_trim between a run's phases costs a few milliseconds a call.
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, looked up once; None where the C library is not glibc, or not Linux."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
         trim = ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):  # musl and others
-        return False
+        return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release_freed_memory() -> bool:
+    """Hand the pages of freed heap memory back to the system (glibc's malloc_trim), between a
+    run's phases. False where the C library is not glibc, or not Linux: nothing done."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
     trim(0)
     return True

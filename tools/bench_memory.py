@@ -98,19 +98,18 @@ def command(model: Path, cmd: str, cap: str, reconstruct: str, scratch: Path) ->
     """The command line to measure and, for a prune, its planned peak (GiB) from estimate."""
     out = scratch / "out" / f"{model.name}-{cmd}-{cap}-{reconstruct or 'x'}"
     gguf = scratch / "out" / f"{model.name}.gguf"
-    if cmd == "prune" and reconstruct.startswith("profile:"):
-        args = [str(model), "--profile", reconstruct.partition(":")[2], "--sparsity", "0.05", "--memory", cap]
-        est = subprocess.run([*CLI, "estimate", *args, "--json"], check=True, capture_output=True, text=True)
-        planned = json.loads(est.stdout)["memory"]["total_gb"]
-        return [*CLI, "-v", "prune", *args, "--out", str(out), "--calib", "wikitext2-valid", "--force"], planned
     if cmd == "prune":
-        profile = scratch / f"bench-{reconstruct}.toml"
-        # lsq-stream: reconstruct_target = "stream"; lsq-stream-reselect: reconstruct_reselect too
-        mode, target, *rest = [*reconstruct.split("-"), ""]
-        seqs, seq_len = (64, 256) if target else (8, 128)
-        profile.write_text(PROFILE.format(reconstruct=mode, target=target or "layer", seqs=seqs, seq_len=seq_len,
-                                          reselect=str("reselect" in rest).lower()))
-        args = [str(model), "--profile", str(profile), "--sparsity", "0.1", "--memory", cap]
+        if reconstruct.startswith("profile:"):  # a shipped profile as it is, one round of 5 %
+            args = [str(model), "--profile", reconstruct.partition(":")[2], "--sparsity", "0.05"]
+        else:
+            profile = scratch / f"bench-{reconstruct}.toml"
+            # lsq-stream: reconstruct_target = "stream"; lsq-stream-reselect: reconstruct_reselect too
+            mode, target, *rest = [*reconstruct.split("-"), ""]
+            seqs, seq_len = (64, 256) if target else (8, 128)
+            profile.write_text(PROFILE.format(reconstruct=mode, target=target or "layer", seqs=seqs,
+                                              seq_len=seq_len, reselect=str("reselect" in rest).lower()))
+            args = [str(model), "--profile", str(profile), "--sparsity", "0.1"]
+        args += ["--memory", cap]
         est = subprocess.run([*CLI, "estimate", *args, "--json"], check=True, capture_output=True, text=True)
         planned = json.loads(est.stdout)["memory"]["total_gb"]
         return [*CLI, "-v", "prune", *args, "--out", str(out), "--calib", "wikitext2-valid", "--force"], planned
