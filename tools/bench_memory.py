@@ -20,7 +20,8 @@ byte-level BPE tokenizer (make_checkpoint.py --bpe), which export-gguf can conve
 With ``--smollm2 DIR`` (an imported SmolLM2-135M, ``lowmem-bonsai import-gguf``) a shipped profile
 is measured as it is ("profile:NAME": one round of 5 % with the profile's own waves of masks, row
 chunks, prior pass and repair): the real model with ``laptop-16gb`` under 3G, where the lm_head and
-the buffers freed between phases weigh most.
+the buffers freed between phases weigh most. "profile:NAME:rounds" runs the rounds alone
+(``--reconstruct none``): ``laptop-16gb``'s wave of 64 masks on the 13B shape under 16G.
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ RUNS = [
     # a shipped profile as it is (its waves of masks, row chunks, prior pass and repair), on the
     # real model: with --smollm2 DIR
     ("smollm2-135m", "prune", "3G", "profile:laptop-16gb"),
+    # its rounds alone on the 13B shape (one wave of 64 masks x 8 x 256 tokens): "profile:NAME:rounds"
+    # prunes with --reconstruct none
+    ("llama2-13b-x2", "prune", "16G", "profile:laptop-16gb:rounds"),
 ]
 PLAN_LINE = re.compile(r"memory plan: .*peak ([0-9.]+) GiB")
 
@@ -100,7 +104,12 @@ def command(model: Path, cmd: str, cap: str, reconstruct: str, scratch: Path) ->
     gguf = scratch / "out" / f"{model.name}.gguf"
     if cmd == "prune":
         if reconstruct.startswith("profile:"):  # a shipped profile as it is, one round of 5 %
-            args = [str(model), "--profile", reconstruct.partition(":")[2], "--sparsity", "0.05"]
+            _, name, *rounds = reconstruct.split(":")  # profile:NAME[:rounds] (without the repair)
+            if rounds == ["rounds"]:  # the shipped file with reconstruct = "none" (estimate has no flag)
+                text = (ROOT / "profiles" / f"{name}.toml").read_text()
+                name = str(scratch / f"bench-{name}-rounds.toml")
+                Path(name).write_text(re.sub(r"^reconstruct = .*$", 'reconstruct = "none"', text, flags=re.M))
+            args = [str(model), "--profile", name, "--sparsity", "0.05"]
         else:
             profile = scratch / f"bench-{reconstruct}.toml"
             # lsq-stream: reconstruct_target = "stream"; lsq-stream-reselect: reconstruct_reselect too
