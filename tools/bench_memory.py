@@ -20,8 +20,9 @@ byte-level BPE tokenizer (make_checkpoint.py --bpe), which export-gguf can conve
 With ``--smollm2 DIR`` (an imported SmolLM2-135M, ``lowmem-bonsai import-gguf``) a shipped profile
 is measured as it is ("profile:NAME": one round of 5 % with the profile's own waves of masks, row
 chunks, prior pass and repair): the real model with ``laptop-16gb`` under 3G, where the lm_head and
-the buffers freed between phases weigh most. "profile:NAME:rounds" runs the rounds alone
-(``--reconstruct none``): ``laptop-16gb``'s wave of 64 masks on the 13B shape under 16G.
+the buffers freed between phases weigh most. "profile:NAME:rounds" runs the rounds alone (a copy
+of the profile with ``reconstruct = "none"``): ``laptop-16gb``'s wave of 64 masks on the 13B shape
+under 16G.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ RUNS = [
     # real model: with --smollm2 DIR
     ("smollm2-135m", "prune", "3G", "profile:laptop-16gb"),
     # its rounds alone on the 13B shape (one wave of 64 masks x 8 x 256 tokens): "profile:NAME:rounds"
-    # prunes with --reconstruct none
+    # prunes with a copy of the profile that sets reconstruct = "none"
     ("llama2-13b-x2", "prune", "16G", "profile:laptop-16gb:rounds"),
 ]
 PLAN_LINE = re.compile(r"memory plan: .*peak ([0-9.]+) GiB")
@@ -105,10 +106,15 @@ def command(model: Path, cmd: str, cap: str, reconstruct: str, scratch: Path) ->
     if cmd == "prune":
         if reconstruct.startswith("profile:"):  # a shipped profile as it is, one round of 5 %
             _, name, *rounds = reconstruct.split(":")  # profile:NAME[:rounds] (without the repair)
-            if rounds == ["rounds"]:  # the shipped file with reconstruct = "none" (estimate has no flag)
-                text = (ROOT / "profiles" / f"{name}.toml").read_text()
+            if rounds not in ([], ["rounds"]):
+                raise ValueError(f"{reconstruct}: expected profile:NAME or profile:NAME:rounds")
+            if rounds:  # the shipped file with reconstruct = "none" (estimate has no --reconstruct)
+                text, n = re.subn(r"^reconstruct\s*=.*$", 'reconstruct = "none"',
+                                  (ROOT / "profiles" / f"{name}.toml").read_text(), flags=re.M)
+                if n != 1:
+                    raise ValueError(f"profiles/{name}.toml: expected one 'reconstruct = ' line, found {n}")
                 name = str(scratch / f"bench-{name}-rounds.toml")
-                Path(name).write_text(re.sub(r"^reconstruct = .*$", 'reconstruct = "none"', text, flags=re.M))
+                Path(name).write_text(text)
             args = [str(model), "--profile", name, "--sparsity", "0.05"]
         else:
             profile = scratch / f"bench-{reconstruct}.toml"
