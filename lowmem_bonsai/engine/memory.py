@@ -26,6 +26,9 @@ LOGIT_BUDGET = 1 << 25  # logits the forward holds at once (elements): 128 MB in
 # Reconstruction solves in fp64 up to this many inputs per projection, in fp32 above (a 13B
 # model's 13,824 MLP channels), so that a layer's solve holds two Gram matrices, not five.
 SOLVE_FP64_MAX = 4096
+# The repair's greedy elimination of MLP channels defers its downdates over this many drops and
+# applies them as one matmul (reconstruct.greedy_keep; its factors are counted in the plan).
+ELIMINATION_BLOCK = 64
 RUNTIME_GB = 0.35  # python, torch and tokenizers loaded (measured peak_anon of an idle import: 0.14 GiB)
 
 
@@ -170,7 +173,8 @@ def repair_bytes(config: ModelConfig, profile: Profile, *, storage_bytes: int = 
     solve = n * n * (4 + (s if s == 8 else 0) + s) + 3 * h * n * s
     if profile.reconstruct_reselect:  # greedy_keep, before the solve: the accumulator, its copy
         # (fp64: the full G; fp32: a copy to regularise), the inverse and the LU's copy; W* (out x in)
-        solve = max(solve, n * n * (4 + 3 * s) + 2 * h * n * s)
+        # and its squares; a block's factors (two of n, one of out, per deferred drop)
+        solve = max(solve, n * n * (4 + 3 * s) + 2 * h * n * s + (2 * n + h) * ELIMINATION_BLOCK * s)
     if explicit:  # the cross accumulator (fp32), its copy in the solve's dtype; the chunk's targets
         solve += h * n * (4 + s) + chunk * (2 * h + n) * b
     return int(blocks + stream + activations + solve + RUNTIME_GB * 1024**3)
@@ -234,3 +238,17 @@ def measure_matmul_gflops(dtype: torch.dtype, *, n: int | None = None, k: int | 
             synchronize(dev)  # the clock measures queued kernels only once they ran
     synchronize(dev)
     return 2 * n * k * k * count / (time.perf_counter() - start) / 1e9
+
+
+def measure_read_gbps(*, rows: int = 4096, cols: int = 8192, seconds: float = 0.3) -> float:
+    """The rate (GB/s) at which a vector-matrix product reads a float32 matrix far larger than a
+    CPU's caches (128 MiB by default), measured for about ``seconds``: what bounds the repair's
+    greedy elimination of MLP channels, which reads its refit (out x in) once per dropped channel."""
+    a = torch.randn(rows, cols)
+    v = torch.randn(rows)
+    v @ a  # warm-up
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        v @ a
+        count += 1
+    return a.numel() * a.element_size() * count / (time.perf_counter() - start) / 1e9
