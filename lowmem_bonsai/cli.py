@@ -289,10 +289,19 @@ def estimate_cmd(
                f"{e['forward_tokens_per_round']:,} forward tokens and "
                f"{e['forward_tflops_per_round'][0]:.1f} TFLOP in the first; {e['forward_tflops_total']:.1f} TFLOP in all")
     if e["eta_hours"] is None:
-        typer.echo(f"speed      no {e['device']} device visible here to measure: no ETA")
+        typer.echo(f"speed      no {e['device']} device visible here to measure: no ETA"
+                   + (f" (the repair runs on this CPU, float32: {e['eta_hours_repair']:.2f} h at "
+                      f"{e['repair_gflops_measured']:.0f} GFLOP/s)" if r["mode"] != "none" else ""))
         return
-    typer.echo(f"speed      {e['matmul_gflops_measured']:.0f} GFLOP/s measured matmul rate on {e['device']}")
-    typer.echo(f"ETA        {e['eta_hours']:.2f} h" + (f" with {e['ranks']} ranks" if e["ranks"] > 1 else ""))
+    speed = f"speed      {e['matmul_gflops_measured']:.0f} GFLOP/s measured {e['compute_dtype']} matmul rate on {e['device']}"
+    if e["repair_gflops_measured"] is not None:  # the repair's own: float32 on the CPU
+        speed += f"; the repair: {e['repair_gflops_measured']:.0f} GFLOP/s float32 on cpu"
+        if e["read_gbps_measured"] is not None:
+            speed += f", {e['read_gbps_measured']:.0f} GB/s reading memory ({r['reselect_read_gb']:,.0f} GB to read)"
+    typer.echo(speed)
+    typer.echo(f"ETA        {e['eta_hours']:.2f} h" + (f" with {e['ranks']} ranks" if e["ranks"] > 1 else "")
+               + (f": the rounds {e['eta_hours_rounds']:.2f} h, the repair {e['eta_hours_repair']:.2f} h"
+                  if r["mode"] != "none" else ""))
 
 
 class _Bars:

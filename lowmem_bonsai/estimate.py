@@ -12,7 +12,8 @@ import torch
 from .engine.device import free_bytes, resolve_device
 from .chat import chat_template, read_tokenizer_config
 from .errors import UserError
-from .engine.memory import DTYPE_BYTES, STORAGE_BYTES, measure_matmul_gflops, pick_compute_dtype, plan_memory
+from .engine.memory import (DTYPE_BYTES, ELIMINATION_BLOCK, SOLVE_FP64_MAX, STORAGE_BYTES, measure_matmul_gflops,
+                            measure_read_gbps, pick_compute_dtype, plan_memory)
 from .method.prune import check_settings
 from .model.checkpoint import Checkpoint
 from .model.config import DTYPES, parse_config
@@ -77,7 +78,7 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         attn = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * t  # QK^T + PV, causal
         flops.append(tokens_per_round * (per_token + attn))
         rank_flops.append(rank_tokens_per_round * (per_token + attn))
-    repair_tokens = repair_flops = rank_repair_flops = 0
+    repair_tokens = repair_flops = rank_repair_flops = read_bytes = 0
     # the final repair, and with reconstruct_in_rounds one more before every round after the first
     repairs = 1 + (rounds - 1 if profile.reconstruct_in_rounds else 0)
     # no repair reads no windows; a checkpoint without a chat template reads plain text only
@@ -86,40 +87,70 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
                 and chat_template(model_dir, read_tokenizer_config(model_dir)) is not None)
     seqs = (profile.repair_seqs if has_chat else profile.reconstruct_seqs) if repairing else 0  # the repair's windows
     if repairing:
-        # the passes of the blocks (one one-shot, two sequential, three with the dense model's stream
-        # beside), the Gram matrices of both projections' inputs (and the cross moments with an
-        # explicit target), one solve each
+        # The repair runs on the CPU in float32 (fp64 solves up to SOLVE_FP64_MAX inputs, counted
+        # twice), whatever the profile's compute dtype and device: the passes of the blocks (one
+        # one-shot, two sequential, three with the dense model's stream beside), the Gram matrices
+        # of both projections' inputs (and the cross moments with an explicit target), one solve
+        # each on the kept inputs (the plan's widths are not known yet: the sparsity's share)
+        t_r = profile.reconstruct_seq_len
         repair_tokens = (passes(profile.reconstruct_target, profile.reconstruct_sequential)
-                         * seqs * profile.reconstruct_seq_len)
+                         * seqs * t_r)
         cross = profile.reconstruct_target != RepairTarget.LAYER
         grams = sum((s.num_attention_heads * cfg.head_dim + 1) ** 2 + (s.intermediate_size + 1) ** 2
                     + cross * cfg.hidden_size * (s.num_attention_heads * cfg.head_dim + s.intermediate_size + 2)
                     for s in cfg.layers)
-        solves = sum((s.num_attention_heads * cfg.head_dim) ** 3 + s.intermediate_size ** 3 for s in cfg.layers)
-        # the final repair's reselection (the repairs between the rounds never reselect), per MLP
-        # (blocks of one channel) and per attention (blocks of head_dim columns, one per head):
-        # the inverse (about 2 n^3), then two downdates of 2 n x block x (n + out) per dropped
-        # block (about the sparsity's share of them; widths vary)
-        def eliminate(units: int, block: int) -> float:
-            n = units * block + 1
-            return 2 * n ** 3 + 4 * round(sparsity * units) * block * n * (n + cfg.hidden_size)
+        lsq = profile.reconstruct == "lsq"
+        h = cfg.hidden_size
 
-        reselect = profile.reconstruct_reselect and sum(
-            eliminate(s.intermediate_size, 1)
-            + (eliminate(s.num_attention_heads, cfg.head_dim) if profile.reconstruct_reselect_heads else 0)
-            for s in cfg.layers)
-        calib_tokens = seqs * profile.reconstruct_seq_len  # each adds to the moments once
-        repair_flops = repair_tokens * 2 * total + 2 * calib_tokens * grams + solves
+        def solve(n_in: int) -> float:
+            """One projection's solve (lsq: LU of the kept inputs' Gram, the out right-hand sides,
+            the errors before and after; the target W z first forms W G), fp64 counted twice."""
+            a = (1 - sparsity) * n_in + 1
+            flops = 2 / 3 * a ** 3 + 6 * h * a ** 2 + (not cross) * 2 * h * n_in ** 2
+            return lsq * flops * (2 if n_in <= SOLVE_FP64_MAX else 1)
+
+        solves = sum(solve(s.num_attention_heads * cfg.head_dim) + solve(s.intermediate_size) for s in cfg.layers)
+        attn = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * t_r  # per token
+        calib_tokens = seqs * t_r  # each adds to the moments once
+        repair_flops = repair_tokens * (2 * total + attn) + 2 * calib_tokens * grams + solves
         rank_repair_flops = math.ceil(seqs / ranks) * (repair_flops - solves) / seqs + solves
         repair_tokens, repair_flops, rank_repair_flops = (repairs * x for x in (
             repair_tokens, repair_flops, rank_repair_flops))
-        repair_flops += reselect
-        rank_repair_flops += reselect
+        # the final repair's reselection (the repairs between the rounds never reselect), every rank
+        # alike. MLP channels (reconstruct.greedy_keep): the refit on every input and its inverse
+        # (2 n^3 + 2 out n^2, n = in + 1); per dropped channel (about the sparsity's share; widths
+        # vary) one read of the refit (out x n) for its dot products, and the factors of its block
+        # (about 1.5 x block x n); per block of ELIMINATION_BLOCK drops the refit's squared norms
+        # (three passes over it) and the two downdates as matmuls, 2 n (n + out) per drop. Heads in
+        # blocks of head_dim columns: the inverse, then two downdates of 2 n x block x (n + out)
+        # per dropped head (matmuls).
+        if profile.reconstruct_reselect and lsq:
+            blk = ELIMINATION_BLOCK
+            for s in cfg.layers:
+                n = s.intermediate_size + 1
+                elem = 8 if n - 1 <= SOLVE_FP64_MAX else 4
+                drops = round(sparsity * s.intermediate_size)
+                mlp = (2 * n ** 3 + 2 * h * n ** 2 + drops * 2 * n * (n + h)) * elem / 4  # fp64 counted twice
+                read_bytes += drops * elem * (h * n * (1 + 3 / blk) + 1.5 * blk * n)
+                heads = 0
+                if profile.reconstruct_reselect_heads:
+                    n = s.num_attention_heads * cfg.head_dim + 1
+                    heads = 2 * n ** 3 + 4 * round(sparsity * s.num_attention_heads) * cfg.head_dim * n * (n + h)
+                repair_flops += mlp + heads
+                rank_repair_flops += mlp + heads
     if device is not None:
         dtype_name, rates = pick_compute_dtype(profile.compute_dtype, device)
         gflops = measure_matmul_gflops(DTYPES[dtype_name], seconds=measure_seconds, device=device)
     else:
         dtype_name, rates, gflops = profile.compute_dtype, {}, float("nan")
+    cpu_gflops = gbps = float("nan")
+    if repairing:  # the repair's own rates: float32 matmuls and reading memory, on the CPU
+        same = device is not None and device.type == "cpu" and dtype_name == "float32"
+        cpu_gflops = gflops if same else measure_matmul_gflops(torch.float32, seconds=measure_seconds)
+        gbps = measure_read_gbps(seconds=min(0.3, measure_seconds)) if read_bytes else float("inf")
+    eta_rounds = sum(rank_flops) / (0.8 * gflops * 1e9) / 3600
+    eta_repair = ((rank_repair_flops / (0.8 * cpu_gflops * 1e9) + read_bytes / (gbps * 1e9)) / 3600
+                  if repairing else 0.0)
     out_bytes = (total * (1 - sparsity) + embed) * storage
     imported = (total + embed) * import_bytes  # OUT.partial/source, until the prune completes
     reselecting = profile.reconstruct_reselect and profile.reconstruct == "lsq"
@@ -147,12 +178,17 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
                            "chat_windows": profile.chat_seqs if has_chat else 0,
                            "windows": seqs,
                            "repairs": repairs if repairing else 0,
-                           "forward_tokens": repair_tokens, "tflops": repair_flops / 1e12},
+                           "forward_tokens": repair_tokens, "tflops": repair_flops / 1e12,
+                           "reselect_read_gb": read_bytes / 1e9},
         "compute_dtype": dtype_name,
         "matmul_gflops_by_dtype": rates,
-        # The executor reached 85-95% of the matmul rate on SmolLM2 in fp32 (README); ETA assumes 80%.
-        # No ETA (null) for a GPU profile where no GPU is visible to measure.
-        "eta_hours": (sum(rank_flops) + rank_repair_flops) / (0.8 * gflops * 1e9) / 3600
-        if math.isfinite(gflops) else None,
+        # The executor reached 85-95% of the matmul rate on SmolLM2 in fp32 (README); ETA assumes 80%,
+        # the repair's matmuls too (at the CPU's float32 rate); the elimination's reads of its refit
+        # run at the measured rate of reading memory. No ETA (null) for a GPU profile where no GPU is visible to measure.
+        "eta_hours": eta_rounds + eta_repair if math.isfinite(gflops) else None,
+        "eta_hours_rounds": eta_rounds if math.isfinite(gflops) else None,
+        "eta_hours_repair": eta_repair,
         "matmul_gflops_measured": gflops if math.isfinite(gflops) else None,
+        "repair_gflops_measured": cpu_gflops if repairing else None,  # float32 on the CPU
+        "read_gbps_measured": gbps if repairing and read_bytes else None,
     }

@@ -163,3 +163,37 @@ def test_estimate_counts_the_elimination_over_heads_only_where_the_repair_choose
         n = s.num_attention_heads * cfg.head_dim + 1
         want += 2 * n ** 3 + 4 * round(0.5 * s.num_attention_heads) * cfg.head_dim * n * (n + cfg.hidden_size)
     assert (runs[True]["tflops"] - runs[False]["tflops"]) * 1e12 == pytest.approx(want, rel=1e-9)
+
+
+def test_estimate_times_the_repair_at_the_cpus_float32_rate_and_its_reads(tiny_llama, monkeypatch):
+    """The repair runs on the CPU in float32 whatever the profile computes the masks in: the ETA
+    times the rounds at the profile dtype's rate and the repair at float32's, plus the MLP
+    elimination's reads of its refit (one per dropped channel) at the measured read rate."""
+    from lowmem_bonsai import estimate as estimate_module
+    from lowmem_bonsai.engine.memory import ELIMINATION_BLOCK
+    from lowmem_bonsai.model.checkpoint import Checkpoint
+
+    rates = {"bfloat16": 400.0, "float32": 100.0}
+    monkeypatch.setattr(estimate_module, "measure_matmul_gflops",
+                        lambda dtype, **kw: rates[str(dtype).removeprefix("torch.")])
+    monkeypatch.setattr(estimate_module, "measure_read_gbps", lambda **kw: 10.0)
+    cfg = Checkpoint(tiny_llama).config
+    profile = load_profile("quick").replace(compute_dtype="bfloat16")
+    e = estimate_module.estimate(model_dir=tiny_llama, profile=profile, sparsity=0.5)
+    r = e["reconstruction"]
+    assert e["matmul_gflops_measured"] == 400.0 and e["repair_gflops_measured"] == 100.0
+    assert e["read_gbps_measured"] == 10.0
+    rounds_h = sum(e["forward_tflops_per_round"]) * 1e12 / (0.8 * 400e9) / 3600
+    assert e["eta_hours_rounds"] == pytest.approx(rounds_h, rel=1e-9)
+    reads = 0.0
+    for s in cfg.layers:  # fp64 below SOLVE_FP64_MAX: 8 bytes an element
+        n = s.intermediate_size + 1
+        reads += round(0.5 * s.intermediate_size) * 8 * (cfg.hidden_size * n * (1 + 3 / ELIMINATION_BLOCK)
+                                                        + 1.5 * ELIMINATION_BLOCK * n)
+    assert r["reselect_read_gb"] * 1e9 == pytest.approx(reads, rel=1e-9)
+    repair_h = (r["tflops"] * 1e12 / (0.8 * 100e9) + reads / 10e9) / 3600
+    assert e["eta_hours_repair"] == pytest.approx(repair_h, rel=1e-9)
+    assert e["eta_hours"] == pytest.approx(rounds_h + repair_h, rel=1e-9)
+    plain = estimate_module.estimate(model_dir=tiny_llama, profile=profile.replace(reconstruct="none"), sparsity=0.5)
+    assert plain["eta_hours_repair"] == 0 and plain["repair_gflops_measured"] is None
+    assert plain["eta_hours"] == pytest.approx(plain["eta_hours_rounds"])
