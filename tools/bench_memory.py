@@ -22,7 +22,8 @@ is measured as it is ("profile:NAME": one round of 5 % with the profile's own wa
 chunks, prior pass and repair): the real model with ``laptop-16gb`` under 3G, where the lm_head and
 the buffers freed between phases weigh most. "profile:NAME:rounds" runs the rounds alone (a copy
 of the profile with ``reconstruct = "none"``): ``laptop-16gb``'s wave of 64 masks on the 13B shape
-under 16G.
+under 16G; "profile:NAME:prior" its repair as shipped, after the prior's plan to 50 % (``--method
+prior``: one pass, no masks), there too. A prune's row also keeps estimate's ETA beside its wall time.
 """
 
 from __future__ import annotations
@@ -84,7 +85,11 @@ RUNS = [
     # its rounds alone on the 13B shape (one wave of 64 masks x 8 x 256 tokens): "profile:NAME:rounds"
     # prunes with a copy of the profile that sets reconstruct = "none"
     ("llama2-13b-x2", "prune", "16G", "profile:laptop-16gb:rounds"),
+    # and its repair as shipped (256 + 32 chat windows, stream target, reselection) after the
+    # prior's plan to 50 % (one pass, no masks): "profile:NAME:prior"
+    ("llama2-13b-x2", "prune", "16G", "profile:laptop-16gb:prior"),
 ]
+ETAS: dict[str, float | None] = {}  # estimate's ETA (hours) of each prune, by its output folder's name
 PLAN_LINE = re.compile(r"memory plan: .*peak ([0-9.]+) GiB")
 
 
@@ -105,10 +110,11 @@ def command(model: Path, cmd: str, cap: str, reconstruct: str, scratch: Path) ->
     gguf = scratch / "out" / f"{model.name}.gguf"
     if cmd == "prune":
         if reconstruct.startswith("profile:"):  # a shipped profile as it is, one round of 5 %
-            _, name, *rounds = reconstruct.split(":")  # profile:NAME[:rounds] (without the repair)
-            if rounds not in ([], ["rounds"]):
-                raise ValueError(f"{reconstruct}: expected profile:NAME or profile:NAME:rounds")
-            if rounds:  # the shipped file with reconstruct = "none" (estimate has no --reconstruct)
+            # profile:NAME[:rounds|:prior]: without the repair, or the repair after the prior's plan
+            _, name, *kind = reconstruct.split(":")
+            if kind not in ([], ["rounds"], ["prior"]):
+                raise ValueError(f"{reconstruct}: expected profile:NAME, profile:NAME:rounds or profile:NAME:prior")
+            if kind == ["rounds"]:  # the shipped file with reconstruct = "none" (estimate has no --reconstruct)
                 text, n = re.subn(r"^reconstruct\s*=.*$", 'reconstruct = "none"',
                                   (ROOT / "profiles" / f"{name}.toml").read_text(), flags=re.M)
                 if n != 1:
@@ -116,6 +122,8 @@ def command(model: Path, cmd: str, cap: str, reconstruct: str, scratch: Path) ->
                 name = str(scratch / f"bench-{name}-rounds.toml")
                 Path(name).write_text(text)
             args = [str(model), "--profile", name, "--sparsity", "0.05"]
+            if kind == ["prior"]:  # no masks: one pass of the prior to 50 %, then the shipped repair
+                args = [str(model), "--profile", name, "--sparsity", "0.5", "--method", "prior"]
         else:
             profile = scratch / f"bench-{reconstruct}.toml"
             # lsq-stream: reconstruct_target = "stream"; lsq-stream-reselect: reconstruct_reselect too
@@ -126,8 +134,9 @@ def command(model: Path, cmd: str, cap: str, reconstruct: str, scratch: Path) ->
             args = [str(model), "--profile", str(profile), "--sparsity", "0.1"]
         args += ["--memory", cap]
         est = subprocess.run([*CLI, "estimate", *args, "--json"], check=True, capture_output=True, text=True)
-        planned = json.loads(est.stdout)["memory"]["total_gb"]
-        return [*CLI, "-v", "prune", *args, "--out", str(out), "--calib", "wikitext2-valid", "--force"], planned
+        e = json.loads(est.stdout)
+        ETAS[out.name] = e["eta_hours"]
+        return [*CLI, "-v", "prune", *args, "--out", str(out), "--calib", "wikitext2-valid", "--force"], e["memory"]["total_gb"]
     if cmd == "eval":
         return [*CLI, "-v", "eval", str(model), "--data", "wikitext2-valid", "--seq-len", "128",
                 "--max-seqs", "8", "--batch-seqs", "8", "--memory", cap], None
@@ -187,6 +196,7 @@ def main() -> None:
             "peak_charged_gib": round(fig["peak_charged"] / gib, 3), "exit": fig["exit"],
             "oom_kills": fig["oom_kills"], "wall_s": round(time.time() - t0, 1),
             "within_plan": planned is not None and peak < planned and fig["exit"] == 0,
+            **({"eta_hours": ETAS[Path(args[args.index("--out") + 1]).name]} if cmd == "prune" else {}),
             "argv": " ".join(["memcap", cap, "--", "lowmem-bonsai", *args[3:]]).replace(str(a.scratch), "SCRATCH"),
         }
         if fig["exit"] != 0:
