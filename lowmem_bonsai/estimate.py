@@ -118,7 +118,8 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
             repair_tokens, repair_flops, rank_repair_flops))
         # the final repair's reselection (the repairs between the rounds never reselect), every rank
         # alike. MLP channels (reconstruct.greedy_keep): the refit on every input and its inverse
-        # (2 n^3 + 2 out n^2, n = in + 1); per dropped channel (about the sparsity's share; widths
+        # (2 n^3 + 2 out n^2, n = in + 1; torch's inverse ran at about 60 % of the matmul rate on
+        # the 13B shape, tools/results/reselect_13b.json, so this part is low by about a third); per dropped channel (about the sparsity's share; widths
         # vary) one read of the refit (out x n) for its dot products, and the factors of its block
         # (about 1.5 x block x n); per block of ELIMINATION_BLOCK drops the refit's squared norms
         # (three passes over it) and the two downdates as matmuls, 2 n (n + out) per drop. Heads in
@@ -130,7 +131,8 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
                 n = s.intermediate_size + 1
                 elem = 8 if n - 1 <= SOLVE_FP64_MAX else 4
                 drops = round(sparsity * s.intermediate_size)
-                mlp = (2 * n ** 3 + 2 * h * n ** 2 + drops * 2 * n * (n + h)) * elem / 4  # fp64 counted twice
+                start = 2 * n ** 3 + 2 * h * n ** 2 * (1 + (not cross))  # the target W z forms W G first
+                mlp = (start + drops * 2 * n * (n + h)) * elem / 4  # fp64 counted twice
                 read_bytes += drops * elem * (h * n * (1 + 3 / blk) + 1.5 * blk * n)
                 heads = 0
                 if profile.reconstruct_reselect_heads:

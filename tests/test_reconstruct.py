@@ -405,6 +405,9 @@ def test_reselection_is_greedy_least_squares_elimination(given, block, monkeypat
     for k in range(9, 3, -1):
         keep.remove(min(keep, key=lambda j: error([i for i in keep if i != j])))
         assert greedy_keep(m, w.float(), k, ridge=ridge).tolist() == keep
+    assert greedy_keep(m, w.float(), 10, ridge=ridge).tolist() == list(range(10))  # nothing to drop
+    with pytest.raises(ValueError, match="k = 11 of 10"):
+        greedy_keep(m, w.float(), 11, ridge=ridge)
 
 
 def test_deferred_elimination_chooses_as_one_downdate_at_a_time():

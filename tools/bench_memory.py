@@ -23,7 +23,7 @@ chunks, prior pass and repair): the real model with ``laptop-16gb`` under 3G, wh
 the buffers freed between phases weigh most. "profile:NAME:rounds" runs the rounds alone (a copy
 of the profile with ``reconstruct = "none"``): ``laptop-16gb``'s wave of 64 masks on the 13B shape
 under 16G; "profile:NAME:prior" its repair as shipped, after the prior's plan to 50 % (``--method
-prior``: one pass, no masks), there too. A prune's row also keeps estimate's ETA beside its wall time.
+prior``: no masks, each of the profile's rounds one pass), there too. A prune's row also keeps estimate's ETA beside its wall time.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ RUNS = [
     # prunes with a copy of the profile that sets reconstruct = "none"
     ("llama2-13b-x2", "prune", "16G", "profile:laptop-16gb:rounds"),
     # and its repair as shipped (256 + 32 chat windows, stream target, reselection) after the
-    # prior's plan to 50 % (one pass, no masks): "profile:NAME:prior"
+    # prior's plan to 50 % (no masks; each round one pass): "profile:NAME:prior"
     ("llama2-13b-x2", "prune", "16G", "profile:laptop-16gb:prior"),
 ]
 ETAS: dict[str, float | None] = {}  # estimate's ETA (hours) of each prune, by its output folder's name
@@ -122,7 +122,7 @@ def command(model: Path, cmd: str, cap: str, reconstruct: str, scratch: Path) ->
                 name = str(scratch / f"bench-{name}-rounds.toml")
                 Path(name).write_text(text)
             args = [str(model), "--profile", name, "--sparsity", "0.05"]
-            if kind == ["prior"]:  # no masks: one pass of the prior to 50 %, then the shipped repair
+            if kind == ["prior"]:  # no masks: the prior's rounds (one pass each) to 50 %, then the shipped repair
                 args = [str(model), "--profile", name, "--sparsity", "0.5", "--method", "prior"]
         else:
             profile = scratch / f"bench-{reconstruct}.toml"

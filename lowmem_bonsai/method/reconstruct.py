@@ -247,6 +247,8 @@ def greedy_keep(m: Moments, w: torch.Tensor, k: int, *, ridge: float) -> torch.T
     each block is applied as two matmuls. The same choices as the one-at-a-time downdates, to
     rounding."""
     n = w.shape[1]
+    if not 0 <= k <= n:
+        raise ValueError(f"greedy_keep: k = {k} of {n} inputs")
     fit, inv = _elimination_start(m, w, ridge)  # (out, n + 1), (n + 1, n + 1)
     alive = torch.ones(n, dtype=torch.bool)
     todo = n - k
@@ -314,7 +316,8 @@ def solve_dtype(n_in: int) -> torch.dtype:
 def _relative_error_on(x: torch.Tensor, g: torch.Tensor, c: torch.Tensor, scale: float) -> float:
     """||t - X z+_S||^2 / ||t||^2 summed over the tokens, from the moments on the kept inputs alone:
     (scale - 2 <X, C_S> + <X G_SS, X>) / scale, scale = sum |t|^2.  X, C_S (out, |S| + 1), G_SS
-    (|S| + 1, |S| + 1): a pruned layer's error costs out x |S|^2, not out x in^2."""
+    (|S| + 1, |S| + 1): out x |S|^2 per error, where the full products cost out x in^2 (the
+    target W z still forms W G once, for C and the scale)."""
     num = scale - 2 * float((x * c).sum()) + float(((x @ g) * x).sum())
     return max(num, 0.0) / max(scale, 1e-30)
 
