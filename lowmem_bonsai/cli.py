@@ -293,7 +293,8 @@ def estimate_cmd(
                    + (f" (the repair runs on this CPU, float32: {e['eta_hours_repair']:.2f} h at "
                       f"{e['repair_gflops_measured']:.0f} GFLOP/s)" if r["mode"] != "none" else ""))
         return
-    speed = f"speed      {e['matmul_gflops_measured']:.0f} GFLOP/s measured {e['compute_dtype']} matmul rate on {e['device']}"
+    speed = (f"speed      {e['matmul_gflops_measured']:.0f} GFLOP/s measured {e['compute_dtype']} matmul rate "
+             f"on {e['device']}")
     if e["repair_gflops_measured"] is not None:  # the repair's own: float32 on the CPU
         speed += f"; the repair: {e['repair_gflops_measured']:.0f} GFLOP/s float32 on cpu"
         if e["read_gbps_measured"] is not None:

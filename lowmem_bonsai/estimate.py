@@ -119,12 +119,13 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         # the final repair's reselection (the repairs between the rounds never reselect), every rank
         # alike. MLP channels (reconstruct.greedy_keep): the refit on every input and its inverse
         # (2 n^3 + 2 out n^2, n = in + 1; torch's inverse ran at about 60 % of the matmul rate on
-        # the 13B shape, tools/results/reselect_13b.json, so this part is low by about a third); per dropped channel (about the sparsity's share; widths
-        # vary) one read of the refit (out x n) for its dot products, and the factors of its block
-        # (about 1.5 x block x n); per block of ELIMINATION_BLOCK drops the refit's squared norms
-        # (three passes over it) and the two downdates as matmuls, 2 n (n + out) per drop. Heads in
-        # blocks of head_dim columns: the inverse, then two downdates of 2 n x block x (n + out)
-        # per dropped head (matmuls).
+        # the 13B shape, tools/results/reselect_13b.json, so this part is low by about a third);
+        # per dropped channel (about the sparsity's share; widths vary) one read of the refit
+        # (out x n) for its dot products, and the factors of its block (about 1.5 x block x n);
+        # per block of ELIMINATION_BLOCK drops the refit's squared norms (three passes over it)
+        # and the two downdates as matmuls, 2 n (n + out) per drop. Heads in blocks of head_dim
+        # columns: the inverse, then two downdates of 2 n x block x (n + out) per dropped head
+        # (matmuls).
         if profile.reconstruct_reselect and lsq:
             blk = ELIMINATION_BLOCK
             for s in cfg.layers:
@@ -184,9 +185,10 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
                            "reselect_read_gb": read_bytes / 1e9},
         "compute_dtype": dtype_name,
         "matmul_gflops_by_dtype": rates,
-        # The executor reached 85-95% of the matmul rate on SmolLM2 in fp32 (README); ETA assumes 80%,
-        # the repair's matmuls too (at the CPU's float32 rate); the elimination's reads of its refit
-        # run at the measured rate of reading memory. No ETA (null) for a GPU profile where no GPU is visible to measure.
+        # The executor reached 85-95% of the matmul rate on SmolLM2 in fp32 (README); ETA assumes
+        # 80%, the repair's matmuls too (at the CPU's float32 rate); the elimination's reads of its
+        # refit run at the measured rate of reading memory. No ETA (null) for a GPU profile where
+        # no GPU is visible to measure (the repair's, on the CPU, is still given).
         "eta_hours": eta_rounds + eta_repair if math.isfinite(gflops) else None,
         "eta_hours_rounds": eta_rounds if math.isfinite(gflops) else None,
         "eta_hours_repair": eta_repair,

@@ -4,11 +4,11 @@ one-at-a-time downdates, side by side, and what `estimate` models for it.
 `reconstruct.greedy_keep` drops one channel at a time, each the one whose removal (the rest
 refit) raises the layer's error least. The plain algorithm downdates the refit W* (out x in) and
 the inverse A^-1 (in x in) after every drop: two rank-1 updates, each reading and writing a whole
-matrix, 1.5 GB per drop on Llama-2-13B's down_proj in fp32. `greedy_keep` defers them over blocks
-of drops and applies each block as two matmuls. This tool times both on the same moments
-(random correlated inputs of the given width and a target with noise), checks that they keep
-the same channels, and prints the per-drop times and the estimate's model of the deferred one
-(bytes read per drop over the measured read rate, plus its matmuls at the float32 rate).
+matrix, 2.1 GB of traffic per drop on Llama-2-13B's down_proj in fp32. `greedy_keep` defers them
+over blocks of drops and applies each block as two matmuls. This tool times both on the same
+moments (random correlated inputs of the given width and a target with noise), checks that they
+keep the same channels, and prints the per-drop times and the estimate's model of the deferred
+one (bytes read per drop over the measured read rate, plus its matmuls at the float32 rate).
 
     python tools/bench_reselect.py --json tools/results/reselect_13b.json
 
@@ -87,8 +87,9 @@ def main() -> None:
     gflops = measure_matmul_gflops(torch.float32)
     gbps = measure_read_gbps()
     elem, nn = inv.element_size(), n + 1
-    model_s = args.drops * (elem * (out * nn * (1 + 3 / ELIMINATION_BLOCK) + 1.5 * ELIMINATION_BLOCK * nn) / (gbps * 1e9)
-                            + 2 * nn * (nn + out) * elem / 4 / (0.8 * gflops * 1e9))
+    # estimate's model of the deferred drops: the bytes read per drop, and the blocks' matmuls
+    read = elem * (out * nn * (1 + 3 / ELIMINATION_BLOCK) + 1.5 * ELIMINATION_BLOCK * nn)
+    model_s = args.drops * (read / (gbps * 1e9) + 2 * nn * (nn + out) * elem / 4 / (0.8 * gflops * 1e9))
     result = {
         "n": n, "out": out, "tokens": args.tokens, "drops": args.drops, "dtype": str(inv.dtype),
         "threads": torch.get_num_threads(), "machine": platform.machine(),
