@@ -23,6 +23,17 @@ from .method.reconstruct import passes
 from .settings import AUTO, Method, RepairTarget
 
 
+def mlp_elimination(n_in: int, out: int, drops: int, *, layer_target: bool = False) -> tuple[float, float, float]:
+    """The work of reconstruct.greedy_keep on ``n_in`` channels of a projection with ``out``
+    outputs, dropping ``drops``: (the start's flops, the drops' flops, the bytes the drops read),
+    flops counted as float32's (fp64, up to SOLVE_FP64_MAX inputs, twice). See :func:`estimate`."""
+    n = n_in + 1
+    elem = 8 if n_in <= SOLVE_FP64_MAX else 4
+    start = 2 * n ** 3 + 2 * out * n ** 2 * (1 + layer_target)  # the target W z forms W G first
+    reads = drops * elem * (out * n * (1 + 3 / ELIMINATION_BLOCK) + 1.5 * ELIMINATION_BLOCK * n)
+    return start * elem / 4, drops * 2 * n * (n + out) * elem / 4, reads
+
+
 def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str = Method.BONSAI,
              measure_seconds: float = 1.0, ranks: int = 1) -> dict[str, Any]:
     """A GGUF as ``model_dir`` is estimated from its metadata alone, as the checkpoint `prune` would
@@ -127,14 +138,11 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         # columns: the inverse, then two downdates of 2 n x block x (n + out) per dropped head
         # (matmuls).
         if profile.reconstruct_reselect and lsq:
-            blk = ELIMINATION_BLOCK
             for s in cfg.layers:
-                n = s.intermediate_size + 1
-                elem = 8 if n - 1 <= SOLVE_FP64_MAX else 4
-                drops = round(sparsity * s.intermediate_size)
-                start = 2 * n ** 3 + 2 * h * n ** 2 * (1 + (not cross))  # the target W z forms W G first
-                mlp = (start + drops * 2 * n * (n + h)) * elem / 4  # fp64 counted twice
-                read_bytes += drops * elem * (h * n * (1 + 3 / blk) + 1.5 * blk * n)
+                start, per_drops, reads = mlp_elimination(s.intermediate_size, h, round(sparsity * s.intermediate_size),
+                                                          layer_target=not cross)
+                mlp = start + per_drops
+                read_bytes += reads
                 heads = 0
                 if profile.reconstruct_reselect_heads:
                     n = s.num_attention_heads * cfg.head_dim + 1

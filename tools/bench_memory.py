@@ -89,7 +89,6 @@ RUNS = [
     # prior's plan to 50 % (no masks; each round one pass): "profile:NAME:prior"
     ("llama2-13b-x2", "prune", "16G", "profile:laptop-16gb:prior"),
 ]
-ETAS: dict[str, float | None] = {}  # estimate's ETA (hours) of each prune, by its output folder's name
 PLAN_LINE = re.compile(r"memory plan: .*peak ([0-9.]+) GiB")
 
 
@@ -104,13 +103,15 @@ def make(name: str, scratch: Path, given: dict[str, Path]) -> Path | None:
     return out
 
 
-def command(model: Path, cmd: str, cap: str, reconstruct: str, scratch: Path) -> tuple[list[str], float | None]:
-    """The command line to measure and, for a prune, its planned peak (GiB) from estimate."""
+def command(model: Path, cmd: str, cap: str, reconstruct: str,
+            scratch: Path) -> tuple[list[str], float | None, float | None]:
+    """The command line to measure and, for a prune, its planned peak (GiB) and ETA (hours) from estimate."""
     out = scratch / "out" / f"{model.name}-{cmd}-{cap}-{reconstruct or 'x'}"
     gguf = scratch / "out" / f"{model.name}.gguf"
     if cmd == "prune":
-        if reconstruct.startswith("profile:"):  # a shipped profile as it is, one round of 5 %
-            # profile:NAME[:rounds|:prior]: without the repair, or the repair after the prior's plan
+        if reconstruct.startswith("profile:"):  # a shipped profile as it is
+            # profile:NAME (one round of 5 %), profile:NAME:rounds (the same without the repair) or
+            # profile:NAME:prior (the prior's rounds, one pass each, to 50 %, then the repair)
             _, name, *kind = reconstruct.split(":")
             if kind not in ([], ["rounds"], ["prior"]):
                 raise ValueError(f"{reconstruct}: expected profile:NAME, profile:NAME:rounds or profile:NAME:prior")
@@ -121,9 +122,8 @@ def command(model: Path, cmd: str, cap: str, reconstruct: str, scratch: Path) ->
                     raise ValueError(f"profiles/{name}.toml: expected one 'reconstruct = ' line, found {n}")
                 name = str(scratch / f"bench-{name}-rounds.toml")
                 Path(name).write_text(text)
-            args = [str(model), "--profile", name, "--sparsity", "0.05"]
-            if kind == ["prior"]:  # no masks: the prior's rounds (one pass each) to 50 %, then the shipped repair
-                args = [str(model), "--profile", name, "--sparsity", "0.5", "--method", "prior"]
+            args = [str(model), "--profile", name, *(["--sparsity", "0.5", "--method", "prior"]
+                                                      if kind == ["prior"] else ["--sparsity", "0.05"])]
         else:
             profile = scratch / f"bench-{reconstruct}.toml"
             # lsq-stream: reconstruct_target = "stream"; lsq-stream-reselect: reconstruct_reselect too
@@ -135,17 +135,17 @@ def command(model: Path, cmd: str, cap: str, reconstruct: str, scratch: Path) ->
         args += ["--memory", cap]
         est = subprocess.run([*CLI, "estimate", *args, "--json"], check=True, capture_output=True, text=True)
         e = json.loads(est.stdout)
-        ETAS[out.name] = e["eta_hours"]
-        return [*CLI, "-v", "prune", *args, "--out", str(out), "--calib", "wikitext2-valid", "--force"], e["memory"]["total_gb"]
+        return ([*CLI, "-v", "prune", *args, "--out", str(out), "--calib", "wikitext2-valid", "--force"],
+                e["memory"]["total_gb"], e["eta_hours"])
     if cmd == "eval":
         return [*CLI, "-v", "eval", str(model), "--data", "wikitext2-valid", "--seq-len", "128",
-                "--max-seqs", "8", "--batch-seqs", "8", "--memory", cap], None
+                "--max-seqs", "8", "--batch-seqs", "8", "--memory", cap], None, None
     if cmd.startswith("export-gguf"):  # f16, or export-gguf:TYPE (written beside, then removed)
         kind = cmd.partition(":")[2] or "f16"
         dest = gguf if kind == "f16" else gguf.with_suffix(f".{kind}.gguf")
-        return [*CLI, "-v", "export-gguf", str(model), "--out", str(dest), "--type", kind, "--force"], None
+        return [*CLI, "-v", "export-gguf", str(model), "--out", str(dest), "--type", kind, "--force"], None, None
     if cmd == "import-gguf":
-        return [*CLI, "-v", "import-gguf", str(gguf), "--out", str(out), "--force"], None
+        return [*CLI, "-v", "import-gguf", str(gguf), "--out", str(out), "--force"], None, None
     raise ValueError(cmd)
 
 
@@ -182,7 +182,7 @@ def main() -> None:
         model = make(name, a.scratch, given)
         if model is None:
             continue
-        args, planned = command(model, cmd, cap, reconstruct, a.scratch)
+        args, planned, eta = command(model, cmd, cap, reconstruct, a.scratch)
         t0 = time.time()
         fig, err = measure(a.memcap, cap, args, a.scratch)
         if planned is None:
@@ -196,7 +196,7 @@ def main() -> None:
             "peak_charged_gib": round(fig["peak_charged"] / gib, 3), "exit": fig["exit"],
             "oom_kills": fig["oom_kills"], "wall_s": round(time.time() - t0, 1),
             "within_plan": planned is not None and peak < planned and fig["exit"] == 0,
-            **({"eta_hours": ETAS[Path(args[args.index("--out") + 1]).name]} if cmd == "prune" else {}),
+            **({"eta_hours": eta} if cmd == "prune" else {}),
             "argv": " ".join(["memcap", cap, "--", "lowmem-bonsai", *args[3:]]).replace(str(a.scratch), "SCRATCH"),
         }
         if fig["exit"] != 0:

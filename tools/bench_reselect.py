@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lowmem_bonsai.engine.memory import (ELIMINATION_BLOCK, measure_matmul_gflops,  # noqa: E402
-                                         measure_read_gbps)
+from lowmem_bonsai.engine.memory import ELIMINATION_BLOCK, measure_matmul_gflops, measure_read_gbps  # noqa: E402
+from lowmem_bonsai.estimate import mlp_elimination  # noqa: E402
 from lowmem_bonsai.method import reconstruct  # noqa: E402
 from lowmem_bonsai.method.reconstruct import Moments, greedy_keep  # noqa: E402
 
@@ -86,10 +86,8 @@ def main() -> None:
 
     gflops = measure_matmul_gflops(torch.float32)
     gbps = measure_read_gbps()
-    elem, nn = inv.element_size(), n + 1
-    # estimate's model of the deferred drops: the bytes read per drop, and the blocks' matmuls
-    read = elem * (out * nn * (1 + 3 / ELIMINATION_BLOCK) + 1.5 * ELIMINATION_BLOCK * nn)
-    model_s = args.drops * (read / (gbps * 1e9) + 2 * nn * (nn + out) * elem / 4 / (0.8 * gflops * 1e9))
+    _, flops, reads = mlp_elimination(n, out, args.drops)  # estimate's model of the deferred drops
+    model_s = reads / (gbps * 1e9) + flops / (0.8 * gflops * 1e9)
     result = {
         "n": n, "out": out, "tokens": args.tokens, "drops": args.drops, "dtype": str(inv.dtype),
         "threads": torch.get_num_threads(), "machine": platform.machine(),
