@@ -288,15 +288,20 @@ def estimate_cmd(
     typer.echo(f"compute    {e['rounds']} round{'' if e['rounds'] == 1 else 's'}, "
                f"{e['forward_tokens_per_round']:,} forward tokens and "
                f"{e['forward_tflops_per_round'][0]:.1f} TFLOP in the first; {e['forward_tflops_total']:.1f} TFLOP in all")
+    repair_rates = ""
+    if e["repair_gflops_measured"] is not None:  # the repair's own, on the CPU: its passes', float32's
+        repair_rates = f"{e['repair_gflops_measured']:.0f} GFLOP/s float32"
+        if r["dtype"] != "float32":
+            repair_rates = f"{e['repair_pass_gflops_measured']:.0f} GFLOP/s {r['dtype']} passes, " + repair_rates
     if e["eta_hours"] is None:
         typer.echo(f"speed      no {e['device']} device visible here to measure: no ETA"
-                   + (f" (the repair runs on this CPU, float32: {e['eta_hours_repair']:.2f} h at "
-                      f"{e['repair_gflops_measured']:.0f} GFLOP/s)" if r["mode"] != "none" else ""))
+                   + (f" (the repair runs on this CPU: {e['eta_hours_repair']:.2f} h at {repair_rates})"
+                      if r["mode"] != "none" else ""))
         return
     speed = (f"speed      {e['matmul_gflops_measured']:.0f} GFLOP/s measured {e['compute_dtype']} matmul rate "
              f"on {e['device']}")
-    if e["repair_gflops_measured"] is not None:  # the repair's own: float32 on the CPU
-        speed += f"; the repair: {e['repair_gflops_measured']:.0f} GFLOP/s float32 on cpu"
+    if repair_rates:
+        speed += f"; the repair: {repair_rates} on cpu"
         if e["read_gbps_measured"] is not None:
             speed += f", {e['read_gbps_measured']:.0f} GB/s reading memory ({r['reselect_read_gb']:,.0f} GB to read)"
     typer.echo(speed)
@@ -360,6 +365,10 @@ def prune_cmd(
         help="Override the profile: each token's squared error in the repair's fit weighs (its position "
         "in the window + 1) ** this, the first token (the attention sink) as the last, mean 1 (1 in quick, "
         "laptop-16gb and workstation-64gb; 0, every token alike, in the others).")] = None,
+    reconstruct_dtype: Annotated[Optional[str], typer.Option(
+        help="Override the profile: the dtype of the repair's passes through the blocks, on the CPU: "
+        "float32, bfloat16, float16 or auto (the CPU's fastest matmul, measured; the default profiles "
+        "but quick). The streams, the moments and the solves stay float32 / float64.")] = None,
     masks_per_round: Annotated[Optional[int], typer.Option(help="Override the profile.")] = None,
     calib_seqs: Annotated[Optional[int], typer.Option(help="Override the profile.")] = None,
     seq_len: Annotated[Optional[int], typer.Option(help="Override the profile.")] = None,
@@ -401,7 +410,8 @@ def prune_cmd(
         prior=prior, estimator=estimator, head_unit=head_unit, allocation=allocation,
         mask_counts=mask_counts, score=score, calib_windows=calib_windows,
         reconstruct_seqs=reconstruct_seqs, reconstruct_target=reconstruct_target,
-        reconstruct_position_power=reconstruct_position_power).with_repair(reconstruct)
+        reconstruct_position_power=reconstruct_position_power,
+        reconstruct_dtype=reconstruct_dtype).with_repair(reconstruct)
     prof, budget = _budgeted(prof, memory)
     ranks = join(timeout_s=prof.dist_timeout_s, device=prof.device)
     bars = _Bars()

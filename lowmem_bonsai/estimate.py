@@ -89,7 +89,7 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         attn = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * t  # QK^T + PV, causal
         flops.append(tokens_per_round * (per_token + attn))
         rank_flops.append(rank_tokens_per_round * (per_token + attn))
-    repair_tokens = repair_flops = rank_repair_flops = read_bytes = 0
+    repair_tokens = repair_flops = rank_repair_flops = rank_pass_flops = read_bytes = 0
     # the final repair, and with reconstruct_in_rounds one more before every round after the first
     repairs = 1 + (rounds - 1 if profile.reconstruct_in_rounds else 0)
     # no repair reads no windows; a checkpoint without a chat template reads plain text only
@@ -98,9 +98,10 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
                 and chat_template(model_dir, read_tokenizer_config(model_dir)) is not None)
     seqs = (profile.repair_seqs if has_chat else profile.reconstruct_seqs) if repairing else 0  # the repair's windows
     if repairing:
-        # The repair runs on the CPU in float32 (fp64 solves up to SOLVE_FP64_MAX inputs, counted
-        # twice), whatever the profile's compute dtype and device: the passes of the blocks (one
-        # one-shot, two sequential, three with the dense model's stream beside), the Gram matrices
+        # The repair runs on the CPU, whatever the profile's compute dtype and device: the passes
+        # of the blocks in reconstruct_dtype (one one-shot, two sequential, three with the dense
+        # model's stream beside), in float32 (fp64 solves up to SOLVE_FP64_MAX inputs, counted
+        # twice) the Gram matrices
         # of both projections' inputs (and the cross moments with an explicit target), one solve
         # each on the kept inputs (the plan's widths are not known yet: the sparsity's share)
         t_r = profile.reconstruct_seq_len
@@ -123,10 +124,13 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         solves = sum(solve(s.num_attention_heads * cfg.head_dim) + solve(s.intermediate_size) for s in cfg.layers)
         attn = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * t_r  # per token
         calib_tokens = seqs * t_r  # each adds to the moments once
-        repair_flops = repair_tokens * (2 * total + attn) + 2 * calib_tokens * grams + solves
-        rank_repair_flops = math.ceil(seqs / ranks) * (repair_flops - solves) / seqs + solves
-        repair_tokens, repair_flops, rank_repair_flops = (repairs * x for x in (
-            repair_tokens, repair_flops, rank_repair_flops))
+        pass_flops = repair_tokens * (2 * total + attn)
+        repair_flops = pass_flops + 2 * calib_tokens * grams + solves
+        share = math.ceil(seqs / ranks) / seqs  # the busiest rank's windows
+        rank_pass_flops = share * pass_flops
+        rank_repair_flops = share * (repair_flops - solves - pass_flops) + solves  # float32's part
+        repair_tokens, repair_flops, rank_repair_flops, rank_pass_flops = (repairs * x for x in (
+            repair_tokens, repair_flops, rank_repair_flops, rank_pass_flops))
         # the final repair's reselection (the repairs between the rounds never reselect), every rank
         # alike. MLP channels (reconstruct.greedy_keep): the refit on every input and its inverse
         # (2 n^3 + 2 out n^2, n = in + 1; torch's inverse ran at about 60 % of the matmul rate on
@@ -154,14 +158,21 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         gflops = measure_matmul_gflops(DTYPES[dtype_name], seconds=measure_seconds, device=device)
     else:
         dtype_name, rates, gflops = profile.compute_dtype, {}, float("nan")
-    cpu_gflops = gbps = float("nan")
-    if repairing:  # the repair's own rates: float32 matmuls and reading memory, on the CPU
-        same = device is not None and device.type == "cpu" and dtype_name == "float32"
-        cpu_gflops = gflops if same else measure_matmul_gflops(torch.float32, seconds=measure_seconds)
+    cpu_gflops = pass_gflops = gbps = float("nan")
+    repair_dtype = pick_compute_dtype(profile.reconstruct_dtype)[0] if repairing else None
+    if repairing:  # the repair's own rates on the CPU: its passes', float32's, reading memory
+        on_cpu = device is not None and device.type == "cpu"
+
+        def cpu_rate(name: str) -> float:
+            return gflops if on_cpu and dtype_name == name else measure_matmul_gflops(
+                DTYPES[name], seconds=measure_seconds)
+
+        cpu_gflops = cpu_rate("float32")
+        pass_gflops = cpu_gflops if repair_dtype == "float32" else cpu_rate(repair_dtype)
         gbps = measure_read_gbps(seconds=min(0.3, measure_seconds)) if read_bytes else float("inf")
     eta_rounds = sum(rank_flops) / (0.8 * gflops * 1e9) / 3600
-    eta_repair = ((rank_repair_flops / (0.8 * cpu_gflops * 1e9) + read_bytes / (gbps * 1e9)) / 3600
-                  if repairing else 0.0)
+    eta_repair = ((rank_pass_flops / (0.8 * pass_gflops * 1e9) + rank_repair_flops / (0.8 * cpu_gflops * 1e9)
+                   + read_bytes / (gbps * 1e9)) / 3600 if repairing else 0.0)
     out_bytes = (total * (1 - sparsity) + embed) * storage
     imported = (total + embed) * import_bytes  # OUT.partial/source, until the prune completes
     reselecting = profile.reconstruct_reselect and profile.reconstruct == "lsq"
@@ -189,12 +200,14 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
                            "chat_windows": profile.chat_seqs if has_chat else 0,
                            "windows": seqs,
                            "repairs": repairs if repairing else 0,
+                           "dtype": repair_dtype,
                            "forward_tokens": repair_tokens, "tflops": repair_flops / 1e12,
                            "reselect_read_gb": read_bytes / 1e9},
         "compute_dtype": dtype_name,
         "matmul_gflops_by_dtype": rates,
         # The executor reached 85-95% of the matmul rate on SmolLM2 in fp32 (README); ETA assumes
-        # 80%, the repair's matmuls too (at the CPU's float32 rate); the elimination's reads of its
+        # 80%, the repair's matmuls too (its passes at the CPU's rate in reconstruct_dtype, the
+        # rest at float32's); the elimination's reads of its
         # refit run at the measured rate of reading memory. No ETA (null) for a GPU profile where
         # no GPU is visible to measure (the repair's, on the CPU, is still given).
         "eta_hours": eta_rounds + eta_repair if math.isfinite(gflops) else None,
@@ -202,5 +215,6 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         "eta_hours_repair": eta_repair,
         "matmul_gflops_measured": gflops if math.isfinite(gflops) else None,
         "repair_gflops_measured": cpu_gflops if repairing else None,  # float32 on the CPU
+        "repair_pass_gflops_measured": pass_gflops if repairing else None,  # reconstruct_dtype's
         "read_gbps_measured": gbps if repairing and read_bytes else None,
     }

@@ -20,6 +20,7 @@ from .engine.device import resolve_device
 from .engine.ranks import SINGLE, RankLost, Ranks
 from .errors import UserError, WriteError
 from .machine import release_freed_memory
+from .engine.memory import pick_compute_dtype
 from .method.prune import Progress, PruneResult, check_settings, run_rounds, wave_size
 from .model.checkpoint import INDEX_NAME, Checkpoint, inputs_of
 from .model.config import DTYPES, ModelConfig
@@ -58,10 +59,15 @@ def source_hashes(model_dir: Path) -> dict[str, str]:
     return out
 
 
-def fingerprint(model_dir: Path, key: dict[str, Any]) -> dict[str, str]:
+DTYPES_PART = "dtypes (compute, repair)"
+
+
+def fingerprint(model_dir: Path, key: dict[str, Any], profile: Profile) -> dict[str, str]:
     """What the ranks of one prune must share, hashed by part: the source (config.json, index or
     header, shard sizes), the calibration windows and the settings (less what may differ between
-    machines: memory budget, threads, prefetch, the calibration file's path)."""
+    machines: memory budget, threads, prefetch, the calibration file's path), and the dtypes the
+    rounds and the repair compute in (``auto`` is measured on each machine: two kinds of CPU may
+    pick different ones)."""
     def sha(obj: Any) -> str:
         return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -71,7 +77,16 @@ def fingerprint(model_dir: Path, key: dict[str, Any]) -> dict[str, str]:
     settings["profile"] = {k: v for k, v in settings["profile"].items() if k not in local}
     return {"source (config.json, index, shard sizes)": sha([key["source_hashes"], sizes]),
             "calibration text": key["calib_sha256"],
-            "settings": sha([settings, key["wave_masks"]])}
+            "settings": sha([settings, key["wave_masks"]]),
+            DTYPES_PART: ", ".join(resolved_dtypes(profile))}
+
+
+def resolved_dtypes(profile: Profile) -> tuple[str, str]:
+    """The rounds' compute dtype on the profile's device and the repair's on the CPU, ``auto``
+    measured here ("-" where nothing is repaired)."""
+    compute = pick_compute_dtype(profile.compute_dtype, resolve_device(profile.device))[0]
+    repairs = profile.reconstruct != Reconstruct.NONE
+    return compute, pick_compute_dtype(profile.reconstruct_dtype)[0] if repairs else "-"
 
 
 def check_same_inputs(ranks: Ranks, parts: dict[str, str]) -> None:
@@ -82,10 +97,14 @@ def check_same_inputs(ranks: Ranks, parts: dict[str, str]) -> None:
     differ = [(r, [k for k in parts if theirs.get(k) != every[0].get(k)]) for r, theirs in enumerate(every)]
     differ = [(r, ks) for r, ks in differ if ks]
     if differ:
-        said = "; ".join(f"rank {r}'s {' and '.join(ks)}" for r, ks in differ)
+        said = "; ".join(f"rank {r}'s {' and '.join(ks)}"
+                         + (f" ({every[r].get(DTYPES_PART)} against {every[0].get(DTYPES_PART)})"
+                            if DTYPES_PART in ks else "") for r, ks in differ)
+        pin = any(DTYPES_PART in ks for _, ks in differ)
         raise UserError(f"{said} differ{'s' if len(differ) == 1 else ''} from rank 0's: every rank must "
                         "read the same checkpoint and calibration text with the same settings (and "
-                        "memory budget's wave size)")
+                        "memory budget's wave size)" + ("; `auto` measured another fastest dtype on "
+                        "those machines: set compute_dtype and reconstruct_dtype in the profile" if pin else ""))
 
 
 def calibration_tokens(model_dir: Path, calib: Path | str, profile: Profile) -> torch.Tensor:
@@ -365,7 +384,7 @@ def prune_model(
         tokens, repair_tokens = calibration_sets(source, calib, profile)
     if ranks.world > 1:  # before rank 0 touches the output
         key = run_key(ckpt, tokens, profile, _settings(method, sparsity, seed, calib, tokens, profile))
-        check_same_inputs(ranks, fingerprint(ckpt.dir, key))
+        check_same_inputs(ranks, fingerprint(ckpt.dir, key, profile))
     if ranks.main:
         make_dirs(out_dir.parent)
     with run_lock(lock_path(out_dir), out=out_dir) if ranks.main else contextlib.nullcontext():

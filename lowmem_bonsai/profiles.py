@@ -26,7 +26,8 @@ DEFAULT_PROFILE = "laptop-16gb"
 _DTYPE_OR_AUTO = (AUTO, *names(DType))
 # The profile keys that name a choice, and the names each allows.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "compute_dtype": _DTYPE_OR_AUTO, "storage_dtype": _DTYPE_OR_AUTO, "prior": names(Prior),
+    "compute_dtype": _DTYPE_OR_AUTO, "storage_dtype": _DTYPE_OR_AUTO, "reconstruct_dtype": _DTYPE_OR_AUTO,
+    "prior": names(Prior),
     "estimator": names(Estimator), "head_unit": names(HeadUnit), "allocation": names(Allocation),
     "mask_counts": names(MaskCounts), "eligible": names(Eligible), "coarse": names(Coarse), "score": names(Score),
     "prior_scope": names(PriorScope), "mask_fill": names(MaskFill), "calib_windows": names(CalibWindows),
@@ -96,6 +97,9 @@ class Profile:
     reconstruct_seqs: int = 64  # calibration windows for it (one pass, from the start of the text)
     reconstruct_seq_len: int = 256  # tokens per window of the repair's text
     reconstruct_ridge: float = 1e-3  # lsq's ridge, relative to the mean diagonal of the Gram matrix
+    reconstruct_dtype: str = "float32"  # the repair's block matmuls (its passes through the blocks)
+    #                             on the CPU: float32 | bfloat16 | float16 | auto (the CPU's fastest,
+    #                             measured); the streams, the moments and the solves stay fp32 / fp64
     reconstruct_position_power: float = 0.0  # each token's share of the refit's squared error grows
     #                             as (its position in the window + 1) ** power, position 0 (the
     #                             attention sink) weighing as the last (mean 1): a stream error costs

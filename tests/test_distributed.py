@@ -357,3 +357,38 @@ def test_resume_may_change_the_timeout(tmp_path, job):
     keys = [run_key(ckpt, tokens, p, {"profile": {k: getattr(p, k) for k in p.__dataclass_fields__}})
             for p in (prof, prof.replace(dist_timeout_s=99.0), prof.replace(seq_len=16))]
     assert keys[0] == keys[1] != keys[2]
+
+
+def test_ranks_whose_auto_dtypes_differ_are_refused_naming_them(tmp_path, monkeypatch):
+    """`auto` measures the fastest dtype on each machine; ranks on CPUs that pick differently would
+    compute the masks' losses and the repair in different dtypes, so the start refuses them in one
+    line that says which dtypes and what to set."""
+    from lowmem_bonsai import pipeline
+    from lowmem_bonsai.errors import UserError
+    from lowmem_bonsai.profiles import Profile
+
+    make_tiny(tmp_path / "m", "llama-gqa-tied")
+    key = {"settings": {"profile": {"memory_gb": 1.0}}, "source_hashes": {}, "calib_sha256": "x", "wave_masks": 4}
+    profile = Profile(reconstruct="lsq", compute_dtype="auto", reconstruct_dtype="auto")
+    picked = {"auto": "bfloat16"}
+    monkeypatch.setattr(pipeline, "pick_compute_dtype", lambda name, device=None: (picked.get(name, name), {}))
+    mine = pipeline.fingerprint(tmp_path / "m", key, profile)
+    assert mine[pipeline.DTYPES_PART] == "bfloat16, bfloat16"
+    picked["auto"] = "float32"  # another machine's measurement
+    theirs = pipeline.fingerprint(tmp_path / "m", key, profile)
+    assert {k for k in mine if mine[k] != theirs[k]} == {pipeline.DTYPES_PART}
+    assert pipeline.fingerprint(tmp_path / "m", key, profile.replace(reconstruct="none"))[
+        pipeline.DTYPES_PART] == "float32, -"
+
+    class TwoRanks:  # rank 0's parts and rank 1's, as Ranks.gather returns them
+        world = 2
+
+        def gather(self, obj, *, what):
+            return [mine, theirs]
+
+    with pytest.raises(UserError) as err:
+        pipeline.check_same_inputs(TwoRanks(), mine)
+    line = str(err.value)
+    assert "\n" not in line and "rank 1's dtypes (compute, repair) (float32, float32 against bfloat16, bfloat16)" in line
+    assert "set compute_dtype and reconstruct_dtype in the profile" in line
+    pipeline.check_same_inputs(type("Same", (TwoRanks,), {"gather": lambda self, obj, what: [mine, mine]})(), mine)

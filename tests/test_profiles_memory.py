@@ -197,3 +197,16 @@ def test_estimate_times_the_repair_at_the_cpus_float32_rate_and_its_reads(tiny_l
     plain = estimate_module.estimate(model_dir=tiny_llama, profile=profile.replace(reconstruct="none"), sparsity=0.5)
     assert plain["eta_hours_repair"] == 0 and plain["repair_gflops_measured"] is None
     assert plain["eta_hours"] == pytest.approx(plain["eta_hours_rounds"])
+    # reconstruct_dtype = bfloat16: the passes through the blocks (their tokens x the blocks' flops
+    # and causal attention's) at bf16's rate, the moments, solves and elimination still at float32's
+    half = estimate_module.estimate(model_dir=tiny_llama, profile=profile.replace(reconstruct_dtype="bfloat16"),
+                                    sparsity=0.5)
+    assert half["reconstruction"]["dtype"] == "bfloat16" and r["dtype"] == "float32"
+    assert half["repair_pass_gflops_measured"] == 400.0 and half["repair_gflops_measured"] == 100.0
+    t_r = profile.reconstruct_seq_len
+    attn = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * t_r
+    pass_flops = r["forward_tokens"] * (2 * e["params_blocks"] + attn)
+    saved_h = pass_flops / 0.8 * (1 / 100e9 - 1 / 400e9) / 3600
+    assert 0 < saved_h < repair_h
+    assert half["eta_hours_repair"] == pytest.approx(repair_h - saved_h, rel=1e-9)
+    assert half["reconstruction"]["tflops"] == r["tflops"]

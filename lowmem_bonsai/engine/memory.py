@@ -156,7 +156,9 @@ def plan_memory(config: ModelConfig, profile: Profile, *, storage_bytes: int = 2
 
 
 def repair_bytes(config: ModelConfig, profile: Profile, *, storage_bytes: int = 2) -> int:
-    """Peak bytes of the reconstruction (reconstruct.py), which computes in fp32 on the host."""
+    """Peak bytes of the reconstruction (reconstruct.py), which computes in fp32 on the host. With
+    a reconstruct_dtype of 2 bytes its blocks and their activations take half of what is counted
+    here (the chunk's cast copy of the stream fits in that half), so the fp32 count bounds it."""
     h, b = config.hidden_size, 4
     widest = max(s.intermediate_size for s in config.layers)
     n = max(widest, max(s.num_attention_heads for s in config.layers) * config.head_dim) + 1
