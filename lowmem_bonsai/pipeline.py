@@ -512,7 +512,8 @@ def _prune(ckpt: Checkpoint, tokens: torch.Tensor, repair_tokens: torch.Tensor |
         if repair is not None:
             report["reconstruction"] = {
                 "mode": repair.mode, "sequential": repair.sequential, "tokens": repair.tokens,
-                "target": repair.target, "forward_tokens": repair.forward_tokens, "seconds": repair_seconds, "layers": repair.layers}
+                "target": repair.target, "dtype": repair.block_dtype, "forward_tokens": repair.forward_tokens,
+                "seconds": repair_seconds, "layers": repair.layers}
         write_json_atomic(stage / "report.json", report)
         plot(ckpt.config, plan, report, stage / "pruning.png")
         # Only a complete output gets the final name; then the progress is no longer needed.

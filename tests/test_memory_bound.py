@@ -26,10 +26,12 @@ def rss_anon(pid: int) -> int | None:
     return None
 
 
-@pytest.mark.parametrize("target, reselect", [("layer", False), ("stream", False), ("stream", True)])
-def test_a_prune_with_reconstruction_stays_below_its_plan(tmp_path, sample_text, target, reselect):
+@pytest.mark.parametrize("target, reselect, dtype", [("layer", False, "float32"), ("stream", False, "float32"),
+                                                     ("stream", True, "float32"), ("stream", True, "bfloat16")])
+def test_a_prune_with_reconstruction_stays_below_its_plan(tmp_path, sample_text, target, reselect, dtype):
     """stream: the dense model's stream and the cross moments are held beside the pruned ones;
-    reselect: the greedy choice's inverse beside the Gram matrix."""
+    reselect: the greedy choice's inverse beside the Gram matrix; bfloat16: the repair's passes in
+    bf16 (the plan counts fp32 blocks and activations; the casts back to fp32 must fit in that)."""
     model = tmp_path / "m"
     make_tiny(model, "llama-mha-untied", layers=4, hidden_size=512, intermediate_size=1536, num_attention_heads=8,
               num_key_value_heads=8, head_dim=64)
@@ -38,7 +40,8 @@ def test_a_prune_with_reconstruction_stays_below_its_plan(tmp_path, sample_text,
     profile.write_text('compute_dtype = "float32"\nmasks_per_round = 4\ncalib_seqs = 2\nseq_len = 64\n'
                        'prune_frac = 0.1\nmemory_gb = 4.0\nreconstruct = "lsq"\nreconstruct_seqs = 4\n'
                        'reconstruct_seq_len = 64\n'
-                       f'reconstruct_target = "{target}"\nreconstruct_reselect = {str(reselect).lower()}\n')
+                       f'reconstruct_target = "{target}"\nreconstruct_reselect = {str(reselect).lower()}\n'
+                       f'reconstruct_dtype = "{dtype}"\n')
     planned = estimate(model_dir=model, profile=load_profile(profile), sparsity=0.1,
                        measure_seconds=0.05)["memory"]["total_gb"] * 1024**3
     proc = subprocess.Popen(

@@ -31,7 +31,7 @@ def test_position_gap_splits_the_eval_by_position(tmp_path, sample_text, capsys)
     write_word_tokenizer(tmp_path / "m", sample_text.read_text())
     profile = load_profile(None).replace(seq_len=32, calib_seqs=4, masks_per_round=8, align=8,
                                          prune_frac=0.2, reconstruct="lsq", reconstruct_seqs=8,
-                                         reconstruct_seq_len=32)
+                                         reconstruct_seq_len=32, reconstruct_dtype="float32")
     prune_model(model_dir=tmp_path / "m", out_dir=tmp_path / "p", sparsity=0.3, calib=sample_text, seed=0,
                 profile=profile, method="prior")
     args = ["--dense", str(tmp_path / "m"), "--data", str(sample_text), "--skip", "8", "--windows", "6",

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from lowmem_bonsai.engine.block import head_rows
 from lowmem_bonsai.engine.forward import streamed_nll
 from lowmem_bonsai.method import reconstruct as reconstruct_module
 from lowmem_bonsai.method.reconstruct import (Moments, greedy_heads, greedy_keep, position_weights,
@@ -319,9 +320,11 @@ def test_sequential_lsq_brings_the_pruned_model_closest_to_dense(tmp_path):
 
 
 def test_bfloat16_blocks_repair_as_float32_does(tmp_path):
-    """reconstruct_dtype = bfloat16: the passes' matmuls in bf16, the streams, moments and solves
-    still fp32. The refit lands within bf16's rounding of the fp32 one, and the repaired model is
-    as close to dense on held-out tokens."""
+    """reconstruct_dtype = bfloat16: the passes' matmuls in bf16, the streams, the moments'
+    accumulators and the solves still fp32 / fp64. The refit moves the weights to within a tenth of
+    how far the fp32 refit moved them, and the repaired model is as close to dense on held-out
+    tokens. The solve starts from the source's weights, not the block's bf16 copy: bias mode keeps
+    the kept columns exactly."""
     make_tiny(tmp_path / "m", "llama-gqa-tied", **TINY)
     ckpt = Checkpoint(tmp_path / "m")
     plan = _plan(ckpt.config)
@@ -346,6 +349,32 @@ def test_bfloat16_blocks_repair_as_float32_does(tmp_path):
         assert not torch.equal(a, b)  # the passes did run in bf16
     assert gaps["float32"] < 0.95 * unrepaired, (gaps, unrepaired)  # 0.299 against 0.339
     assert gaps["bfloat16"] == pytest.approx(gaps["float32"], rel=0.02), gaps
+    kept = reconstruct(ckpt, plan, calib, tmp_path / "bias", mode="bias", sequential=False,
+                       block_dtype=torch.bfloat16)
+    fixed = ckpt.with_overlay(kept.files)
+    head_dim = ckpt.config.head_dim
+    for layer, key, cols in ((0, "o", head_rows(plan.layers[0].heads, head_dim)),
+                             (0, "down", torch.tensor(plan.layers[0].channels))):
+        name = ckpt.name(key, layer)
+        assert ckpt.get(name).dtype == torch.float32  # a source bf16 would round
+        assert torch.equal(fixed.get(name)[:, cols], ckpt.get(name)[:, cols]), (layer, key)
+
+
+def test_moments_that_overflowed_are_refused_in_one_line(tmp_path, monkeypatch):
+    """A narrow reconstruct_dtype whose passes overflowed leaves non-finite moments: the repair
+    stops with one line saying what to set, instead of solving garbage."""
+    from lowmem_bonsai.errors import UserError
+
+    make_tiny(tmp_path / "m", "llama-gqa-tied", **TINY)
+    ckpt = Checkpoint(tmp_path / "m")
+    add = Moments.add
+    monkeypatch.setattr(Moments, "add", lambda self, z, *a, **k: add(self, torch.full_like(z, float("inf")), *a, **k))
+    with pytest.raises(UserError) as err:
+        reconstruct(ckpt, _plan(ckpt.config), torch.randint(0, 211, (4, 32)), tmp_path / "r", mode="lsq",
+                    target="stream", block_dtype=torch.float16)
+    line = str(err.value)
+    assert "\n" not in line and "layer 0's o_proj input are not finite" in line and "float16" in line
+    assert 'reconstruct_dtype = "float32"' in line and not (tmp_path / "r" / "layer-0000.safetensors").exists()
 
 
 def test_flap_selection_equals_the_papers_rule_on_transformers_activations(tmp_path):
@@ -356,7 +385,8 @@ def test_flap_selection_equals_the_papers_rule_on_transformers_activations(tmp_p
     model = make_tiny(tmp_path / "m", "llama-mha-untied", layers=3, intermediate_size=96)
     ckpt = Checkpoint(tmp_path / "m")
     calib = torch.randint(0, 211, (6, 32), generator=torch.Generator().manual_seed(4))
-    profile = load_profile(None).replace(calib_seqs=6, seq_len=32, align=1, compute_dtype="float32")
+    profile = load_profile(None).replace(calib_seqs=6, seq_len=32, align=1, compute_dtype="float32",
+                                         reconstruct_dtype="float32")
     plan = run_rounds(ckpt, calib, sparsity=0.3, profile=profile, method="flap").plan
 
     z, sd = _captured_inputs(model, calib), model.state_dict()
@@ -391,7 +421,8 @@ def test_prune_with_reconstruction_writes_biases_and_a_report(tmp_path, sample_t
     write_word_tokenizer(tmp_path / "m", sample_text.read_text())
     base = load_profile(None).replace(seq_len=32, calib_seqs=4, masks_per_round=8, align=8,
                                       prune_frac=0.2, reconstruct_seqs=8, reconstruct_seq_len=32,
-                                      reconstruct_reselect=False)  # the same plan, repaired
+                                      reconstruct_reselect=False,  # the same plan, repaired
+                                      reconstruct_dtype="float32")
     ppl = {}
     for mode in ("none", "lsq"):
         out = tmp_path / mode
@@ -404,6 +435,7 @@ def test_prune_with_reconstruction_writes_biases_and_a_report(tmp_path, sample_t
         assert not (tmp_path / f"{mode}.partial").exists()
     assert Plan.load(tmp_path / "none" / "plan.json").layers == Plan.load(tmp_path / "lsq" / "plan.json").layers
     layers = rep["reconstruction"]["layers"]
+    assert rep["reconstruction"]["dtype"] == "float32"  # the profile's reconstruct_dtype, as resolved
     assert all(err[1] < err[0] for info in layers for key, err in info.items() if key != "layer")
     assert ppl["lsq"] != ppl["none"]
 
@@ -518,7 +550,7 @@ def test_reselect_keeps_the_widths_and_writes_the_plan_it_repaired(tmp_path, sam
     write_word_tokenizer(tmp_path / "m", sample_text.read_text())
     base = load_profile(None).replace(seq_len=32, calib_seqs=4, masks_per_round=8, align=8, prune_frac=0.2,
                                       reconstruct="lsq", reconstruct_seqs=8, reconstruct_seq_len=32,
-                                      reconstruct_target="stream")
+                                      reconstruct_target="stream", reconstruct_dtype="float32")
     reps, plans = {}, {}
     for reselect in (False, True):
         out = tmp_path / str(reselect)

@@ -29,7 +29,8 @@ def _profile(in_rounds: bool, reselect: bool = True) -> Profile:
     return load_profile(None).replace(reconstruct_reselect=reselect,
                                       seq_len=32, calib_seqs=4, masks_per_round=8, align=8, prune_frac=0.1,
                                       reconstruct="lsq", reconstruct_seqs=8, reconstruct_seq_len=32,
-                                      compute_dtype="float32", threads=1, reconstruct_in_rounds=in_rounds,
+                                      compute_dtype="float32", reconstruct_dtype="float32", threads=1,
+                                      reconstruct_in_rounds=in_rounds,
                                       # the module-local sampler: a 10 % prune then ends with a round
                                       # that removes nothing (test_a_repair_between_rounds_...)
                                       eligible="module", prior_seqs=0,

@@ -156,9 +156,12 @@ def plan_memory(config: ModelConfig, profile: Profile, *, storage_bytes: int = 2
 
 
 def repair_bytes(config: ModelConfig, profile: Profile, *, storage_bytes: int = 2) -> int:
-    """Peak bytes of the reconstruction (reconstruct.py), which computes in fp32 on the host. With
-    a reconstruct_dtype of 2 bytes its blocks and their activations take half of what is counted
-    here (the chunk's cast copy of the stream fits in that half), so the fp32 count bounds it."""
+    """Peak bytes of the reconstruction (reconstruct.py) on the host, counted as if its passes
+    computed in fp32. With a 2-byte reconstruct_dtype the resident blocks and the activations take
+    half of that, which holds the copies that dtype adds: the chunk's stream cast down, the
+    moments' inputs cast up (chunk x in), a solve's fp32 copy of the source projection (out x in,
+    a no-op with fp32 blocks) and the stream's cast-up update; each is far smaller than one
+    block's half (tests/test_memory_bound.py runs the bf16 repair under the plan)."""
     h, b = config.hidden_size, 4
     widest = max(s.intermediate_size for s in config.layers)
     n = max(widest, max(s.num_attention_heads for s in config.layers) * config.head_dim) + 1

@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,7 @@ from ..engine.memory import ELIMINATION_BLOCK, SOLVE_FP64_MAX, pick_compute_dtyp
 from ..engine.ranks import SINGLE, Ranks
 from ..engine.rope import rope_tables
 from ..engine.streamer import BlockStreamer
+from ..errors import UserError
 from ..machine import release_freed_memory
 from ..model.checkpoint import Checkpoint
 from ..model.plan import Plan
@@ -376,6 +378,7 @@ class RepairReport:
     files: list[Path]
     plan: Plan  # the plan repaired: the given one, or with ``reselect`` its channels
     target: str = RepairTarget.LAYER
+    block_dtype: str = "float32"  # the passes' (reconstruct_dtype, resolved)
 
     @property
     def forward_tokens(self) -> int:
@@ -451,9 +454,12 @@ def reconstruct(
     ``ckpt`` must be the source itself, not a checkpoint with a repair laid over it (see the
     module's notes).
 
-    ``dtype``: the streams' (the residual streams, the moments' inputs and targets);
-    ``block_dtype`` (default ``dtype``): the blocks' weights and matmuls, their outputs cast up
-    where they meet the streams (bfloat16 roughly doubles a CPU's rate where it has bf16 matmuls).
+    ``dtype``: the residual streams' (the pruned one and the dense one beside it) and the moments'
+    accumulators (fp32; the solves in :func:`solve_dtype`); ``block_dtype`` (default ``dtype``): the
+    blocks' weights and matmuls, so the moments' inputs and the targets' projections come out in
+    it, cast up where they meet a stream or an accumulator (bfloat16 roughly doubles a CPU's rate
+    where it has bf16 matmuls). The solves and the written tensors start from the source's own
+    o_proj / down_proj, never the block's rounded copy.
 
     ``position_power``: each token's share of every fit's squared error grows as (position in its
     window + 1) ** position_power, position 0 weighing as the last (mean 1 over a window); 0 weighs
@@ -494,6 +500,8 @@ def reconstruct(
             yield slice(a, min(a + rows, len(mine)))
 
     bd = dtype if block_dtype is None else block_dtype
+    log.info("reconstruction: passes through the blocks in %s, streams and moments in %s",
+             str(bd).removeprefix("torch."), str(dtype).removeprefix("torch."))
     for w in BlockStreamer(ckpt, plan=None, dtype=bd, prefetch=prefetch):  # dense blocks
         lp = plan.layers[w.layer]
         head_cols = head_rows(lp.heads, w.head_dim) if lp.heads else torch.zeros(0, dtype=torch.long)
@@ -501,13 +509,33 @@ def reconstruct(
         repaired: dict[str, torch.Tensor] = {}
         info: dict = {"layer": w.layer}
 
-        def repair(key: str, error_key: str, weight: torch.Tensor, source_bias: torch.Tensor | None,
+        def exact(key: str, weight: torch.Tensor, bias: torch.Tensor | None):
+            """The projection's weight and bias as the source holds them: the block's, or where the
+            blocks compute in a narrower dtype the source's own (the solve, the target W z, bias
+            mode's kept columns and the written tensors must not inherit the block's rounding)."""
+            if bd == dtype:
+                return weight, bias
+            name, bias_name = ckpt.name(key, w.layer), ckpt.name(f"{key}_bias", w.layer)
+            return ckpt.get(name), (ckpt.get(bias_name) if ckpt.has(bias_name) else None)
+
+        def summed(m: Moments, key: str) -> Moments:
+            """The moments over every rank, refused where they are not finite (a narrow
+            reconstruct_dtype that overflowed: one clear line, not a repair of garbage)."""
+            m = m.summed(ranks, what=f"the reconstruction of layer {w.layer}")
+            if not (torch.isfinite(m.sums).all() and (m.gram is None or torch.isfinite(m.gram.diagonal()).all())
+                    and math.isfinite(m.t_sq)):
+                raise UserError(f"the repair's moments of layer {w.layer}'s {key}_proj input are not finite "
+                                f"(its passes computed in {str(bd).removeprefix('torch.')}); set "
+                                "reconstruct_dtype = \"float32\" in the profile (--reconstruct-dtype float32)")
+            return m
+
+        def repair(key: str, error_key: str, block_weight: torch.Tensor, block_bias: torch.Tensor | None,
                    m: Moments, keep: torch.Tensor):
             """Solve one projection, record its full-width tensors; with ``sequential``, how the
             stream advances through it: (kept-column weight, bias, kept columns). The fit leaves a
             source's own bias out of its target, so that bias is added back."""
-            r = solve(weight, m.summed(ranks, what=f"the reconstruction of layer {info['layer']}"), keep,
-                      mode=mode, ridge=ridge)
+            weight, source_bias = exact(key, block_weight, block_bias)
+            r = solve(weight, summed(m, key), keep, mode=mode, ridge=ridge)
             bias = r.bias if source_bias is None else r.bias + source_bias.to(r.bias.dtype)
             full = torch.zeros(weight.shape, dtype=r.weight.dtype)
             full[:, keep] = r.weight
@@ -554,8 +582,8 @@ def reconstruct(
                 gather(m, heads_of, w.o, w.o_bias, c)
             even = bool(lp.kv_heads) and len(lp.heads) % len(lp.kv_heads) == 0  # every group as many
             if reselect and reselect_heads and even and len(lp.heads) < w.n_heads:
-                m = m.summed(ranks, what=f"the reconstruction of layer {w.layer}")
-                heads, kv_heads = greedy_heads(m, w.o, w.head_dim, w.n_kv_heads, len(lp.kv_heads),
+                m = summed(m, "o")
+                heads, kv_heads = greedy_heads(m, exact("o", w.o, None)[0], w.head_dim, w.n_kv_heads, len(lp.kv_heads),
                                                len(lp.heads) // len(lp.kv_heads), ridge=ridge)
                 kept[w.layer] = dataclasses.replace(kept[w.layer], heads=heads, kv_heads=kv_heads)
                 info["heads_changed"] = len(set(lp.heads) - set(heads))
@@ -574,8 +602,8 @@ def reconstruct(
                 gather(m, mlp_of, w.down, w.down_bias, c)
         if m is not None:
             if reselect and len(lp.channels) < w.n_channels:
-                m = m.summed(ranks, what=f"the reconstruction of layer {w.layer}")
-                chans = greedy_keep(m, w.down, len(lp.channels), ridge=ridge)
+                m = summed(m, "down")
+                chans = greedy_keep(m, exact("down", w.down, None)[0], len(lp.channels), ridge=ridge)
                 kept[w.layer] = dataclasses.replace(kept[w.layer], channels=tuple(chans.tolist()))
                 info["channels_changed"] = len(set(lp.channels) - set(kept[w.layer].channels))
             d_w, d_b, d_cols = repair("down", "mlp_error", w.down, w.down_bias, m, chans) or (d_w, d_b, d_cols)
@@ -605,4 +633,5 @@ def reconstruct(
         del w
         release_freed_memory()  # the layer's moments and solve
     return RepairReport(mode, sequential, s_count * t, layers, files,
-                        Plan(tuple(kept), meta=plan.meta) if reselect else plan, target)
+                        Plan(tuple(kept), meta=plan.meta) if reselect else plan, target,
+                        str(bd).removeprefix("torch."))
