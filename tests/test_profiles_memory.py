@@ -96,7 +96,7 @@ def test_estimate_cli(tmp_path):
     res = CliRunner().invoke(app, ["estimate", str(tmp_path / "m"), "--sparsity", "0.5", "--json"])
     assert res.exit_code == 0, res.output
     e = json.loads(res.output)
-    assert e["rounds"] == 10 and e["matmul_gflops_measured"] > 0 and e["eta_hours"] > 0
+    assert e["rounds"] == 5 and e["matmul_gflops_measured"] > 0 and e["eta_hours"] > 0  # rounds of 10 % to 50 %
     assert e["forward_tflops_per_round"][0] > e["forward_tflops_per_round"][-1]
 
 

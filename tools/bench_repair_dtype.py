@@ -4,7 +4,7 @@ side on a 13B model's shape, and what `estimate` models for each.
 The repair (reconstruct.py) runs every calibration token through each block three times with the
 default profile's target (the pruned stream's moments, its advance through the repaired
 projections, the dense stream beside). On Llama-2-13B those passes are most of the repair's
-arithmetic, and they ran in float32 on a CPU whose bf16 matmuls are about 2.4x faster. With
+arithmetic, and they ran in float32 on a CPU whose bf16 matmuls are about 2.3x faster. With
 ``reconstruct_dtype`` the blocks' weights and matmuls take that dtype; the residual streams, the
 Gram matrices and the solves stay float32 (fp64). This tool repairs the same plan of a random
 checkpoint of Llama-2-13B's shape (two blocks by default: tools/make_checkpoint.py) in both dtypes,
@@ -93,7 +93,7 @@ def main() -> None:
             print(f"{name} run {rep + 1}: {seconds[name][-1]:.1f} s", flush=True)
             if rep == 0:
                 fixed = ckpt.with_overlay(report.files)
-                weights[name] = {k: fixed.get(ckpt.name(k, i)).float()
+                weights[name] = {f"{k}{i}": fixed.get(ckpt.name(k, i)).float()
                                  for i in range(ckpt.config.num_hidden_layers) for k in ("o", "down")}
                 errors[name] = [{k: v for k, v in info.items() if k.endswith("_error")} for info in report.layers]
     agree = {}
