@@ -100,10 +100,10 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
     if repairing:
         # The repair runs on the CPU, whatever the profile's compute dtype and device: the passes
         # of the blocks in reconstruct_dtype (one one-shot, two sequential, three with the dense
-        # model's stream beside), in float32 (fp64 solves up to SOLVE_FP64_MAX inputs, counted
-        # twice) the Gram matrices
-        # of both projections' inputs (and the cross moments with an explicit target), one solve
-        # each on the kept inputs (the plan's widths are not known yet: the sparsity's share)
+        # model's stream beside); in float32 (fp64 solves up to SOLVE_FP64_MAX inputs, counted
+        # twice) the Gram matrices of both projections' inputs (and the cross moments with an
+        # explicit target) and one solve each on the kept inputs (the plan's widths are not known
+        # yet: the sparsity's share)
         t_r = profile.reconstruct_seq_len
         repair_tokens = (passes(profile.reconstruct_target, profile.reconstruct_sequential)
                          * seqs * t_r)
@@ -207,8 +207,9 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         "matmul_gflops_by_dtype": rates,
         # The executor reached 85-95% of the matmul rate on SmolLM2 in fp32 (README); ETA assumes
         # 80%, the repair's matmuls too (its passes at the CPU's rate in reconstruct_dtype, the
-        # rest at float32's); the elimination's reads of its
-        # refit run at the measured rate of reading memory. No ETA (null) for a GPU profile where
+        # rest at float32's; the bf16 passes reached about 66 % on the 13B shape,
+        # tools/results/repair_dtype_13b.json); the elimination's reads of its refit run at the
+        # measured rate of reading memory. No ETA (null) for a GPU profile where
         # no GPU is visible to measure (the repair's, on the CPU, is still given).
         "eta_hours": eta_rounds + eta_repair if math.isfinite(gflops) else None,
         "eta_hours_rounds": eta_rounds if math.isfinite(gflops) else None,

@@ -17,10 +17,10 @@ from tokenizers import Tokenizer
 from .chat import chat_windows
 from .data import load_tokenizer, tokenize_file, windows
 from .engine.device import resolve_device
+from .engine.memory import pick_compute_dtype
 from .engine.ranks import SINGLE, RankLost, Ranks
 from .errors import UserError, WriteError
 from .machine import release_freed_memory
-from .engine.memory import pick_compute_dtype
 from .method.prune import Progress, PruneResult, check_settings, run_rounds, wave_size
 from .model.checkpoint import INDEX_NAME, Checkpoint, inputs_of
 from .model.config import DTYPES, ModelConfig
