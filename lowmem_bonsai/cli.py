@@ -367,7 +367,7 @@ def prune_cmd(
         "laptop-16gb and workstation-64gb; 0, every token alike, in the others).")] = None,
     reconstruct_dtype: Annotated[Optional[str], typer.Option(
         help="Override the profile: the dtype of the repair's passes through the blocks, on the CPU: "
-        "float32, bfloat16, float16 or auto (the CPU's fastest matmul, measured; the default profiles "
+        "float32, bfloat16, float16 or auto (the CPU's fastest matmul, measured; every shipped profile "
         "but quick). The streams, the moments and the solves stay float32 / float64.")] = None,
     masks_per_round: Annotated[Optional[int], typer.Option(help="Override the profile.")] = None,
     calib_seqs: Annotated[Optional[int], typer.Option(help="Override the profile.")] = None,
