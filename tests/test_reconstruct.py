@@ -291,17 +291,24 @@ def test_one_shot_repair_equals_the_formula_on_transformers_activations(tmp_path
                                    sd["model.layers.2.mlp.down_proj.bias"])
 
 
-def test_sequential_lsq_brings_the_pruned_model_closest_to_dense(tmp_path):
+def _gap_to_dense(tmp_path, calib_seqs: int):
+    """The tiny model, ``_plan``, calibration windows and a function giving a checkpoint's mean
+    |NLL change| against the dense model per held-out sequence (the plan applied)."""
     make_tiny(tmp_path / "m", "llama-gqa-tied", **TINY)
     ckpt = Checkpoint(tmp_path / "m")
     plan = _plan(ckpt.config)
-    calib = torch.randint(0, 211, (8, 32), generator=torch.Generator().manual_seed(2))
+    calib = torch.randint(0, 211, (calib_seqs, 32), generator=torch.Generator().manual_seed(2))
     held = torch.randint(0, 211, (8, 32), generator=torch.Generator().manual_seed(3))
     dense = streamed_nll(ckpt, held)[0]
 
-    def gap(c: Checkpoint) -> float:  # mean |NLL change| per held-out sequence
+    def gap(c: Checkpoint) -> float:
         return float((streamed_nll(c, held, plan=plan)[0] - dense).abs().mean())
 
+    return ckpt, plan, calib, gap
+
+
+def test_sequential_lsq_brings_the_pruned_model_closest_to_dense(tmp_path):
+    ckpt, plan, calib, gap = _gap_to_dense(tmp_path, calib_seqs=8)
     gaps = {"none": gap(ckpt)}
     for mode, seq in (("bias", False), ("lsq", False), ("lsq", True)):
         rep = reconstruct(ckpt, plan, calib, tmp_path / f"r-{mode}-{seq}", mode=mode, sequential=seq)
@@ -325,21 +332,15 @@ def test_bfloat16_blocks_repair_as_float32_does(tmp_path):
     how far the fp32 refit moved them, and the repaired model is as close to dense on held-out
     tokens. The solve starts from the source's weights, not the block's bf16 copy: bias mode keeps
     the kept columns exactly."""
-    make_tiny(tmp_path / "m", "llama-gqa-tied", **TINY)
-    ckpt = Checkpoint(tmp_path / "m")
-    plan = _plan(ckpt.config)
-    calib = torch.randint(0, 211, (64, 32), generator=torch.Generator().manual_seed(2))
-    held = torch.randint(0, 211, (8, 32), generator=torch.Generator().manual_seed(3))
-    dense = streamed_nll(ckpt, held)[0]
+    ckpt, plan, calib, gap = _gap_to_dense(tmp_path, calib_seqs=64)
     reps, gaps = {}, {}
     for name in ("float32", "bfloat16"):
         settings = reconstruct_module.settings_of(Profile(reconstruct="lsq", reconstruct_dtype=name))
         assert settings["block_dtype"] == getattr(torch, name)
         reps[name] = reconstruct(ckpt, plan, calib, tmp_path / name, mode="lsq", target="stream",
                                  block_dtype=settings["block_dtype"])
-        fixed = ckpt.with_overlay(reps[name].files)
-        gaps[name] = float((streamed_nll(fixed, held, plan=plan)[0] - dense).abs().mean())
-    unrepaired = float((streamed_nll(ckpt, held, plan=plan)[0] - dense).abs().mean())
+        gaps[name] = gap(ckpt.with_overlay(reps[name].files))
+    unrepaired = gap(ckpt)
     full, half = (ckpt.with_overlay(reps[n].files) for n in ("float32", "bfloat16"))
     for layer, key in ((0, "o"), (0, "down"), (1, "down")):  # the refit projections
         name = ckpt.name(key, layer)

@@ -529,12 +529,12 @@ def reconstruct(
                                 "reconstruct_dtype = \"float32\" in the profile (--reconstruct-dtype float32)")
             return m
 
-        def repair(key: str, error_key: str, block_weight: torch.Tensor, block_bias: torch.Tensor | None,
+        def repair(key: str, error_key: str, weight: torch.Tensor, source_bias: torch.Tensor | None,
                    m: Moments, keep: torch.Tensor):
-            """Solve one projection, record its full-width tensors; with ``sequential``, how the
-            stream advances through it: (kept-column weight, bias, kept columns). The fit leaves a
-            source's own bias out of its target, so that bias is added back."""
-            weight, source_bias = exact(key, block_weight, block_bias)
+            """Solve one projection (``weight``, ``source_bias``: :func:`exact`'s), record its
+            full-width tensors; with ``sequential``, how the stream advances through it: (kept-column
+            weight, bias, kept columns). The fit leaves a source's own bias out of its target, so
+            that bias is added back."""
             r = solve(weight, summed(m, key), keep, mode=mode, ridge=ridge)
             bias = r.bias if source_bias is None else r.bias + source_bias.to(r.bias.dtype)
             full = torch.zeros(weight.shape, dtype=r.weight.dtype)
@@ -581,14 +581,15 @@ def reconstruct(
             for c in chunks():
                 gather(m, heads_of, w.o, w.o_bias, c)
             even = bool(lp.kv_heads) and len(lp.heads) % len(lp.kv_heads) == 0  # every group as many
+            o_src = exact("o", w.o, w.o_bias)  # read once for the choice and the solve
             if reselect and reselect_heads and even and len(lp.heads) < w.n_heads:
                 m = summed(m, "o")
-                heads, kv_heads = greedy_heads(m, exact("o", w.o, None)[0], w.head_dim, w.n_kv_heads, len(lp.kv_heads),
+                heads, kv_heads = greedy_heads(m, o_src[0], w.head_dim, w.n_kv_heads, len(lp.kv_heads),
                                                len(lp.heads) // len(lp.kv_heads), ridge=ridge)
                 kept[w.layer] = dataclasses.replace(kept[w.layer], heads=heads, kv_heads=kv_heads)
                 info["heads_changed"] = len(set(lp.heads) - set(heads))
                 head_cols = head_rows(heads, w.head_dim)
-            o_w, o_b, o_cols = repair("o", "attn_error", w.o, w.o_bias, m, head_cols) or (o_w, o_b, o_cols)
+            o_w, o_b, o_cols = repair("o", "attn_error", *o_src, m, head_cols) or (o_w, o_b, o_cols)
         d_w, d_b, d_cols = w.down, w.down_bias, None
         needs_mlp = len(lp.channels) < w.n_channels or every
         m = moments(w.down) if needs_mlp else None
@@ -601,12 +602,13 @@ def reconstruct(
             if m is not None:
                 gather(m, mlp_of, w.down, w.down_bias, c)
         if m is not None:
+            d_src = exact("down", w.down, w.down_bias)  # read once for the choice and the solve
             if reselect and len(lp.channels) < w.n_channels:
                 m = summed(m, "down")
-                chans = greedy_keep(m, exact("down", w.down, None)[0], len(lp.channels), ridge=ridge)
+                chans = greedy_keep(m, d_src[0], len(lp.channels), ridge=ridge)
                 kept[w.layer] = dataclasses.replace(kept[w.layer], channels=tuple(chans.tolist()))
                 info["channels_changed"] = len(set(lp.channels) - set(kept[w.layer].channels))
-            d_w, d_b, d_cols = repair("down", "mlp_error", w.down, w.down_bias, m, chans) or (d_w, d_b, d_cols)
+            d_w, d_b, d_cols = repair("down", "mlp_error", *d_src, m, chans) or (d_w, d_b, d_cols)
         for c in (chunks() if sequential or m is None else ()):  # advance through the MLP (unless gather did)
             act = mlp_of(x[c])
             x[c] += F.linear(act if d_cols is None else act[..., d_cols], d_w, d_b)
