@@ -139,8 +139,8 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         # (out x n) for its dot products, and the factors of its block (about 1.5 x block x n);
         # per block of ELIMINATION_BLOCK drops the refit's squared norms (three passes over it)
         # and the two downdates as matmuls, 2 n (n + out) per drop. Heads in blocks of head_dim
-        # columns: the inverse, then two downdates of 2 n x block x (n + out) per dropped head
-        # (matmuls).
+        # columns: the inverse, then per dropped head the downdates of W* (out x n) and A^-1
+        # (n x n), one matmul each: 2 x block x n (n + out) in all (_drop_block).
         if profile.reconstruct_reselect and lsq:
             for s in cfg.layers:
                 start, per_drops, reads = mlp_elimination(s.intermediate_size, h, round(sparsity * s.intermediate_size),
@@ -150,7 +150,7 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
                 heads = 0
                 if profile.reconstruct_reselect_heads:
                     n = s.num_attention_heads * cfg.head_dim + 1
-                    heads = 2 * n ** 3 + 4 * round(sparsity * s.num_attention_heads) * cfg.head_dim * n * (n + h)
+                    heads = 2 * n ** 3 + 2 * round(sparsity * s.num_attention_heads) * cfg.head_dim * n * (n + h)
                 repair_flops += mlp + heads
                 rank_repair_flops += mlp + heads
     if device is not None:
