@@ -508,6 +508,7 @@ def _prune(ckpt: Checkpoint, tokens: torch.Tensor, repair_tokens: torch.Tensor |
         report = build_report(ckpt.config, result, settings=settings,
                               seconds=time.perf_counter() - start)
         report["ranks"] = ranks.world
+        report["compute_dtype"] = resolved_dtypes(profile)[0]  # the rounds' (``auto`` as resolved here)
         report["forward_tokens_per_rank"] = list(result.rank_tokens)  # this run's (not resumed work)
         if repair is not None:
             report["reconstruction"] = {

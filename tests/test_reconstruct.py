@@ -413,7 +413,7 @@ def test_flap_selection_equals_the_papers_rule_on_transformers_activations(tmp_p
 
 def test_prune_with_reconstruction_writes_biases_and_a_report(tmp_path, sample_text):
     from lowmem_bonsai.evaluate import evaluate
-    from lowmem_bonsai.pipeline import prune_model
+    from lowmem_bonsai.pipeline import prune_model, resolved_dtypes
     from lowmem_bonsai.profiles import load_profile
     from .conftest import write_word_tokenizer
 
@@ -437,6 +437,7 @@ def test_prune_with_reconstruction_writes_biases_and_a_report(tmp_path, sample_t
     assert Plan.load(tmp_path / "none" / "plan.json").layers == Plan.load(tmp_path / "lsq" / "plan.json").layers
     layers = rep["reconstruction"]["layers"]
     assert rep["reconstruction"]["dtype"] == "float32"  # the profile's reconstruct_dtype, as resolved
+    assert rep["compute_dtype"] == resolved_dtypes(base)[0] != "auto"  # the rounds', as resolved
     assert all(err[1] < err[0] for info in layers for key, err in info.items() if key != "layer")
     assert ppl["lsq"] != ppl["none"]
 

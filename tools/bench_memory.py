@@ -201,6 +201,11 @@ def main() -> None:
         }
         if fig["exit"] != 0:
             row["stderr_tail"] = err[-1500:]
+        report = Path(args[args.index("--out") + 1]) / "report.json" if "--out" in args else None
+        if cmd == "prune" and report is not None and report.is_file():  # the dtypes the run chose
+            rep = json.loads(report.read_text())
+            row["compute_dtype"] = rep.get("compute_dtype")
+            row["repair_dtype"] = (rep.get("reconstruction") or {}).get("dtype")
         results.append(row)
         print(f"{name:16s} {cmd:12s} cap {cap:>4s} {reconstruct:5s} planned {planned} GiB, peak "
               f"{peak:.2f} GiB, exit {fig['exit']}, {row['wall_s']} s", flush=True)
