@@ -1,6 +1,7 @@
 """Where along a window a pruned model loses against its dense source: per position bucket, the mean
-next-token NLL of both and their difference, and per layer the relative error of the pruned model's
-normalised residual stream against the dense one's.
+next-token NLL of both and their difference; the difference by how well the dense model itself
+predicted each token (fifths of the tokens by its NLL); and per layer the relative error of the
+pruned model's normalised residual stream against the dense one's.
 
 Why: a repair fits each layer's stream error with every token alike. If the stream error is flat
 along the window while the loss gap grows, a late token's error costs more, and the fit can weigh
@@ -83,13 +84,24 @@ def main(argv: list[str] | None = None) -> int:
         nd, np_ = rms_norm(hd, one, cfg.rms_norm_eps), rms_norm(hp, one, cfg.rms_norm_eps)
         err = ((nd - np_).square().sum(-1) / nd.square().sum(-1)).mean(0)  # (T,)
         stream[wd.layer] = [float(err[lo:hi].mean()) for lo, hi in spans]
-    ld, lp = token_nll(dense, hd, toks).mean(0), token_nll(pruned, hp, toks).mean(0)  # (T - 1,)
+    td, tp = token_nll(dense, hd, toks), token_nll(pruned, hp, toks)  # (S, T - 1)
+    ld, lp = td.mean(0), tp.mean(0)  # (T - 1,)
     rows = [{"positions": f"{lo}-{hi - 1}", "dense_nll": float(ld[lo:hi].mean()),
              "pruned_nll": float(lp[lo:hi].mean()), "gap_nats": float((lp - ld)[lo:hi].mean())}
             for lo, hi in spans]  # position p predicts the token at p + 1 (row p of the NLL)
     print(f"{'positions':>10} {'dense NLL':>10} {'pruned NLL':>11} {'gap (nats)':>11}")
     for r in rows:
         print(f"{r['positions']:>10} {r['dense_nll']:10.4f} {r['pruned_nll']:11.4f} {r['gap_nats']:11.4f}")
+    edges = torch.quantile(td[:, 1:].flatten(), torch.linspace(0, 1, 6))  # position 0 left out
+    by_nll = []
+    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        sel = (td >= lo) & ((td < hi) if i < 4 else (td <= hi))
+        sel[:, 0] = False
+        by_nll.append({"dense_nll": f"{float(lo):.2f}-{float(hi):.2f}", "tokens": int(sel.sum()),
+                       "gap_nats": float((tp - td)[sel].mean())})
+    print("by the dense model's own NLL of the token (fifths of the tokens, position 0 left out):")
+    for r in by_nll:
+        print(f"{r['dense_nll']:>12} {r['tokens']:6d} tokens, gap {r['gap_nats']:+.4f} nats")
     print("relative error of the normalised stream, per layer, same position buckets:")
     for layer, e in stream.items():
         print(f"  layer {layer:2d}: " + " ".join(f"{v:.5f}" for v in e))
@@ -97,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         a.json.write_text(json.dumps({
             "dense": str(a.dense), "pruned": str(a.pruned), "data": a.data, "skip": a.skip,
             "windows": a.windows, "seq_len": a.seq_len, "gap_by_position": rows,
-            "all_gap_nats": float((lp - ld).mean()),
+            "all_gap_nats": float((lp - ld).mean()), "gap_by_dense_nll": by_nll,
             "stream_error_by_layer": {str(k): v for k, v in stream.items()}}, indent=1))
     return 0
 
