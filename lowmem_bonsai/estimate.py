@@ -34,6 +34,17 @@ def mlp_elimination(n_in: int, out: int, drops: int, *, layer_target: bool = Fal
     return start * elem / 4, drops * 2 * n * (n + out) * elem / 4, reads
 
 
+def pass_efficiency(repair_dtype: str | None) -> float:
+    """The share of the probe's matmul rate the repair's passes through the blocks reach: 0.8, as
+    elsewhere, for float32 (modelled 164.4 s, measured 161.9 s on the 13B shape), two thirds below
+    it. Why: on Llama-2-13B's shape the bf16 passes ran at about 66 % of the probe's bf16 rate
+    (tools/bench_repair_dtype.py, tools/results/repair_dtype_13b.json: 117.0 s where 0.8 gave
+    107.0 s), and the 13B-shaped prune of tools/results/memory_bound.json
+    (profile:laptop-16gb:prior, bf16 passes) took 0.63 h where 0.8 gave 0.56 h. A share measured
+    on one CPU, not derived."""
+    return 0.8 if repair_dtype in (None, "float32") else 2 / 3
+
+
 def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str = Method.BONSAI,
              measure_seconds: float = 1.0, ranks: int = 1) -> dict[str, Any]:
     """A GGUF as ``model_dir`` is estimated from its metadata alone, as the checkpoint `prune` would
@@ -171,7 +182,8 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         pass_gflops = cpu_gflops if repair_dtype == "float32" else cpu_rate(repair_dtype)
         gbps = measure_read_gbps(seconds=min(0.3, measure_seconds)) if read_bytes else float("inf")
     eta_rounds = sum(rank_flops) / (0.8 * gflops * 1e9) / 3600
-    eta_repair = ((rank_pass_flops / (0.8 * pass_gflops * 1e9) + rank_repair_flops / (0.8 * cpu_gflops * 1e9)
+    eta_repair = ((rank_pass_flops / (pass_efficiency(repair_dtype) * pass_gflops * 1e9)
+                   + rank_repair_flops / (0.8 * cpu_gflops * 1e9)
                    + read_bytes / (gbps * 1e9)) / 3600 if repairing else 0.0)
     out_bytes = (total * (1 - sparsity) + embed) * storage
     imported = (total + embed) * import_bytes  # OUT.partial/source, until the prune completes
