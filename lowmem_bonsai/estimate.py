@@ -34,14 +34,31 @@ def mlp_elimination(n_in: int, out: int, drops: int, *, layer_target: bool = Fal
     return start * elem / 4, drops * 2 * n * (n + out) * elem / 4, reads
 
 
+def heads_elimination(n_heads: int, head_dim: int, out: int, drops: int, *, layer_target: bool = False) -> float:
+    """The flops of reconstruct.greedy_heads on o_proj's ``n_heads`` heads of ``head_dim`` columns,
+    ``out`` outputs, dropping ``drops`` heads (groups counted as their heads), as float32's (fp64,
+    up to SOLVE_FP64_MAX inputs, twice): the start as :func:`mlp_elimination`'s (the inverse and
+    the refit), per dropped head the downdates of the refit and the inverse (one matmul each, 2 x
+    head_dim x n (n + out)), and at most every head's score per step (a head_dim solve against the
+    refit's columns, 2/3 head_dim^3 + 2 head_dim^2 out)."""
+    n_in = n_heads * head_dim
+    n = n_in + 1
+    elem = 8 if n_in <= SOLVE_FP64_MAX else 4
+    start = 2 * n ** 3 + 2 * out * n ** 2 * (1 + layer_target)
+    downdates = drops * 2 * head_dim * n * (n + out)
+    scores = drops * n_heads * (2 / 3 * head_dim ** 3 + 2 * head_dim ** 2 * out)
+    return (start + downdates + scores) * elem / 4
+
+
 def pass_efficiency(repair_dtype: str | None) -> float:
-    """The share of the probe's matmul rate the repair's passes through the blocks reach: 0.8, as
-    elsewhere, for float32 (modelled 164.4 s, measured 161.9 s on the 13B shape), two thirds below
-    it. Why: on Llama-2-13B's shape the bf16 passes ran at about 66 % of the probe's bf16 rate
-    (tools/bench_repair_dtype.py, tools/results/repair_dtype_13b.json: 117.0 s where 0.8 gave
-    107.0 s), and the 13B-shaped prune of tools/results/memory_bound.json
-    (profile:laptop-16gb:prior, bf16 passes) took 0.63 h where 0.8 gave 0.56 h. A share measured
-    on one CPU, not derived."""
+    """The share of the probe's matmul rate the repair's passes through the blocks reach: 0.8 for
+    float32, as elsewhere (modelled 164.4 s, measured 161.9 s on the 13B shape); 2/3 for bfloat16,
+    and for float16, which was not timed and is assumed like bfloat16. Why: on Llama-2-13B's shape
+    the bf16 passes ran at about 66 % of the probe's bf16 rate (tools/bench_repair_dtype.py,
+    tools/results/repair_dtype_13b.json: 117.0 s where 0.8 gave 107.0 s). The 13B-shaped prune of
+    tools/results/memory_bound.json (profile:laptop-16gb:prior, bf16 passes), run before the
+    change, agrees: it took 0.63 h, 0.8 gave 0.56 h, 2/3 gives 0.59 h (the elimination is known to
+    be counted low). A share measured on one CPU, not derived."""
     return 0.8 if repair_dtype in (None, "float32") else 2 / 3
 
 
@@ -150,8 +167,7 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         # (out x n) for its dot products, and the factors of its block (about 1.5 x block x n);
         # per block of ELIMINATION_BLOCK drops the refit's squared norms (three passes over it)
         # and the two downdates as matmuls, 2 n (n + out) per drop. Heads in blocks of head_dim
-        # columns: the inverse, then per dropped head the downdates of W* (out x n) and A^-1
-        # (n x n), one matmul each: 2 x block x n (n + out) in all (_drop_block).
+        # columns: heads_elimination (the start, each dropped head's downdates, the scores).
         if profile.reconstruct_reselect and lsq:
             for s in cfg.layers:
                 start, per_drops, reads = mlp_elimination(s.intermediate_size, h, round(sparsity * s.intermediate_size),
@@ -160,8 +176,8 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
                 read_bytes += reads
                 heads = 0
                 if profile.reconstruct_reselect_heads:
-                    n = s.num_attention_heads * cfg.head_dim + 1
-                    heads = 2 * n ** 3 + 2 * round(sparsity * s.num_attention_heads) * cfg.head_dim * n * (n + h)
+                    heads = heads_elimination(s.num_attention_heads, cfg.head_dim, h,
+                                              round(sparsity * s.num_attention_heads), layer_target=not cross)
                 repair_flops += mlp + heads
                 rank_repair_flops += mlp + heads
     if device is not None:
@@ -218,9 +234,9 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         "compute_dtype": dtype_name,
         "matmul_gflops_by_dtype": rates,
         # The executor reached 85-95% of the matmul rate on SmolLM2 in fp32 (README); ETA assumes
-        # 80%, the repair's matmuls too (its passes at the CPU's rate in reconstruct_dtype, the
-        # rest at float32's; the bf16 passes reached about 66 % on the 13B shape,
-        # tools/results/repair_dtype_13b.json); the elimination's reads of its refit run at the
+        # 80%, the repair's moments, solves and fp32 passes too, its bf16 / fp16 passes
+        # pass_efficiency()'s two thirds (of the CPU's rate in reconstruct_dtype; measured on the
+        # 13B shape, tools/results/repair_dtype_13b.json); the elimination's reads of its refit run at the
         # measured rate of reading memory. No ETA (null) for a GPU profile where
         # no GPU is visible to measure (the repair's, on the CPU, is still given).
         "eta_hours": eta_rounds + eta_repair if math.isfinite(gflops) else None,

@@ -148,9 +148,11 @@ def test_gpu_profile_without_a_gpu_is_refused_before_any_work(tmp_path, monkeypa
 
 def test_estimate_counts_the_elimination_over_heads_only_where_the_repair_chooses_heads(tiny_llama):
     """reconstruct_reselect_heads adds the greedy elimination over o_proj's head blocks to the
-    repair's work: per layer the inverse (2 n^3, n = heads x head_dim + 1) and per dropped head the
-    downdates of the refit and the inverse (2 x dropped x head_dim x n x (n + hidden) in all); the
+    repair's work: per layer the start (the inverse, 2 n^3 with n = heads x head_dim + 1, and the
+    refit, 2 hidden n^2), per dropped head the downdates of the refit and the inverse (2 x head_dim
+    x n x (n + hidden)) and the scores (at most every head per step), fp64 counted twice; the
     summary and the CLI say which."""
+    from lowmem_bonsai.engine.memory import SOLVE_FP64_MAX
     from lowmem_bonsai.estimate import estimate
     from lowmem_bonsai.model.checkpoint import Checkpoint
 
@@ -161,8 +163,11 @@ def test_estimate_counts_the_elimination_over_heads_only_where_the_repair_choose
     assert runs[False]["reselect"] and not runs[False]["reselect_heads"] and runs[True]["reselect_heads"]
     want = 0.0
     for s in cfg.layers:
-        n = s.num_attention_heads * cfg.head_dim + 1
-        want += 2 * n ** 3 + 2 * round(0.5 * s.num_attention_heads) * cfg.head_dim * n * (n + cfg.hidden_size)
+        n, hd, h, drops = s.num_attention_heads * cfg.head_dim + 1, cfg.head_dim, cfg.hidden_size, \
+            round(0.5 * s.num_attention_heads)
+        assert n - 1 <= SOLVE_FP64_MAX  # a tiny model's solves run in fp64: counted twice
+        want += 2 * (2 * n ** 3 + 2 * h * n ** 2 + drops * 2 * hd * n * (n + h)
+                     + drops * s.num_attention_heads * (2 / 3 * hd ** 3 + 2 * hd ** 2 * h))
     assert (runs[True]["tflops"] - runs[False]["tflops"]) * 1e12 == pytest.approx(want, rel=1e-9)
 
 
