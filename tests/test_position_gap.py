@@ -48,10 +48,15 @@ def test_position_gap_splits_the_eval_by_position(tmp_path, sample_text, capsys)
     assert len(got["stream_error_by_layer"]) == 2 and got["stream_error_by_layer"]["1"][-1] > 0
     fifths = got["gap_by_dense_nll"]  # every token but position 0's, once: the same gap in all
     assert len(fifths) == 5 and sum(r["tokens"] for r in fifths) == 6 * 30
+    assert all(a["dense_nll_range"][1] == b["dense_nll_range"][0] for a, b in zip(fifths, fifths[1:]))
+    assert all(lo <= r["dense_nll"] <= hi for r in fifths for lo, hi in [r["dense_nll_range"]])  # split by dense NLL
+    assert [r["dense_nll"] for r in fifths] == sorted(r["dense_nll"] for r in fifths)
+    assert all(30 <= r["tokens"] <= 42 for r in fifths)  # fifths of 180 tokens (ties may shift a few)
     later = sum(r["gap_nats"] * n for r, n in zip(got["gap_by_position"][1:], sizes[1:])) / sum(sizes[1:])
     assert math.isclose(sum(r["gap_nats"] * r["tokens"] for r in fifths) / (6 * 30), later, rel_tol=1e-4, abs_tol=1e-6)
     assert "gap (nats)" in capsys.readouterr().out
     assert tool.main(args + ["--pruned", str(tmp_path / "m"), "--json", str(tmp_path / "same.json")]) == 0
     same = json.loads((tmp_path / "same.json").read_text())
     assert all(r["gap_nats"] == 0 for r in same["gap_by_position"] + same["gap_by_dense_nll"])
+    assert all(r["pruned_nll"] == r["dense_nll"] for r in same["gap_by_dense_nll"])
     assert all(e == 0 for errs in same["stream_error_by_layer"].values() for e in errs)

@@ -93,15 +93,19 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['positions']:>10} {r['dense_nll']:10.4f} {r['pruned_nll']:11.4f} {r['gap_nats']:11.4f}")
     edges = torch.quantile(td[:, 1:].flatten(), torch.linspace(0, 1, 6))  # position 0 left out
-    by_nll = []
+    by_nll = []  # [lo, hi) but the last [lo, hi]: every token once (ties at an edge go up, so not exact fifths)
     for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
         sel = (td >= lo) & ((td < hi) if i < 4 else (td <= hi))
         sel[:, 0] = False
-        by_nll.append({"dense_nll": f"{float(lo):.2f}-{float(hi):.2f}", "tokens": int(sel.sum()),
-                       "gap_nats": float((tp - td)[sel].mean())})
+        n = int(sel.sum())
+        mean = (lambda v: float(v[sel].mean())) if n else (lambda v: None)  # an empty fifth: null, not NaN
+        by_nll.append({"dense_nll_range": [float(lo), float(hi)], "tokens": n, "dense_nll": mean(td),
+                       "pruned_nll": mean(tp), "gap_nats": mean(tp - td)})
     print("by the dense model's own NLL of the token (fifths of the tokens, position 0 left out):")
     for r in by_nll:
-        print(f"{r['dense_nll']:>12} {r['tokens']:6d} tokens, gap {r['gap_nats']:+.4f} nats")
+        lo, hi = r["dense_nll_range"]
+        gap = "-" if r["gap_nats"] is None else f"{r['gap_nats']:+.4f}"
+        print(f"{lo:6.2f}-{hi:<6.2f} {r['tokens']:6d} tokens, gap {gap} nats")
     print("relative error of the normalised stream, per layer, same position buckets:")
     for layer, e in stream.items():
         print(f"  layer {layer:2d}: " + " ".join(f"{v:.5f}" for v in e))
