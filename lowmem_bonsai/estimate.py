@@ -43,11 +43,10 @@ def heads_elimination(n_heads: int, head_dim: int, out: int, drops: int, *, laye
     refit's columns, 2/3 head_dim^3 + 2 head_dim^2 out)."""
     n_in = n_heads * head_dim
     n = n_in + 1
-    elem = 8 if n_in <= SOLVE_FP64_MAX else 4
-    start = 2 * n ** 3 + 2 * out * n ** 2 * (1 + layer_target)
+    start = mlp_elimination(n_in, out, 0, layer_target=layer_target)[0]  # the same start, fp64 counted
     downdates = drops * 2 * head_dim * n * (n + out)
     scores = drops * n_heads * (2 / 3 * head_dim ** 3 + 2 * head_dim ** 2 * out)
-    return (start + downdates + scores) * elem / 4
+    return start + (downdates + scores) * (2 if n_in <= SOLVE_FP64_MAX else 1)
 
 
 def pass_efficiency(repair_dtype: str | None) -> float:

@@ -531,11 +531,11 @@ def reconstruct(
 
         def repair(key: str, error_key: str, weight: torch.Tensor, source_bias: torch.Tensor | None,
                    m: Moments, keep: torch.Tensor):
-            """Solve one projection (``weight``, ``source_bias``: :func:`exact`'s), record its
-            full-width tensors; with ``sequential``, how the stream advances through it: (kept-column
-            weight, bias, kept columns). The fit leaves a source's own bias out of its target, so
-            that bias is added back."""
-            r = solve(weight, summed(m, key), keep, mode=mode, ridge=ridge)
+            """Solve one projection (``weight``, ``source_bias``: :func:`exact`'s; ``m``: :func:`summed`'s),
+            record its full-width tensors; with ``sequential``, how the stream advances through it:
+            (kept-column weight, bias, kept columns). The fit leaves a source's own bias out of its
+            target, so that bias is added back."""
+            r = solve(weight, m, keep, mode=mode, ridge=ridge)
             bias = r.bias if source_bias is None else r.bias + source_bias.to(r.bias.dtype)
             full = torch.zeros(weight.shape, dtype=r.weight.dtype)
             full[:, keep] = r.weight
@@ -582,8 +582,8 @@ def reconstruct(
                 gather(m, heads_of, w.o, w.o_bias, c)
             even = bool(lp.kv_heads) and len(lp.heads) % len(lp.kv_heads) == 0  # every group as many
             o_src = exact("o", w.o, w.o_bias)  # read once for the choice and the solve
+            m = summed(m, "o")  # once for the choice and the solve
             if reselect and reselect_heads and even and len(lp.heads) < w.n_heads:
-                m = summed(m, "o")
                 heads, kv_heads = greedy_heads(m, o_src[0], w.head_dim, w.n_kv_heads, len(lp.kv_heads),
                                                len(lp.heads) // len(lp.kv_heads), ridge=ridge)
                 kept[w.layer] = dataclasses.replace(kept[w.layer], heads=heads, kv_heads=kv_heads)
@@ -603,8 +603,8 @@ def reconstruct(
                 gather(m, mlp_of, w.down, w.down_bias, c)
         if m is not None:
             d_src = exact("down", w.down, w.down_bias)  # read once for the choice and the solve
+            m = summed(m, "down")  # once for the choice and the solve
             if reselect and len(lp.channels) < w.n_channels:
-                m = summed(m, "down")
                 chans = greedy_keep(m, d_src[0], len(lp.channels), ridge=ridge)
                 kept[w.layer] = dataclasses.replace(kept[w.layer], channels=tuple(chans.tolist()))
                 info["channels_changed"] = len(set(lp.channels) - set(kept[w.layer].channels))
