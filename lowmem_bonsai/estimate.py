@@ -29,7 +29,9 @@ def mlp_elimination(n_in: int, out: int, drops: int, *, layer_target: bool = Fal
     flops counted as float32's (fp64, up to SOLVE_FP64_MAX inputs, twice). See :func:`estimate`."""
     n = n_in + 1
     elem = 8 if n_in <= SOLVE_FP64_MAX else 4
-    start = 2 * n ** 3 + 2 * out * n ** 2 * (1 + layer_target)  # the target W z forms W G first
+    # the inverse from the Cholesky factor (n^3 / 3 + 2 n^3 / 3), then W* = C A^-1; the target
+    # W z forms C = W G first
+    start = n ** 3 + 2 * out * n ** 2 * (1 + layer_target)
     reads = drops * elem * (out * n * (1 + 3 / ELIMINATION_BLOCK) + 1.5 * ELIMINATION_BLOCK * n)
     return start * elem / 4, drops * 2 * n * (n + out) * elem / 4, reads
 
@@ -142,10 +144,10 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         h = cfg.hidden_size
 
         def solve(n_in: int) -> float:
-            """One projection's solve (lsq: LU of the kept inputs' Gram, the out right-hand sides,
-            the errors before and after; the target W z first forms W G), fp64 counted twice."""
+            """One projection's solve (lsq: Cholesky of the kept inputs' Gram, the out right-hand
+            sides, the errors before and after; the target W z first forms W G), fp64 counted twice."""
             a = (1 - sparsity) * n_in + 1
-            flops = 2 / 3 * a ** 3 + 6 * h * a ** 2 + (not cross) * 2 * h * n_in ** 2
+            flops = 1 / 3 * a ** 3 + 6 * h * a ** 2 + (not cross) * 2 * h * n_in ** 2
             return lsq * flops * (2 if n_in <= SOLVE_FP64_MAX else 1)
 
         solves = sum(solve(s.num_attention_heads * cfg.head_dim) + solve(s.intermediate_size) for s in cfg.layers)
@@ -160,8 +162,8 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
             repair_tokens, repair_flops, rank_repair_flops, rank_pass_flops))
         # the final repair's reselection (the repairs between the rounds never reselect), every rank
         # alike. MLP channels (reconstruct.greedy_keep): the refit on every input and its inverse
-        # (2 n^3 + 2 out n^2, n = in + 1; torch's inverse ran at about 60 % of the matmul rate on
-        # the 13B shape, tools/results/reselect_13b.json, so this part is low by about a third);
+        # (n^3 + 2 out n^2, n = in + 1, the inverse from the Cholesky factor; tools/bench_reselect.py
+        # times it against this model on the 13B shape, tools/results/reselect_13b.json);
         # per dropped channel (about the sparsity's share; widths vary) one read of the refit
         # (out x n) for its dot products, and the factors of its block (about 1.5 x block x n);
         # per block of ELIMINATION_BLOCK drops the refit's squared norms (three passes over it)

@@ -166,7 +166,7 @@ def test_estimate_counts_the_elimination_over_heads_only_where_the_repair_choose
         n, hd, h, drops = s.num_attention_heads * cfg.head_dim + 1, cfg.head_dim, cfg.hidden_size, \
             round(0.5 * s.num_attention_heads)
         assert n - 1 <= SOLVE_FP64_MAX  # a tiny model's solves run in fp64: counted twice
-        want += 2 * (2 * n ** 3 + 2 * h * n ** 2 + drops * 2 * hd * n * (n + h)
+        want += 2 * (n ** 3 + 2 * h * n ** 2 + drops * 2 * hd * n * (n + h)
                      + drops * s.num_attention_heads * (2 / 3 * hd ** 3 + 2 * hd ** 2 * h))
     assert (runs[True]["tflops"] - runs[False]["tflops"]) * 1e12 == pytest.approx(want, rel=1e-9)
 

@@ -11,8 +11,8 @@ import torch
 from lowmem_bonsai.engine.block import head_rows
 from lowmem_bonsai.engine.forward import streamed_nll
 from lowmem_bonsai.method import reconstruct as reconstruct_module
-from lowmem_bonsai.method.reconstruct import (Moments, greedy_heads, greedy_keep, position_weights,
-                                               reconstruct, solve)
+from lowmem_bonsai.method.reconstruct import (Moments, greedy_heads, greedy_keep, position_weights, reconstruct,
+                                               solve, spd_inverse, spd_solve)
 from lowmem_bonsai.model.checkpoint import Checkpoint
 from lowmem_bonsai.model.plan import LayerPlan, Plan
 from lowmem_bonsai.profiles import Profile
@@ -63,6 +63,22 @@ def test_solve_matches_torch_least_squares():
     assert 0 < r.error_after < r.error_before
     resid = ((z @ w.T - zp @ ref.T) ** 2).sum() / ((z @ w.T) ** 2).sum()
     assert r.error_after == pytest.approx(float(resid), rel=1e-6)
+
+
+def test_spd_inverse_and_solve_take_cholesky_and_fall_back_to_lu():
+    """The elimination's inverse and the solve go through the Cholesky factor of the regularised
+    Gram matrix; a matrix that is not positive definite (rounding, a zero ridge) gets LU's answer,
+    as before, instead of a failed factorisation."""
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(200, 30, generator=g, dtype=torch.float64)
+    a = z.T @ z
+    rhs = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(spd_inverse(a), torch.linalg.inv(a), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(spd_solve(a, rhs), torch.linalg.solve(a, rhs), rtol=1e-9, atol=1e-12)
+    indefinite = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)  # invertible, not SPD
+    assert int(torch.linalg.cholesky_ex(indefinite).info) != 0
+    torch.testing.assert_close(spd_inverse(indefinite), torch.linalg.inv(indefinite))
+    torch.testing.assert_close(spd_solve(indefinite, rhs[:2]), torch.linalg.solve(indefinite, rhs[:2]))
 
 
 def test_solve_fits_an_explicit_target():
@@ -637,3 +653,4 @@ def test_mlp_biases_of_the_source_are_used(tmp_path):
     tokens = torch.randint(0, 211, (2, 20), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(streamed_nll(Checkpoint(tmp_path / "m"), tokens)[0], hf_nll(model, tokens),
                                rtol=1e-4, atol=0)
+

@@ -13,7 +13,8 @@ one (bytes read per drop over the measured read rate, plus its matmuls at the fl
     python tools/bench_reselect.py --json tools/results/reselect_13b.json
 
 Both timings exclude the common start (the Gram matrix's inverse and the full refit), which is
-timed once. A 50 % prune of the layer drops 6,912 channels; --drops times the first ones (each
+timed twice: with the inverse from the Cholesky factor (what `greedy_keep` does) and with LU's
+(what it did), and the plain elimination from LU's start must keep the same channels. A 50 % prune of the layer drops 6,912 channels; --drops times the first ones (each
 drop of either algorithm costs the same whatever is left).
 """
 
@@ -69,7 +70,17 @@ def main() -> None:
     t0 = time.perf_counter()
     fit, inv = reconstruct._elimination_start(m, w, 1e-3)
     start_s = time.perf_counter() - t0
-    print(f"start (inverse and refit, in {inv.dtype}): {start_s:.1f} s", flush=True)
+    print(f"start (inverse from the Cholesky factor, and refit, in {inv.dtype}): {start_s:.1f} s", flush=True)
+    spd_inverse = reconstruct.spd_inverse
+    reconstruct.spd_inverse = torch.linalg.inv  # the start as it was: LU's inverse
+    t0 = time.perf_counter()
+    fit_lu, inv_lu = reconstruct._elimination_start(m, w, 1e-3)
+    start_lu_s = time.perf_counter() - t0
+    reconstruct.spd_inverse = spd_inverse
+    print(f"start with LU's inverse: {start_lu_s:.1f} s", flush=True)
+    rel = float((inv_lu - inv).norm() / inv_lu.norm())
+    alive_lu = one_at_a_time(fit_lu, inv_lu, args.drops)
+    del fit_lu, inv_lu
 
     t0 = time.perf_counter()
     alive = one_at_a_time(fit.clone(), inv.clone(), args.drops)
@@ -81,17 +92,22 @@ def main() -> None:
     kept = greedy_keep(m, w, n - args.drops, ridge=1e-3)
     new_s = time.perf_counter() - t0
     same = kept.tolist() == torch.nonzero(alive).flatten().tolist()
-    print(f"deferred (blocks of {ELIMINATION_BLOCK}): {args.drops} drops in {new_s:.1f} s; same choices: {same}",
-          flush=True)
+    same_lu = bool((alive == alive_lu).all())
+    print(f"deferred (blocks of {ELIMINATION_BLOCK}): {args.drops} drops in {new_s:.1f} s; same choices: {same}; "
+          f"the same as from LU's inverse: {same_lu} (inverses differ by {rel:.1e} relative)", flush=True)
 
     gflops = measure_matmul_gflops(torch.float32)
     gbps = measure_read_gbps()
     _, flops, reads = mlp_elimination(n, out, args.drops)  # estimate's model of the deferred drops
     model_s = reads / (gbps * 1e9) + flops / (0.8 * gflops * 1e9)
+    start_flops = mlp_elimination(n, out, 0)[0]  # estimate's model of the start (the target given)
     result = {
         "n": n, "out": out, "tokens": args.tokens, "drops": args.drops, "dtype": str(inv.dtype),
         "threads": torch.get_num_threads(), "machine": platform.machine(),
-        "start_s": start_s, "one_at_a_time_s": ref_s, "deferred_s": new_s,
+        "start_s": start_s, "start_lu_s": start_lu_s, "start_speedup": start_lu_s / start_s,
+        "start_estimate_model_s": start_flops / (0.8 * gflops * 1e9),
+        "start_inverse_relative_difference": rel, "same_choices_as_lu_start": same_lu,
+        "one_at_a_time_s": ref_s, "deferred_s": new_s,
         "one_at_a_time_ms_per_drop": 1e3 * ref_s / args.drops, "deferred_ms_per_drop": 1e3 * new_s / args.drops,
         "speedup": ref_s / new_s, "same_choices": same,
         "matmul_gflops_fp32": gflops, "read_gbps": gbps, "estimate_model_s": model_s,
@@ -101,6 +117,8 @@ def main() -> None:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     if not same:
         sys.exit("the deferred elimination kept other channels than the plain one")
+    if not same_lu:
+        sys.exit("the elimination from the Cholesky inverse kept other channels than from LU's")
 
 
 if __name__ == "__main__":

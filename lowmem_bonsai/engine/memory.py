@@ -177,7 +177,8 @@ def repair_bytes(config: ModelConfig, profile: Profile, *, storage_bytes: int = 
     s = 8 if n - 1 <= SOLVE_FP64_MAX else 4
     solve = n * n * (4 + (s if s == 8 else 0) + s) + 3 * h * n * s
     if profile.reconstruct_reselect:  # greedy_keep, before the solve: the accumulator, its copy
-        # (fp64: the full G; fp32: a copy to regularise), the inverse and the LU's copy; W* (out x in)
+        # (fp64: the full G; fp32: a copy to regularise), the inverse and the Cholesky factor (or, where
+        # that fails, LU's copy); W* (out x in)
         # and its squares; a block's factors (two of n, one of out, per deferred drop)
         solve = max(solve, n * n * (4 + 3 * s) + 2 * h * n * s + (2 * n + h) * ELIMINATION_BLOCK * s)
     if explicit:  # the cross accumulator (fp32), its copy in the solve's dtype; the chunk's targets
