@@ -365,6 +365,10 @@ def prune_cmd(
         help="Override the profile: each token's squared error in the repair's fit weighs (its position "
         "in the window + 1) ** this, the first token (the attention sink) as the last, mean 1 (1 in quick, "
         "laptop-16gb and workstation-64gb; 0, every token alike, in the others).")] = None,
+    reconstruct_gap_weight: Annotated[Optional[float], typer.Option(
+        help="Override the profile: above 0 the repair runs twice, and the second weighs each token's "
+        "error also by how much more the first's model lost on the next token than the dense model: "
+        "(1 - this) + this x loss / mean loss (0 in every shipped profile; twice the repair's time).")] = None,
     reconstruct_dtype: Annotated[Optional[str], typer.Option(
         help="Override the profile: the dtype of the repair's passes through the blocks, on the CPU: "
         "float32, bfloat16, float16 or auto (the CPU's fastest matmul, measured; every shipped profile "
@@ -410,7 +414,7 @@ def prune_cmd(
         prior=prior, estimator=estimator, head_unit=head_unit, allocation=allocation,
         mask_counts=mask_counts, score=score, calib_windows=calib_windows,
         reconstruct_seqs=reconstruct_seqs, reconstruct_target=reconstruct_target,
-        reconstruct_position_power=reconstruct_position_power,
+        reconstruct_position_power=reconstruct_position_power, reconstruct_gap_weight=reconstruct_gap_weight,
         reconstruct_dtype=reconstruct_dtype).with_repair(reconstruct)
     prof, budget = _budgeted(prof, memory)
     ranks = join(timeout_s=prof.dist_timeout_s, device=prof.device)

@@ -19,7 +19,7 @@ from .model.checkpoint import Checkpoint
 from .model.config import DTYPES, parse_config
 from .llamacpp.from_gguf import gguf_config, gguf_import_peak_bytes, is_gguf_model
 from .profiles import Profile
-from .method.reconstruct import passes
+from .method.reconstruct import passes, repairs_of
 from .settings import AUTO, Method, RepairTarget
 
 
@@ -119,8 +119,10 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         flops.append(tokens_per_round * (per_token + attn))
         rank_flops.append(rank_tokens_per_round * (per_token + attn))
     repair_tokens = repair_flops = rank_repair_flops = rank_pass_flops = read_bytes = 0
-    # the final repair, and with reconstruct_in_rounds one more before every round after the first
-    repairs = 1 + (rounds - 1 if profile.reconstruct_in_rounds else 0)
+    # the final repair (twice with reconstruct_gap_weight), and with reconstruct_in_rounds one more
+    # before every round after the first
+    final_repairs = repairs_of(profile)
+    repairs = final_repairs + (rounds - 1 if profile.reconstruct_in_rounds else 0)
     # no repair reads no windows; a checkpoint without a chat template reads plain text only
     repairing = profile.reconstruct != "none"
     has_chat = (repairing and profile.chat_seqs > 0
@@ -160,7 +162,12 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         rank_repair_flops = share * (repair_flops - solves - pass_flops) + solves  # float32's part
         repair_tokens, repair_flops, rank_repair_flops, rank_pass_flops = (repairs * x for x in (
             repair_tokens, repair_flops, rank_repair_flops, rank_pass_flops))
-        # the final repair's reselection (the repairs between the rounds never reselect), every rank
+        if final_repairs > 1:  # the first repair's two final streams through the head, for the gaps
+            head = 2 * 2 * seqs * t_r * cfg.vocab_size * h
+            repair_flops += head
+            rank_repair_flops += math.ceil(seqs / ranks) / seqs * head
+        # the final repair's reselection (twice with reconstruct_gap_weight; the repairs between the
+        # rounds never reselect), every rank
         # alike. MLP channels (reconstruct.greedy_keep): the refit on every input and its inverse
         # (n^3 + 2 out n^2, n = in + 1, the inverse from the Cholesky factor; tools/bench_reselect.py
         # times it against this model on the 13B shape, tools/results/reselect_13b.json);
@@ -174,13 +181,13 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
                 start, per_drops, reads = mlp_elimination(s.intermediate_size, h, round(sparsity * s.intermediate_size),
                                                           layer_target=not cross)
                 mlp = start + per_drops
-                read_bytes += reads
+                read_bytes += final_repairs * reads
                 heads = 0
                 if profile.reconstruct_reselect_heads:
                     heads = heads_elimination(s.num_attention_heads, cfg.head_dim, h,
                                               round(sparsity * s.num_attention_heads), layer_target=not cross)
-                repair_flops += mlp + heads
-                rank_repair_flops += mlp + heads
+                repair_flops += final_repairs * (mlp + heads)
+                rank_repair_flops += final_repairs * (mlp + heads)
     if device is not None:
         dtype_name, rates = pick_compute_dtype(profile.compute_dtype, device)
         gflops = measure_matmul_gflops(DTYPES[dtype_name], seconds=measure_seconds, device=device)

@@ -30,7 +30,7 @@ from .outputs.report import build_report, plot
 from .outputs.resume import RunState, run_lock
 from .outputs.writer import copy_tokenizer, pruned_config, write_pruned
 from .profiles import Profile
-from .method.reconstruct import RepairReport, reconstruct, settings_of
+from .method.reconstruct import RepairReport, profile_repair, repairs_of
 from .method.round_repair import RoundRepairs
 from .model.plan import Plan
 from .settings import AUTO, CalibWindows, Method, Reconstruct
@@ -323,7 +323,7 @@ def repair_plan(ckpt: Checkpoint, plan: Plan, tokens: torch.Tensor, folder: Path
                 on_block=None, ranks: Ranks = SINGLE) -> RepairReport:
     """The profile's reconstruction of ``plan`` on ``tokens``; files in ``folder`` (by rank 0)."""
     release_freed_memory()  # what the rounds freed, before the repair's streams
-    return reconstruct(ckpt, plan, tokens, folder, **settings_of(profile), on_block=on_block, ranks=ranks)
+    return profile_repair(ckpt, plan, tokens, folder, profile, on_block=on_block, ranks=ranks)
 
 
 def write_checkpoint(source: Checkpoint, plan: Plan, stage: Path, *, model_dir: Path, profile: Profile,
@@ -496,7 +496,8 @@ def _prune(ckpt: Checkpoint, tokens: torch.Tensor, repair_tokens: torch.Tensor |
         weights, repair = ckpt, None  # the source, or the source with its repaired tensors
         if repair_tokens is not None:  # refit from the source (ckpt), never from a round's repair
             t0 = time.perf_counter()
-            on_repair = (lambda l: progress("repair", l + 1, n_layers)) if progress else None
+            steps = repairs_of(profile) * n_layers  # every repair's layers
+            on_repair = (lambda l: progress("repair", l + 1, steps)) if progress else None
             repair = repair_plan(ckpt, plan, repair_tokens, work_dir(out_dir) / "repair", profile,
                                  on_block=on_repair, ranks=ranks)
             weights, plan = ckpt.with_overlay(repair.files), repair.plan  # (reselect: its channels)
@@ -514,6 +515,7 @@ def _prune(ckpt: Checkpoint, tokens: torch.Tensor, repair_tokens: torch.Tensor |
             report["reconstruction"] = {
                 "mode": repair.mode, "sequential": repair.sequential, "tokens": repair.tokens,
                 "target": repair.target, "dtype": repair.block_dtype, "forward_tokens": repair.forward_tokens,
+                "repairs": repair.repairs, "gap_weight": profile.reconstruct_gap_weight,
                 "seconds": repair_seconds, "layers": repair.layers}
         write_json_atomic(stage / "report.json", report)
         plot(ckpt.config, plan, report, stage / "pruning.png")

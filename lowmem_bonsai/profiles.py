@@ -105,6 +105,12 @@ class Profile:
     #                             attention sink) weighing as the last (mean 1): a stream error costs
     #                             more late in a window, where the model reads more context
     #                             (SmolLM2, power 1: better at 10-50 %; the profiles that reselect set it)
+    reconstruct_gap_weight: float = 0.0  # a > 0: the repair runs twice; the second weighs each
+    #                             token's error also by (1 - a) + a g / mean(g), g = how much more
+    #                             the first repair's model loses on the next token than the dense
+    #                             one (0 where it loses less): the refit spends itself where the
+    #                             pruned model still loses (needs an explicit reconstruct_target;
+    #                             twice the repair's work; SmolLM2 10 %, 0.5: docs/quality-history.md)
     reconstruct_sequential: bool = True  # inputs from the repaired earlier layers (else one-shot:
     #                                      statistics of the dense model, as FLAP takes them)
     reconstruct_target: str = RepairTarget.LAYER.value  # what a repaired projection reproduces:
@@ -164,11 +170,15 @@ class Profile:
             (self.reconstruct_seq_len >= 2, "reconstruct_seq_len must be >= 2"),
             (self.reconstruct_ridge >= 0, "reconstruct_ridge must be >= 0"),
             (0 <= self.reconstruct_position_power <= 4, "reconstruct_position_power must be in [0, 4]"),
+            (0 <= self.reconstruct_gap_weight <= 1, "reconstruct_gap_weight must be in [0, 1]"),
             (0 <= self.reconstruct_chat <= 1, "reconstruct_chat must be in [0, 1] (a share of the "
              "repair's windows)"),
             (self.reconstruct_target == RepairTarget.LAYER or self.reconstruct_sequential,
              f"reconstruct_target = \"{self.reconstruct_target}\" needs reconstruct_sequential = true "
              "(one-shot statistics are the dense model's: its target is the layer's own)"),
+            (self.reconstruct_gap_weight == 0 or self.reconstruct_target != RepairTarget.LAYER,
+             "reconstruct_gap_weight > 0 needs reconstruct_target = \"dense\" or \"stream\" (the dense "
+             "model's losses come from its stream beside the repair's)"),
             (self.reconstruct != Reconstruct.BIAS or not self.reconstruct_reselect,
              "reconstruct_reselect = true needs reconstruct = \"lsq\" (it chooses from the Gram matrix)"),
             (self.reconstruct_reselect or not self.reconstruct_reselect_heads,

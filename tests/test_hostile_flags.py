@@ -254,10 +254,14 @@ def test_a_missing_or_wrong_kind_of_model_path_says_which(tmp_path, sample_text)
     (["--seq-len", "64", "--reconstruct-seqs", "0"], "reconstruct_seqs must be >= 1", "--reconstruct-seqs 0"),
     (["--reconstruct-position-power", "-1"], "reconstruct_position_power must be in [0, 4]",
      "--reconstruct-position-power -1.0"),
+    (["--reconstruct-gap-weight", "1.5"], "reconstruct_gap_weight must be in [0, 1]", "--reconstruct-gap-weight 1.5"),
+    (["--reconstruct-gap-weight", "0.5", "--reconstruct-target", "layer"],
+     "reconstruct_gap_weight > 0 needs reconstruct_target",
+     "--reconstruct-target layer, --reconstruct-gap-weight 0.5"),
 ])
 def test_a_flag_the_profile_checks_refuse_is_named_as_the_flag(tmp_path, tiny_llama, sample_text, flags, words,
                                                               given):
     line = refused(run("prune", tiny_llama, "--out", tmp_path / "out", "--calib", sample_text, "--profile",
                        "quick", *flags), words)
-    assert line.endswith(f"(given by {given})"), line  # only the flag that was refused
+    assert line.endswith(f"(given by {given})"), line  # only the flags that were refused
     assert not (tmp_path / "out").exists()

@@ -216,3 +216,20 @@ def test_estimate_times_the_repair_at_the_cpus_float32_rate_and_its_reads(tiny_l
     assert 0 < saved_h < repair_h
     assert half["eta_hours_repair"] == pytest.approx(repair_h - saved_h, rel=1e-9)
     assert half["reconstruction"]["tflops"] == r["tflops"]
+
+
+def test_estimate_counts_a_gap_weighted_repair_twice(tiny_llama):
+    """reconstruct_gap_weight runs the final repair twice: twice its forward tokens, passes,
+    moments, solves and elimination, and the first's two final streams through the head."""
+    from lowmem_bonsai.estimate import estimate
+    from lowmem_bonsai.model.checkpoint import Checkpoint
+
+    cfg = Checkpoint(tiny_llama).config
+    profile = load_profile("quick")
+    once, twice = (estimate(model_dir=tiny_llama, profile=profile.replace(reconstruct_gap_weight=share),
+                            sparsity=0.5, measure_seconds=0.01)["reconstruction"] for share in (0.0, 0.5))
+    assert (once["repairs"], twice["repairs"]) == (1, 2)
+    assert twice["forward_tokens"] == 2 * once["forward_tokens"]
+    assert twice["reselect_read_gb"] == pytest.approx(2 * once["reselect_read_gb"])
+    head = 2 * 2 * twice["windows"] * profile.reconstruct_seq_len * cfg.vocab_size * cfg.hidden_size
+    assert (twice["tflops"] - 2 * once["tflops"]) * 1e12 == pytest.approx(head, rel=1e-9)

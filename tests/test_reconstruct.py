@@ -7,15 +7,17 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lowmem_bonsai.engine.block import head_rows
 from lowmem_bonsai.engine.forward import streamed_nll
 from lowmem_bonsai.method import reconstruct as reconstruct_module
-from lowmem_bonsai.method.reconstruct import (Moments, greedy_heads, greedy_keep, position_weights, reconstruct,
-                                               solve, spd_inverse, spd_solve)
+from lowmem_bonsai.method.reconstruct import (Moments, gap_weights, greedy_heads, greedy_keep, position_weights,
+                                               profile_repair, reconstruct, repairs_of, solve, spd_inverse,
+                                               spd_solve)
 from lowmem_bonsai.model.checkpoint import Checkpoint
 from lowmem_bonsai.model.plan import LayerPlan, Plan
-from lowmem_bonsai.profiles import Profile
+from lowmem_bonsai.profiles import Profile, load_profile
 
 from .conftest import make_tiny
 
@@ -654,3 +656,43 @@ def test_mlp_biases_of_the_source_are_used(tmp_path):
     torch.testing.assert_close(streamed_nll(Checkpoint(tmp_path / "m"), tokens)[0], hf_nll(model, tokens),
                                rtol=1e-4, atol=0)
 
+
+def test_gap_weighted_repair_weighs_by_the_first_repairs_own_losses(tmp_path):
+    """reconstruct_gap_weight: the first repair's token gaps, from its own final streams, are the
+    repaired model's per-window NLL less the dense model's as the executor measures them; the
+    weights follow the rule of gap_weights; the profile's repair is the second repair weighted by
+    them, its forward tokens counting both repairs."""
+    ckpt, plan, calib, _ = _gap_to_dense(tmp_path, calib_seqs=6)
+    settings = dict(mode="lsq", target="stream", reselect=True, position_power=1.0)
+    first = reconstruct(ckpt, plan, calib, tmp_path / "first", gaps=True, **settings)
+    assert first.token_gap.shape == (6, 31)
+    repaired = streamed_nll(ckpt.with_overlay(first.files), calib, plan=first.plan)[0]
+    dense = streamed_nll(ckpt, calib)[0]
+    torch.testing.assert_close(first.token_gap.sum(1), repaired - dense, rtol=1e-4, atol=1e-4)
+
+    share = 0.5
+    w = gap_weights(first.token_gap, share)
+    g = first.token_gap.clamp(min=0)
+    mean = g[:, 1:].mean()
+    assert w.shape == (6, 32)
+    torch.testing.assert_close(w[:, 1:-1], ((1 - share) + share * g[:, 1:] / mean).float())
+    assert (w[:, 0] == 1).all() and (w[:, -1] == 1).all()  # the sink, and the last (no next token)
+    assert (gap_weights(torch.full((2, 5), -1.0), share) == 1).all()  # nowhere a loss: every token alike
+
+    profile = load_profile("quick").replace(reconstruct_seqs=6, reconstruct_seq_len=32, reconstruct_gap_weight=share,
+                                            reconstruct_chat=0.0, reconstruct_dtype="float32")
+    assert repairs_of(profile) == 2 and repairs_of(profile.replace(reconstruct_gap_weight=0.0)) == 1
+    seen: list[int] = []
+    rep = profile_repair(ckpt, plan, calib, tmp_path / "twice", profile, on_block=seen.append)
+    assert seen == list(range(2 * ckpt.config.num_hidden_layers))
+    assert rep.repairs == 2 and rep.forward_tokens == 2 * 3 * 6 * 32
+    want = reconstruct(ckpt, plan, calib, tmp_path / "want", token_weights=w, **settings)
+    assert rep.plan == want.plan
+    assert [f.name for f in rep.files] == [f.name for f in want.files]
+    for a, b in zip(rep.files, want.files):
+        ta, tb = load_file(a), load_file(b)
+        assert ta.keys() == tb.keys()
+        for name in ta:
+            torch.testing.assert_close(ta[name], tb[name], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="explicit target"):
+        reconstruct(ckpt, plan, calib, tmp_path / "layer", mode="lsq", gaps=True)

@@ -88,13 +88,13 @@ def embed_tokens(ckpt: Checkpoint, tokens: torch.Tensor, *, dtype: torch.dtype,
 
 def token_nll(ckpt: Checkpoint, hidden: torch.Tensor, targets: torch.Tensor, *, dtype: torch.dtype,
               rows_per_chunk: int, weights: torch.Tensor | None = None, top_k: int = 0,
-              ) -> torch.Tensor | tuple[torch.Tensor, SoftTargets]:
+              per_token: bool = False) -> torch.Tensor | tuple[torch.Tensor, SoftTargets]:
     """Next-token NLL from final hidden states, lm_head read in vocab ranges (online logsumexp).
 
     hidden: (N, T, H), normalised in place; targets: (S, T-1), or (S, T-1, K) with ``weights``
     (S, T-1, K) for a cross-entropy to a soft distribution, where row r of ``hidden`` predicts
-    targets[r % S] (rows are mask-major). Returns (N,) sums, fp64; with ``top_k``, also each
-    position's top-k distribution as :class:`SoftTargets`.
+    targets[r % S] (rows are mask-major). Returns (N,) sums, fp64 (``per_token``: each position's
+    NLL, (N, T-1)); with ``top_k``, also each position's top-k distribution as :class:`SoftTargets`.
     """
     cfg = ckpt.config
     n, t, _ = hidden.shape
@@ -140,7 +140,8 @@ def token_nll(ckpt: Checkpoint, hidden: torch.Tensor, targets: torch.Tensor, *, 
             del logits
         del w
     lse = run_max + torch.log(run_sum)  # (N, T-1)
-    nll = (lse - target_logit).double().sum(1).cpu()
+    nll = (lse - target_logit).double()
+    nll = (nll if per_token else nll.sum(1)).cpu()
     if not top_k:
         return nll
     probs = torch.exp(best_val - lse[..., None])

@@ -43,6 +43,13 @@ position in its window, except position 0 (the attention sink), which weighs as 
 minimise sum w |t - W' z+|^2; 0 (every w = 1) is the plain fit. The report's per-layer errors are
 then the weighted ones.
 
+``reconstruct_gap_weight`` a (:func:`profile_repair`): the repair runs twice. The first ends with
+the repaired model's stream and the dense model's beside it; through the final norm and the head
+they give each token's NLL under both, and g = max(0, NLL repaired - NLL dense) of the next token.
+The second repair multiplies every token's weight by (1 - a) + a g / mean(g): the refit spends
+itself on the tokens the first repair's model still loses, not on those it already predicts as
+dense does. Twice the repair's passes; the head's cost besides.
+
 ``reselect`` (lsq): the repair also chooses which MLP channels (and with ``reselect_heads`` heads) a
 layer keeps, as many as the plan keeps there, from the same moments: greedy structured OBS (as ZipLM's structured pruner). From the
 refit on every channel, W* = C A^-1 (A = G + lambda I, the constant unpenalised), channels are
@@ -84,7 +91,7 @@ import torch.nn.functional as F
 from safetensors.torch import save
 
 from ..engine.block import attention_heads, head_rows, mlp_channels
-from ..engine.forward import embed_tokens, sliding_mask
+from ..engine.forward import embed_tokens, sliding_mask, token_nll
 from ..engine.memory import ELIMINATION_BLOCK, SOLVE_FP64_MAX, pick_compute_dtype
 from ..engine.ranks import SINGLE, Ranks
 from ..engine.rope import rope_tables
@@ -401,11 +408,43 @@ class RepairReport:
     plan: Plan  # the plan repaired: the given one, or with ``reselect`` its channels
     target: str = RepairTarget.LAYER
     block_dtype: str = "float32"  # the passes' (reconstruct_dtype, resolved)
+    token_gap: torch.Tensor | None = None  # with ``gaps``: (S', T - 1) NLL repaired - dense, fp64
+    repairs: int = 1  # how many repairs the report's passes count (reconstruct_gap_weight: 2)
 
     @property
     def forward_tokens(self) -> int:
-        """Tokens through the blocks (:func:`passes`)."""
-        return passes(self.target, self.sequential) * self.tokens
+        """Tokens through the blocks (:func:`passes`), over every repair it took."""
+        return self.repairs * passes(self.target, self.sequential) * self.tokens
+
+
+def repairs_of(profile: Profile) -> int:
+    """How many repairs the profile's reconstruction runs: 2 with reconstruct_gap_weight (the first
+    only measures where its model still loses), else 1."""
+    return 2 if profile.reconstruct != Reconstruct.NONE and profile.reconstruct_gap_weight > 0 else 1
+
+
+def profile_repair(ckpt: Checkpoint, plan: Plan, tokens: torch.Tensor, out_dir: Path, profile: Profile, *,
+                   on_block: Callable[[int], None] | None = None, ranks: Ranks = SINGLE) -> RepairReport:
+    """The profile's reconstruction of ``plan`` on ``tokens`` (files in ``out_dir``, by rank 0).
+    With reconstruct_gap_weight a first repair, which writes nothing, measures each token's loss
+    against the dense model's, and the second weighs each token's error by it as well
+    (:func:`gap_weights`). ``on_block`` counts the layers of every repair: 0 to repairs x layers - 1."""
+    settings = settings_of(profile)
+    if repairs_of(profile) == 1:
+        return reconstruct(ckpt, plan, tokens, out_dir, **settings, on_block=on_block, ranks=ranks)
+    first = reconstruct(ckpt, plan, tokens, out_dir, **settings, gaps=True, on_block=on_block, ranks=ranks,
+                        write=False)
+    gap = first.token_gap
+    weights = gap_weights(gap, profile.reconstruct_gap_weight, ranks)
+    log.info("reconstruction: the first repair's model loses %.4f nats a token against dense here (%.0f %% of "
+             "its tokens lose); the second repair weighs them by that (share %g; weights %.2f to %.2f)",
+             float(gap.mean()), 100 * float((gap > 0).double().mean()), profile.reconstruct_gap_weight,
+             float(weights.min()), float(weights.max()))
+    del first, gap
+    n = ckpt.config.num_hidden_layers
+    later = None if on_block is None else (lambda layer: on_block(n + layer))
+    second = reconstruct(ckpt, plan, tokens, out_dir, **settings, token_weights=weights, on_block=later, ranks=ranks)
+    return dataclasses.replace(second, repairs=2)
 
 
 def passes(target: str, sequential: bool = True) -> int:
@@ -441,6 +480,21 @@ def position_weights(seq_len: int, power: float) -> torch.Tensor | None:
     return (w / w.mean()).float()[None, :]
 
 
+def gap_weights(gap: torch.Tensor, share: float, ranks: Ranks = SINGLE) -> torch.Tensor:
+    """Each token's weight in a second repair from the first's ``gap`` (S', T - 1; row t: the
+    NLL of the token at t + 1, repaired - dense): (1 - share) + share g / mean(g), g = max(gap, 0),
+    the mean over every rank's positions 1 to T - 2. Position 0 (the attention sink, already weighed
+    as the last position) and the last (no next token) weigh 1, as does every token where the
+    repaired model nowhere loses. This rank's windows.  (S', T) fp32"""
+    g = gap.clamp(min=0).double()
+    total = ranks.sum(torch.tensor([float(g[:, 1:].sum()), float(g[:, 1:].numel())], dtype=torch.float64),
+                      what="the repair's token gaps")
+    f = torch.ones(gap.shape[0], gap.shape[1] + 1, dtype=torch.float64)
+    if float(total[0]) > 0:
+        f[:, 1:-1] = g[:, 1:] / (total[0] / total[1])
+    return ((1 - share) + share * f).float()
+
+
 def reconstruct(
     ckpt: Checkpoint,
     plan: Plan,
@@ -455,6 +509,8 @@ def reconstruct(
     reselect: bool = False,
     reselect_heads: bool = False,
     position_power: float = 0.0,
+    token_weights: torch.Tensor | None = None,
+    gaps: bool = False,
     dtype: torch.dtype = torch.float32,
     block_dtype: torch.dtype | None = None,
     chunk_tokens: int = 4096,
@@ -485,7 +541,12 @@ def reconstruct(
 
     ``position_power``: each token's share of every fit's squared error grows as (position in its
     window + 1) ** position_power, position 0 weighing as the last (mean 1 over a window); 0 weighs
-    every token alike.
+    every token alike. ``token_weights`` (S', T), this rank's windows (``ranks.share``), multiply
+    those weights (:func:`gap_weights`).
+
+    ``gaps`` (explicit target only): the report also carries, per token of this rank's windows,
+    how much more the repaired model's next-token NLL is than the dense model's, from the two final
+    streams the repair ends with (``token_gap``, (S', T - 1)); the head's cost only.
     """
     if mode not in (Reconstruct.BIAS, Reconstruct.LSQ):
         raise ValueError(mode)
@@ -495,6 +556,8 @@ def reconstruct(
         raise ValueError(f"target {target} needs sequential statistics")
     if reselect and mode != Reconstruct.LSQ:
         raise ValueError("reselect needs mode lsq (the Gram matrix)")
+    if gaps and target == RepairTarget.LAYER:
+        raise ValueError("gaps need an explicit target (the dense stream beside)")
     if ckpt.overlays:
         raise ValueError(f"reconstruct refits from the source's weights; got {ckpt.dir} with "
                          f"{len(ckpt.overlays)} repaired files laid over it")
@@ -507,6 +570,10 @@ def reconstruct(
     eps = cfg.rms_norm_eps
     mine = ranks.share(s_count)
     pos_w = position_weights(t, position_power)  # (1, T) or None
+    if token_weights is not None:
+        if token_weights.shape != (len(mine), t):
+            raise ValueError(f"token_weights {tuple(token_weights.shape)} for {len(mine)} windows of {t}")
+        pos_w = token_weights.float() * (1.0 if pos_w is None else pos_w)  # (S', T)
     x = embed_tokens(ckpt, tokens[mine.start : mine.stop], dtype=dtype)  # (S', T, H): the stream
     xd = x.clone() if target != RepairTarget.LAYER else None  # the dense model's stream, beside it
     every = unpruned and xd is not None  # refit the projections that lost nothing, too
@@ -582,7 +649,8 @@ def reconstruct(
             stream the repair does not change advances through the projection here, so each block's
             work is done once for it: the dense stream beside (explicit target), or one-shot the
             stream itself, which is the dense model's."""
-            w_c = None if pos_w is None else pos_w.expand(x[c].shape[0], -1)  # (rows, T)
+            w_c = None if pos_w is None else pos_w[c] if token_weights is not None else \
+                pos_w.expand(x[c].shape[0], -1)  # (rows, T)
             if xd is None:
                 z = z_of(x[c])
                 m.add(z, weight=w_c)
@@ -656,6 +724,11 @@ def reconstruct(
             on_block(w.layer)
         del w
         release_freed_memory()  # the layer's moments and solve
+    token_gap = None
+    if gaps:  # the two final streams through the final norm and the head (in place: their last use)
+        nexts = tokens[mine.start : mine.stop, 1:]
+        token_gap = (token_nll(ckpt, x, nexts, dtype=dtype, rows_per_chunk=rows, per_token=True)
+                     - token_nll(ckpt, xd, nexts, dtype=dtype, rows_per_chunk=rows, per_token=True))
     return RepairReport(mode, sequential, s_count * t, layers, files,
                         Plan(tuple(kept), meta=plan.meta) if reselect else plan, target,
-                        str(bd).removeprefix("torch."))
+                        str(bd).removeprefix("torch."), token_gap)
