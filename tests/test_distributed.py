@@ -144,13 +144,16 @@ def test_a_round_of_one_wave_is_shared_by_both_ranks(tmp_path, job):
 
 
 @pytest.mark.parametrize("extra", ["", 'reconstruct_target = "stream"\nreconstruct_reselect = true\n'
-                                   'reconstruct_reselect_heads = true\n', 'reconstruct_position_power = 1\n'])
+                                   'reconstruct_reselect_heads = true\n', 'reconstruct_position_power = 1\n',
+                                   'reconstruct_target = "stream"\nreconstruct_gap_weight = 0.5\n'])
 def test_reconstruction_shares_its_windows_and_matches_one_process(tmp_path, job, extra):
     """lsq over 2 ranks: each streams half the windows and the moments are summed before every
     solve, so the repaired weights equal one process's up to the order of the sums (a rank that
     kept only its own half would solve a different system). With reselect, the ranks choose the
     channels from the summed moments too: the same plan as one process. With a position power, each
-    rank's moments carry the weighted token count too, and the sums still solve one system."""
+    rank's moments carry the weighted token count too, and the sums still solve one system. With
+    the gap weighting each rank weighs its own windows' tokens by the first repair's losses there,
+    scaled by the mean over both ranks' tokens, so the second repair is one process's too."""
     from safetensors.torch import load_file
 
     model_dir, _, text, _ = job
@@ -169,6 +172,8 @@ def test_reconstruction_shares_its_windows_and_matches_one_process(tmp_path, job
     torch.testing.assert_close(streamed_nll(Checkpoint(out), ids), streamed_nll(Checkpoint(ref), ids),
                                rtol=1e-5, atol=0)
     assert not (tmp_path / "out.partial").exists()
+    repairs = json.loads((out / "report.json").read_text())["reconstruction"]["repairs"]
+    assert repairs == (2 if "gap_weight" in extra else 1)
 
 
 def test_a_repair_between_the_rounds_is_the_same_on_every_rank(tmp_path, job, monkeypatch):
