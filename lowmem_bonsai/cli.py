@@ -271,8 +271,11 @@ def estimate_cmd(
     typer.echo(f"writing    one tensor at a time, peak {m['write_gb']:.2f} GiB (after the rounds; counted in the total)")
     r = e["reconstruction"]
     if r["mode"] != "none":
-        when = ("after the rounds" if r["repairs"] == 1 else
-                f"{r['repairs']} repairs: before every round after the first, and after the rounds")
+        final = r.get("final_repairs", 1)
+        after = ("after the rounds" if final == 1 else
+                 "after the rounds twice, the second weighing each token by the first's losses")
+        between = r["repairs"] - final
+        when = after if between == 0 else f"{r['repairs']} repairs: before every round after the first, and {after}"
         target = "" if r.get("target", "layer") == "layer" else f" (target {r['target']})"
         target += (", reselecting MLP channels and heads" if r.get("reselect_heads") else
                    ", reselecting MLP channels" if r.get("reselect") else "")

@@ -236,6 +236,7 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
                            "chat_windows": profile.chat_seqs if has_chat else 0,
                            "windows": seqs,
                            "repairs": repairs if repairing else 0,
+                           "final_repairs": final_repairs if repairing else 0,
                            "dtype": repair_dtype,
                            "forward_tokens": repair_tokens, "tflops": repair_flops / 1e12,
                            "reselect_read_gb": read_bytes / 1e9},

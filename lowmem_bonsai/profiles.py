@@ -110,7 +110,8 @@ class Profile:
     #                             the first repair's model loses on the next token than the dense
     #                             one (0 where it loses less): the refit spends itself where the
     #                             pruned model still loses (needs an explicit reconstruct_target;
-    #                             twice the repair's work; SmolLM2 10 %, 0.5: docs/quality-history.md)
+    #                             twice the final repair's work, those between the rounds stay
+    #                             single; SmolLM2 10 %, 0.5: docs/quality-history.md)
     reconstruct_sequential: bool = True  # inputs from the repaired earlier layers (else one-shot:
     #                                      statistics of the dense model, as FLAP takes them)
     reconstruct_target: str = RepairTarget.LAYER.value  # what a repaired projection reproduces:

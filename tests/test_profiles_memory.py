@@ -228,7 +228,7 @@ def test_estimate_counts_a_gap_weighted_repair_twice(tiny_llama):
     profile = load_profile("quick")
     once, twice = (estimate(model_dir=tiny_llama, profile=profile.replace(reconstruct_gap_weight=share),
                             sparsity=0.5, measure_seconds=0.01)["reconstruction"] for share in (0.0, 0.5))
-    assert (once["repairs"], twice["repairs"]) == (1, 2)
+    assert (once["repairs"], twice["repairs"]) == (1, 2) and twice["final_repairs"] == 2
     assert twice["forward_tokens"] == 2 * once["forward_tokens"]
     assert twice["reselect_read_gb"] == pytest.approx(2 * once["reselect_read_gb"])
     head = 2 * 2 * twice["windows"] * profile.reconstruct_seq_len * cfg.vocab_size * cfg.hidden_size

@@ -75,6 +75,9 @@ def test_spd_inverse_and_solve_take_cholesky_and_fall_back_to_lu():
     z = torch.randn(200, 30, generator=g, dtype=torch.float64)
     a = z.T @ z
     rhs = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    factor = torch.linalg.cholesky(a)
+    assert torch.equal(spd_inverse(a), torch.cholesky_inverse(factor))  # the Cholesky path ran
+    assert torch.equal(spd_solve(a, rhs), torch.cholesky_solve(rhs, factor))
     torch.testing.assert_close(spd_inverse(a), torch.linalg.inv(a), rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(spd_solve(a, rhs), torch.linalg.solve(a, rhs), rtol=1e-9, atol=1e-12)
     indefinite = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)  # invertible, not SPD

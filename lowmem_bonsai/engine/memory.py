@@ -161,7 +161,11 @@ def repair_bytes(config: ModelConfig, profile: Profile, *, storage_bytes: int = 
     half of that, which holds the copies that dtype adds: the chunk's stream cast down, the
     moments' inputs cast up (chunk x in), a solve's fp32 copy of the source projection (out x in,
     a no-op with fp32 blocks) and the stream's cast-up update; each is far smaller than one
-    block's half (tests/test_memory_bound.py runs the bf16 repair under the plan)."""
+    block's half (tests/test_memory_bound.py runs the bf16 repair under the plan). A gap-weighted
+    repair (reconstruct_gap_weight) is two repairs one after the other, and between them the head
+    over both final streams, after the blocks, the chunk's activations and the last solve are freed:
+    a chunk of LOGIT_BUDGET logits (128 MB) and the head's rows for it (168 MB on Llama-2-13B, 19 MB
+    on SmolLM2), less than those, so the peak is one repair's."""
     h, b = config.hidden_size, 4
     widest = max(s.intermediate_size for s in config.layers)
     n = max(widest, max(s.num_attention_heads for s in config.layers) * config.head_dim) + 1

@@ -436,11 +436,13 @@ def profile_repair(ckpt: Checkpoint, plan: Plan, tokens: torch.Tensor, out_dir: 
                         write=False)
     gap = first.token_gap
     weights = gap_weights(gap, profile.reconstruct_gap_weight, ranks)
-    log.info("reconstruction: the first repair's model loses %.4f nats a token against dense here (%.0f %% of "
-             "its tokens lose); the second repair weighs them by that (share %g; weights %.2f to %.2f)",
-             float(gap.mean()), 100 * float((gap > 0).double().mean()), profile.reconstruct_gap_weight,
-             float(weights.min()), float(weights.max()))
+    if gap.numel():  # a rank may hold none of the windows
+        log.info("reconstruction: the first repair's model loses %.4f nats a token against dense here (%.0f %% "
+                 "of its tokens lose); the second repair weighs them by that (share %g; weights %.2f to %.2f)",
+                 float(gap.mean()), 100 * float((gap > 0).double().mean()), profile.reconstruct_gap_weight,
+                 float(weights.min()), float(weights.max()))
     del first, gap
+    release_freed_memory()  # the first repair's streams, before the second's
     n = ckpt.config.num_hidden_layers
     later = None if on_block is None else (lambda layer: on_block(n + layer))
     second = reconstruct(ckpt, plan, tokens, out_dir, **settings, token_weights=weights, on_block=later, ranks=ranks)
@@ -726,6 +728,10 @@ def reconstruct(
         release_freed_memory()  # the layer's moments and solve
     token_gap = None
     if gaps:  # the two final streams through the final norm and the head (in place: their last use)
+        # what the last layer's work still holds (its block through the closures, its moments and
+        # tensors) goes first: the head runs beside the streams alone
+        heads_of = mlp_of = m = repaired = o_src = d_src = act = y = None  # noqa: F841
+        release_freed_memory()
         nexts = tokens[mine.start : mine.stop, 1:]
         token_gap = (token_nll(ckpt, x, nexts, dtype=dtype, rows_per_chunk=rows, per_token=True)
                      - token_nll(ckpt, xd, nexts, dtype=dtype, rows_per_chunk=rows, per_token=True))
