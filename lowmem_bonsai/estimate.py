@@ -170,7 +170,8 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         # rounds never reselect), every rank
         # alike. MLP channels (reconstruct.greedy_keep): the refit on every input and its inverse
         # (n^3 + 2 out n^2, n = in + 1, the inverse from the Cholesky factor; tools/bench_reselect.py
-        # times it against this model on the 13B shape, tools/results/reselect_13b.json);
+        # times it against this model on the 13B shape; tools/results/reselect_13b.json still
+        # holds LU's start, 73 s where 2 n^3 modelled 54 s);
         # per dropped channel (about the sparsity's share; widths vary) one read of the refit
         # (out x n) for its dot products, and the factors of its block (about 1.5 x block x n);
         # per block of ELIMINATION_BLOCK drops the refit's squared norms (three passes over it)
