@@ -165,7 +165,7 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         if final_repairs > 1:  # the first repair's two final streams through the head, for the gaps
             head = 2 * 2 * seqs * t_r * cfg.vocab_size * h
             repair_flops += head
-            rank_repair_flops += math.ceil(seqs / ranks) / seqs * head
+            rank_repair_flops += share * head
         # the final repair's reselection (twice with reconstruct_gap_weight; the repairs between the
         # rounds never reselect), every rank
         # alike. MLP channels (reconstruct.greedy_keep): the refit on every input and its inverse

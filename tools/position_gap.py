@@ -22,13 +22,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lowmem_bonsai.data import load_tokenizer, tokenize_file, windows  # noqa: E402
 from lowmem_bonsai.engine.block import block_forward, rms_norm  # noqa: E402
-from lowmem_bonsai.engine.forward import embed_tokens, lm_head_name  # noqa: E402
+from lowmem_bonsai.engine.forward import embed_tokens, token_nll  # noqa: E402
 from lowmem_bonsai.engine.rope import rope_tables  # noqa: E402
 from lowmem_bonsai.engine.streamer import BlockStreamer  # noqa: E402
 from lowmem_bonsai.model.checkpoint import Checkpoint  # noqa: E402
@@ -40,17 +39,6 @@ def buckets(seq_len: int) -> list[tuple[int, int]]:
     16-63, 64-127, then up to the window's end."""
     edges = [e for e in (0, 1, 4, 16, 64, 128) if e < seq_len - 1] + [seq_len - 1]
     return list(zip(edges[:-1], edges[1:]))
-
-
-def token_nll(ckpt: Checkpoint, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Each position's next-token NLL from the final hidden states.  hidden (S, T, H) -> (S, T - 1)"""
-    norm = ckpt.get(ckpt.name("final_norm")).float()
-    head = ckpt.get(lm_head_name(ckpt)).float()  # (V, H): small models only (the tool reads it whole)
-    out = []
-    for s in range(hidden.shape[0]):
-        logits = F.linear(rms_norm(hidden[s, :-1], norm, ckpt.config.rms_norm_eps), head)
-        out.append(F.cross_entropy(logits, tokens[s, 1:], reduction="none"))
-    return torch.stack(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         nd, np_ = rms_norm(hd, one, cfg.rms_norm_eps), rms_norm(hp, one, cfg.rms_norm_eps)
         err = ((nd - np_).square().sum(-1) / nd.square().sum(-1)).mean(0)  # (T,)
         stream[wd.layer] = [float(err[lo:hi].mean()) for lo, hi in spans]
-    td, tp = token_nll(dense, hd, toks), token_nll(pruned, hp, toks)  # (S, T - 1)
+    # each position's NLL through the final norm and the head, in vocabulary chunks  (S, T - 1) fp64
+    td, tp = (token_nll(c, h, toks[:, 1:], dtype=torch.float32, rows_per_chunk=1, per_token=True)
+              for c, h in ((dense, hd), (pruned, hp)))
     ld, lp = td.mean(0), tp.mean(0)  # (T - 1,)
     rows = [{"positions": f"{lo}-{hi - 1}", "dense_nll": float(ld[lo:hi].mean()),
              "pruned_nll": float(lp[lo:hi].mean()), "gap_nats": float((lp - ld)[lo:hi].mean())}
@@ -92,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'positions':>10} {'dense NLL':>10} {'pruned NLL':>11} {'gap (nats)':>11}")
     for r in rows:
         print(f"{r['positions']:>10} {r['dense_nll']:10.4f} {r['pruned_nll']:11.4f} {r['gap_nats']:11.4f}")
-    edges = torch.quantile(td[:, 1:].flatten(), torch.linspace(0, 1, 6))  # position 0 left out
+    edges = torch.quantile(td[:, 1:].flatten(), torch.linspace(0, 1, 6, dtype=td.dtype))  # position 0 left out
     by_nll = []  # [lo, hi) but the last [lo, hi]: every token once (ties at an edge go up, so not exact fifths)
     for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
         sel = (td >= lo) & ((td < hi) if i < 4 else (td <= hi))

@@ -212,26 +212,26 @@ class Moments:
         return c
 
 
+def _cholesky(a: torch.Tensor) -> torch.Tensor | None:
+    """A's lower Cholesky factor; None where A is not numerically positive definite."""
+    factor, info = torch.linalg.cholesky_ex(a)
+    return factor if int(info) == 0 else None
+
+
 def spd_inverse(a: torch.Tensor) -> torch.Tensor:
     """A^-1 of the regularised Gram matrix A (symmetric): by its Cholesky factor, about n^3 flops
     against LU's 2 n^3 (a 6,000-wide fp32 inverse: 3.2 s against 7.2 s on one core; the 13B shape
     with tools/bench_reselect.py); by LU where A is not numerically positive definite (a zero ridge
     on a dead channel), as before."""
-    factor, info = torch.linalg.cholesky_ex(a)
-    if int(info) == 0:
-        return torch.cholesky_inverse(factor)
-    del factor
-    return torch.linalg.inv(a)
+    factor = _cholesky(a)
+    return torch.linalg.inv(a) if factor is None else torch.cholesky_inverse(factor)
 
 
 def spd_solve(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """X = A^-1 rhs for A symmetric: Cholesky (n^3 / 3 flops), LU (2 n^3 / 3) where A is not
     numerically positive definite."""
-    factor, info = torch.linalg.cholesky_ex(a)
-    if int(info) == 0:
-        return torch.cholesky_solve(rhs, factor)
-    del factor
-    return torch.linalg.solve(a, rhs)
+    factor = _cholesky(a)
+    return torch.linalg.solve(a, rhs) if factor is None else torch.cholesky_solve(rhs, factor)
 
 
 def _elimination_start(m: Moments, w: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -572,6 +572,7 @@ def reconstruct(
     eps = cfg.rms_norm_eps
     mine = ranks.share(s_count)
     pos_w = position_weights(t, position_power)  # (1, T) or None
+    pos_w = None if pos_w is None else pos_w.expand(len(mine), -1)  # (S', T), a view
     if token_weights is not None:
         if token_weights.shape != (len(mine), t):
             raise ValueError(f"token_weights {tuple(token_weights.shape)} for {len(mine)} windows of {t}")
@@ -651,8 +652,7 @@ def reconstruct(
             stream the repair does not change advances through the projection here, so each block's
             work is done once for it: the dense stream beside (explicit target), or one-shot the
             stream itself, which is the dense model's."""
-            w_c = None if pos_w is None else pos_w[c] if token_weights is not None else \
-                pos_w.expand(x[c].shape[0], -1)  # (rows, T)
+            w_c = None if pos_w is None else pos_w[c]  # (rows, T)
             if xd is None:
                 z = z_of(x[c])
                 m.add(z, weight=w_c)
