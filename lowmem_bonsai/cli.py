@@ -371,7 +371,8 @@ def prune_cmd(
     reconstruct_gap_weight: Annotated[Optional[float], typer.Option(
         help="Override the profile: above 0 the repair runs twice, and the second weighs each token's "
         "error also by how much more the first's model lost on the next token than the dense model: "
-        "(1 - this) + this x loss / mean loss (0 in every shipped profile; twice the repair's time).")] = None,
+        "(1 - this) + this x loss / mean loss (0.5 in quick, 0 in the others; needs --reconstruct-target "
+        "dense or stream; twice the repair's time).")] = None,
     reconstruct_dtype: Annotated[Optional[str], typer.Option(
         help="Override the profile: the dtype of the repair's passes through the blocks, on the CPU: "
         "float32, bfloat16, float16 or auto (the CPU's fastest matmul, measured; every shipped profile "

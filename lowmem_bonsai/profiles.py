@@ -111,7 +111,7 @@ class Profile:
     #                             one (0 where it loses less): the refit spends itself where the
     #                             pruned model still loses (needs an explicit reconstruct_target;
     #                             twice the final repair's work, those between the rounds stay
-    #                             single; SmolLM2 10 %, 0.5: docs/quality-history.md)
+    #                             single; quick sets 0.5: SmolLM2 10-50 %, docs/quality-history.md)
     reconstruct_sequential: bool = True  # inputs from the repaired earlier layers (else one-shot:
     #                                      statistics of the dense model, as FLAP takes them)
     reconstruct_target: str = RepairTarget.LAYER.value  # what a repaired projection reproduces:
@@ -179,7 +179,7 @@ class Profile:
              "(one-shot statistics are the dense model's: its target is the layer's own)"),
             (self.reconstruct_gap_weight == 0 or self.reconstruct_target != RepairTarget.LAYER,
              "reconstruct_gap_weight > 0 needs reconstruct_target = \"dense\" or \"stream\" (the dense "
-             "model's losses come from its stream beside the repair's)"),
+             "model's losses come from its stream beside the repair's; reconstruct_gap_weight = 0 repairs once)"),
             (self.reconstruct != Reconstruct.BIAS or not self.reconstruct_reselect,
              "reconstruct_reselect = true needs reconstruct = \"lsq\" (it chooses from the Gram matrix)"),
             (self.reconstruct_reselect or not self.reconstruct_reselect_heads,

@@ -157,7 +157,7 @@ def test_estimate_counts_the_elimination_over_heads_only_where_the_repair_choose
     from lowmem_bonsai.model.checkpoint import Checkpoint
 
     cfg = Checkpoint(tiny_llama).config
-    profile = load_profile("quick")
+    profile = load_profile("quick").replace(reconstruct_gap_weight=0.0)  # one repair (two: ..._gap_weighted_repair_twice)
     runs = {heads: estimate(model_dir=tiny_llama, profile=profile.replace(reconstruct_reselect_heads=heads),
                             sparsity=0.5, measure_seconds=0.01)["reconstruction"] for heads in (False, True)}
     assert runs[False]["reselect"] and not runs[False]["reselect_heads"] and runs[True]["reselect_heads"]
@@ -184,7 +184,7 @@ def test_estimate_times_the_repair_at_the_cpus_float32_rate_and_its_reads(tiny_l
                         lambda dtype, **kw: rates[str(dtype).removeprefix("torch.")])
     monkeypatch.setattr(estimate_module, "measure_read_gbps", lambda **kw: 10.0)
     cfg = Checkpoint(tiny_llama).config
-    profile = load_profile("quick").replace(compute_dtype="bfloat16")
+    profile = load_profile("quick").replace(compute_dtype="bfloat16", reconstruct_gap_weight=0.0)  # one repair
     e = estimate_module.estimate(model_dir=tiny_llama, profile=profile, sparsity=0.5)
     r = e["reconstruction"]
     assert e["matmul_gflops_measured"] == 400.0 and e["repair_gflops_measured"] == 100.0

@@ -49,7 +49,8 @@ def main() -> None:
     ap.add_argument("--repairs", nargs="*", default=[],
                     help="after each prune (made with reconstruct = none), also evaluate these "
                     "reconstructions of the same plan: bias, lsq, bias-oneshot, lsq-oneshot (the profile's "
-                    "reconstruct_seqs / _seq_len / _ridge apply); rows are labelled METHOD+REPAIR")
+                    "reconstruct_seqs / _seq_len / _ridge apply; a one-shot repair's target is the layer's "
+                    "own and it runs once, reconstruct_gap_weight = 0); rows are labelled METHOD+REPAIR")
     ap.add_argument("--repair-label", default="",
                     help="suffix for the --repairs rows' names (METHOD+REPAIR+SUFFIX), to tell apart "
                     "repairs of one plan with different reconstruct_* settings")
@@ -148,7 +149,7 @@ def main() -> None:
                 for r in a.repairs:
                     mode, oneshot = r.split("-")[0], r.endswith("-oneshot")
                     prof = repair_profile.with_repair(mode).replace(
-                        reconstruct_sequential=not oneshot, **({"reconstruct_target": "layer"} if oneshot else {}))
+                        reconstruct_sequential=not oneshot, **({"reconstruct_target": "layer", "reconstruct_gap_weight": 0.0} if oneshot else {}))
                     fixed_dir = a.out / f"{name}+{r}{a.repair_label}-{sparsity}-s{seed}"
                     t = time.perf_counter()
                     info = repair_existing(a.model, out, fixed_dir, prof, a.data)
