@@ -271,7 +271,7 @@ def estimate_cmd(
     typer.echo(f"writing    one tensor at a time, peak {m['write_gb']:.2f} GiB (after the rounds; counted in the total)")
     r = e["reconstruction"]
     if r["mode"] != "none":
-        final = r.get("final_repairs", 1)
+        final = r["final_repairs"]
         after = ("after the rounds" if final == 1 else
                  "after the rounds twice, the second weighing each token by the first's losses")
         between = r["repairs"] - final

@@ -157,7 +157,7 @@ def test_estimate_counts_the_elimination_over_heads_only_where_the_repair_choose
     from lowmem_bonsai.model.checkpoint import Checkpoint
 
     cfg = Checkpoint(tiny_llama).config
-    profile = load_profile("quick").replace(reconstruct_gap_weight=0.0)  # one repair (two: ..._gap_weighted_repair_twice)
+    profile = load_profile("quick").replace(reconstruct_gap_weight=0.0)  # one repair; two: a test below
     runs = {heads: estimate(model_dir=tiny_llama, profile=profile.replace(reconstruct_reselect_heads=heads),
                             sparsity=0.5, measure_seconds=0.01)["reconstruction"] for heads in (False, True)}
     assert runs[False]["reselect"] and not runs[False]["reselect_heads"] and runs[True]["reselect_heads"]

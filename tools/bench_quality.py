@@ -148,8 +148,9 @@ def main() -> None:
                             "layers": rep["layers"]})
                 for r in a.repairs:
                     mode, oneshot = r.split("-")[0], r.endswith("-oneshot")
-                    prof = repair_profile.with_repair(mode).replace(
-                        reconstruct_sequential=not oneshot, **({"reconstruct_target": "layer", "reconstruct_gap_weight": 0.0} if oneshot else {}))
+                    # one-shot: the dense model's statistics, the layer's own target, one repair
+                    oneshot_keys = {"reconstruct_target": "layer", "reconstruct_gap_weight": 0.0} if oneshot else {}
+                    prof = repair_profile.with_repair(mode).replace(reconstruct_sequential=not oneshot, **oneshot_keys)
                     fixed_dir = a.out / f"{name}+{r}{a.repair_label}-{sparsity}-s{seed}"
                     t = time.perf_counter()
                     info = repair_existing(a.model, out, fixed_dir, prof, a.data)
