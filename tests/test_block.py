@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+
+import pytest
 import torch
 
 from lowmem_bonsai.model.checkpoint import Checkpoint
@@ -103,6 +108,42 @@ def test_streamer_holds_at_most_prefetch_plus_one(tmp_path):
         assert seen == list(range(5))
         assert streamer.max_resident == prefetch + 1
         assert streamer.resident == 0
+
+
+def test_ctrl_c_as_the_loader_thread_starts_loads_nothing_after_it(tmp_path, monkeypatch):
+    """A Ctrl-C that lands just after the pool started its loader thread, before the pool registered
+    it (so nothing joins that thread): the thread must have no block to load. One left loading was
+    still in torch while the interpreter finalized, and the prune aborted (SIGABRT) instead of exiting
+    130 (tests/test_resume.py's Ctrl-C test, about 1 run in 12 on a loaded 2-core machine)."""
+    make_tiny(tmp_path, "llama-mha-untied", layers=3)
+    streamer = BlockStreamer(Checkpoint(tmp_path), plan=None, dtype=torch.float32, prefetch=1)
+    load, loaded = streamer._load, []
+
+    def recorded_load(layer: int):
+        loaded.append(layer)
+        return load(layer)
+
+    start = threading.Thread.start
+
+    def start_then_interrupt(thread: threading.Thread) -> None:
+        start(thread)
+        if thread.name.startswith("block-loader"):
+            os.kill(os.getpid(), signal.SIGINT)  # raised in the pool's submit, before it registers the thread
+
+    monkeypatch.setattr(streamer, "_load", recorded_load)
+    monkeypatch.setattr(threading.Thread, "start", start_then_interrupt)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a runner may ignore SIGINT
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            for _ in streamer:
+                pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    for thread in threading.enumerate():
+        if thread.name.startswith("block-loader"):
+            thread.join(timeout=30)  # the pool's shutdown told it to stop
+            assert not thread.is_alive()
+    assert loaded == []
 
 
 def test_unit_stats_sum_in_fp64_slices_and_take_a_layer_without_heads(monkeypatch):

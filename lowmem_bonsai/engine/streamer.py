@@ -20,6 +20,10 @@ from .block import BlockWeights, load_block
 log = logging.getLogger(__name__)
 
 
+def _nothing() -> None:
+    """The first task of a streamer's pool: it starts the loader thread (see ``__iter__``)."""
+
+
 class BlockStreamer:
     """Iterate over a checkpoint's blocks, sliced to ``plan``, with background prefetch."""
 
@@ -46,6 +50,12 @@ class BlockStreamer:
     def __iter__(self) -> Iterator[BlockWeights]:
         n = self.ckpt.config.num_hidden_layers
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-loader") as pool:
+            # Start the pool's thread before any block is queued. The pool registers a thread (so that
+            # its shutdown, or the interpreter's exit, joins it) only once the thread has started: a
+            # Ctrl-C landing in between leaves a thread of its own, which must have nothing to load.
+            # One left loading a block was still in torch while the interpreter finalized, and the
+            # process aborted ("terminate called without an active exception") instead of exiting 130.
+            pool.submit(_nothing)
             queue: deque[Future] = deque()
             next_layer = 0
             try:
