@@ -51,10 +51,11 @@ class BlockStreamer:
         n = self.ckpt.config.num_hidden_layers
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-loader") as pool:
             # Start the pool's thread before any block is queued. The pool registers a thread (so that
-            # its shutdown, or the interpreter's exit, joins it) only once the thread has started: a
-            # Ctrl-C landing in between leaves a thread of its own, which must have nothing to load.
-            # One left loading a block was still in torch while the interpreter finalized, and the
-            # process aborted ("terminate called without an active exception") instead of exiting 130.
+            # its shutdown joins it) only once the thread has started, and the interpreter's exit
+            # waits only for threads already running: a Ctrl-C landing in between leaves a thread that
+            # may first run while the interpreter finalizes, so it must have nothing to load. One left
+            # loading a block was in torch then, and the process aborted ("terminate called without an
+            # active exception") instead of exiting 130.
             pool.submit(_nothing)
             queue: deque[Future] = deque()
             next_layer = 0
