@@ -10,7 +10,7 @@ moments (random correlated inputs of the given width and a target with noise), c
 keep the same channels, and prints the per-drop times and the estimate's model of the deferred
 one (bytes read per drop over the measured read rate, plus its matmuls at the float32 rate).
 
-    python tools/bench_reselect.py --json tools/results/reselect_13b.json
+    python tools/bench_reselect.py --json runs/reselect_13b.json
 
 Both timings exclude the common start (the Gram matrix's inverse and the full refit), which is
 timed twice: with the inverse from the Cholesky factor (what `greedy_keep` does) and with LU's
@@ -19,7 +19,8 @@ moments here (fewer tokens than inputs) make A = G + ridge badly conditioned, an
 inverses lie about 1.7 % from an fp64 one, so the two starts may exchange a few near-tied
 channels. Each start's dropped set is therefore scored exactly, against the set dropped from an
 fp64 start: the growth of the regularised fit's error when those channels go, the rest refit, in
-fp64. The Cholesky start must cost no more than LU's (to 1e-5 relative). A 50 % prune of the layer
+fp64. The Cholesky start's set must cost at most 1e-4 more than the fp64 start's (LU's is
+reported beside it). The fp64 check holds about 8 GB at the 13B shape. A 50 % prune of the layer
 drops 6,912 channels; --drops times the first ones (each drop of either algorithm costs the same
 whatever is left).
 """
@@ -67,8 +68,10 @@ def exact_choices(m: Moments, w: torch.Tensor, drops: int, starts: dict) -> dict
     a = m.full_gram().double()
     c = m.full_cross(torch.float64)
     a.diagonal()[:-1] += 1e-3 * a.diagonal()[:-1].mean()
-    inv64 = torch.cholesky_inverse(torch.linalg.cholesky(a))
+    factor = torch.linalg.cholesky(a)
     del a
+    inv64 = torch.cholesky_inverse(factor)
+    del factor
     fit64 = c @ inv64
     del c
     start = reconstruct._elimination_start
@@ -91,7 +94,7 @@ def exact_choices(m: Moments, w: torch.Tensor, drops: int, starts: dict) -> dict
     out = {"fp64_cost": cost(ref)}
     for name, (fit, inv) in starts.items():
         got = dropped(fit, inv)
-        out[f"{name}_inverse_error"] = float((inv.double() - inv64).norm() / inv64.norm())
+        out[f"{name}_inverse_error"] = float((inv - inv64.to(inv.dtype)).norm() / inv64.norm())
         out[f"{name}_common"] = len(set(got.tolist()) & set(ref.tolist()))
         out[f"{name}_cost"] = cost(got)
     return out
@@ -165,8 +168,8 @@ def main() -> None:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     if not same:
         sys.exit("the deferred elimination kept other channels than the plain one")
-    if exact["cholesky_cost"] > exact["lu_cost"] * (1 + 1e-5):
-        sys.exit("the channels the Cholesky start drops cost more than those LU's drops")
+    if exact["cholesky_cost"] > exact["fp64_cost"] * (1 + 1e-4):
+        sys.exit("the channels the Cholesky start drops cost more than 1e-4 above the fp64 start's")
 
 
 if __name__ == "__main__":
