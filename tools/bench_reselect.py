@@ -20,7 +20,7 @@ inverses lie about 1.7 % from an fp64 one, so the two starts may exchange a few 
 channels. Each start's dropped set is therefore scored exactly, against the set dropped from an
 fp64 start: the growth of the regularised fit's error when those channels go, the rest refit, in
 fp64. The Cholesky start's set must cost at most 1e-4 more than the fp64 start's (LU's is
-reported beside it). The fp64 check holds about 8 GB at the 13B shape. A 50 % prune of the layer
+reported beside it). The whole run peaks at about 8.2 GiB at the 13B shape. A 50 % prune of the layer
 drops 6,912 channels; --drops times the first ones (each drop of either algorithm costs the same
 whatever is left).
 """
@@ -65,16 +65,12 @@ def exact_choices(m: Moments, w: torch.Tensor, drops: int, starts: dict) -> dict
     fit's error when they all go, the rest refit (tr(W*_J (A^-1_JJ)^-1 W*_J^T), fp64). Also the
     same for the set dropped from the fp64 start and how many of each set's channels it shares."""
     n = w.shape[1]
-    a = m.full_gram().double()
-    c = m.full_cross(torch.float64)
-    a.diagonal()[:-1] += 1e-3 * a.diagonal()[:-1].mean()
-    factor = torch.linalg.cholesky(a)
-    del a
-    inv64 = torch.cholesky_inverse(factor)
-    del factor
-    fit64 = c @ inv64
-    del c
-    start = reconstruct._elimination_start
+    start, fp64_max = reconstruct._elimination_start, reconstruct.SOLVE_FP64_MAX
+    reconstruct.SOLVE_FP64_MAX = n  # the same start, solved in fp64 as narrower layers are
+    try:
+        fit64, inv64 = start(m, w, 1e-3)
+    finally:
+        reconstruct.SOLVE_FP64_MAX = fp64_max
 
     def dropped(fit: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
         reconstruct._elimination_start = lambda m_, w_, ridge: (fit.clone(), inv.clone())
@@ -87,8 +83,7 @@ def exact_choices(m: Moments, w: torch.Tensor, drops: int, starts: dict) -> dict
         return torch.nonzero(~alive).flatten()
 
     def cost(cols: torch.Tensor) -> float:
-        f = fit64[:, cols]
-        return float((torch.linalg.solve(inv64[cols][:, cols], f.T) * f.T).sum())
+        return reconstruct._block_cost(fit64, inv64, cols)
 
     ref = dropped(fit64, inv64)
     out = {"fp64_cost": cost(ref)}
