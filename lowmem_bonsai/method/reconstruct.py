@@ -99,7 +99,7 @@ from ..engine.streamer import BlockStreamer
 from ..errors import UserError
 from ..machine import release_freed_memory
 from ..model.checkpoint import Checkpoint
-from ..model.plan import Plan
+from ..model.plan import LayerPlan, Plan
 from ..outputs.atomic import write_bytes_atomic
 from ..profiles import Profile
 from ..settings import Reconstruct, RepairTarget
@@ -566,10 +566,6 @@ def reconstruct(
     write = ranks.main if write is None else write
     cfg = ckpt.config
     s_count, t = tokens.shape
-    rows = max(1, chunk_tokens // t)
-    cos, sin = rope_tables(cfg, t)
-    attn_mask = sliding_mask(t, cfg.sliding_window)
-    eps = cfg.rms_norm_eps
     mine = ranks.share(s_count)
     pos_w = position_weights(t, position_power)  # (1, T) or None
     pos_w = None if pos_w is None else pos_w.expand(len(mine), -1)  # (S', T), a view
@@ -578,140 +574,30 @@ def reconstruct(
             raise ValueError(f"token_weights {tuple(token_weights.shape)} for {len(mine)} windows of {t}")
         pos_w = token_weights.float() * (1.0 if pos_w is None else pos_w)  # (S', T)
     x = embed_tokens(ckpt, tokens[mine.start : mine.stop], dtype=dtype)  # (S', T, H): the stream
-    xd = x.clone() if target != RepairTarget.LAYER else None  # the dense model's stream, beside it
-    every = unpruned and xd is not None  # refit the projections that lost nothing, too
-    lsq = mode == Reconstruct.LSQ
+    cos, sin = rope_tables(cfg, t)
+    run = _Pass(ckpt=ckpt, ranks=ranks, mode=mode, ridge=ridge, sequential=sequential, target=target,
+                every=unpruned and target != RepairTarget.LAYER, reselect=reselect,
+                reselect_heads=reselect_heads, dtype=dtype, bd=dtype if block_dtype is None else block_dtype,
+                x=x, xd=x.clone() if target != RepairTarget.LAYER else None, pos_w=pos_w,
+                rows=max(1, chunk_tokens // t), cos=cos, sin=sin, attn_mask=sliding_mask(t, cfg.sliding_window),
+                eps=cfg.rms_norm_eps)
+    del x  # run.x from here
     out_dir = Path(out_dir)
     if write:
         out_dir.mkdir(parents=True, exist_ok=True)
     files, layers = [], []
     kept = list(plan.layers)  # with reselect, the channels the repair chose
-
-    def chunks():
-        for a in range(0, len(mine), rows):
-            yield slice(a, min(a + rows, len(mine)))
-
-    bd = dtype if block_dtype is None else block_dtype
     log.info("reconstruction: passes through the blocks in %s, streams and moments in %s",
-             str(bd).removeprefix("torch."), str(dtype).removeprefix("torch."))
-    for w in BlockStreamer(ckpt, plan=None, dtype=bd, prefetch=prefetch):  # dense blocks
-        lp = plan.layers[w.layer]
-        head_cols = head_rows(lp.heads, w.head_dim) if lp.heads else torch.zeros(0, dtype=torch.long)
-        chans = torch.tensor(lp.channels, dtype=torch.long)
-        repaired: dict[str, torch.Tensor] = {}
-        info: dict = {"layer": w.layer}
-
-        def exact(key: str, weight: torch.Tensor, bias: torch.Tensor | None):
-            """The projection's weight and bias as the source holds them: the block's, or where the
-            blocks compute in a narrower dtype the source's own (the solve, the target W z, bias
-            mode's kept columns and the written tensors must not inherit the block's rounding)."""
-            if bd == dtype:
-                return weight, bias
-            name, bias_name = ckpt.name(key, w.layer), ckpt.name(f"{key}_bias", w.layer)
-            return ckpt.get(name), (ckpt.get(bias_name) if ckpt.has(bias_name) else None)
-
-        def summed(m: Moments, key: str) -> Moments:
-            """The moments over every rank, refused where they are not finite (a narrow
-            reconstruct_dtype that overflowed: one clear line, not a repair of garbage)."""
-            m = m.summed(ranks, what=f"the reconstruction of layer {w.layer}")
-            if not (torch.isfinite(m.sums).all() and (m.gram is None or torch.isfinite(m.gram.diagonal()).all())
-                    and math.isfinite(m.t_sq)):
-                raise UserError(f"the repair's moments of layer {w.layer}'s {key}_proj input are not finite "
-                                f"(its passes computed in {str(bd).removeprefix('torch.')}); set "
-                                "reconstruct_dtype = \"float32\" in the profile (--reconstruct-dtype float32)")
-            return m
-
-        def repair(key: str, error_key: str, weight: torch.Tensor, source_bias: torch.Tensor | None,
-                   m: Moments, keep: torch.Tensor):
-            """Solve one projection (``weight``, ``source_bias``: :func:`exact`'s; ``m``: :func:`summed`'s),
-            record its full-width tensors; with ``sequential``, how the stream advances through it:
-            (kept-column weight, bias, kept columns). The fit leaves a source's own bias out of its
-            target, so that bias is added back."""
-            r = solve(weight, m, keep, mode=mode, ridge=ridge)
-            bias = r.bias if source_bias is None else r.bias + source_bias.to(r.bias.dtype)
-            full = torch.zeros(weight.shape, dtype=r.weight.dtype)
-            full[:, keep] = r.weight
-            repaired[key], repaired[f"{key}_bias"] = full, bias
-            info[error_key] = None if r.error_before is None else (r.error_before, r.error_after)
-            return (r.weight.to(bd), bias.to(bd), keep) if sequential else None
-
-        def goal(c: slice, z_dense: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-            """The explicit target (``target`` dense / stream) of a projection whose input in the
-            dense model is ``z_dense`` on windows ``c``."""
-            t = F.linear(z_dense, weight)  # (rows, T, out)
-            return t + (xd[c] - x[c]) if target == RepairTarget.STREAM else t
-
-        def moments(weight: torch.Tensor) -> Moments:
-            return Moments(weight.shape[1], full=lsq, n_out=weight.shape[0] if xd is not None else 0)
-
-        def heads_of(s: torch.Tensor, block=w) -> torch.Tensor:
-            return attention_heads(s.to(bd), block, cos, sin, eps=eps, attn_mask=attn_mask)  # (rows, T, nq hd)
-
-        def gather(m: Moments, z_of: Callable, weight: torch.Tensor, bias: torch.Tensor | None, c: slice):
-            """Windows ``c``' moments of one projection's input (``z_of``: the sub-block up to it). The
-            stream the repair does not change advances through the projection here, so each block's
-            work is done once for it: the dense stream beside (explicit target), or one-shot the
-            stream itself, which is the dense model's."""
-            w_c = None if pos_w is None else pos_w[c]  # (rows, T)
-            if xd is None:
-                z = z_of(x[c])
-                m.add(z, weight=w_c)
-                if not sequential:
-                    x[c] += F.linear(z, weight, bias)
-                return
-            zd = z_of(xd[c])
-            m.add(z_of(x[c]), goal(c, zd, weight), w_c)
-            xd[c] += F.linear(zd, weight, bias)
-
-        def mlp_of(s: torch.Tensor, block=w) -> torch.Tensor:
-            return mlp_channels(s.to(bd), block, eps=eps)  # (rows, T, F)
-
-        o_w, o_b, o_cols = w.o, w.o_bias, None  # how the stream advances through o_proj
-        o_fit = bool(w.n_heads) and (len(lp.heads) < w.n_heads or every)
-        if o_fit:
-            m = moments(w.o)
-            for c in chunks():
-                gather(m, heads_of, w.o, w.o_bias, c)
-            even = bool(lp.kv_heads) and len(lp.heads) % len(lp.kv_heads) == 0  # every group as many
-            o_src = exact("o", w.o, w.o_bias)  # read once for the choice and the solve
-            m = summed(m, "o")  # once for the choice and the solve
-            if reselect and reselect_heads and even and len(lp.heads) < w.n_heads:
-                heads, kv_heads = greedy_heads(m, o_src[0], w.head_dim, w.n_kv_heads, len(lp.kv_heads),
-                                               len(lp.heads) // len(lp.kv_heads), ridge=ridge)
-                kept[w.layer] = dataclasses.replace(kept[w.layer], heads=heads, kv_heads=kv_heads)
-                info["heads_changed"] = len(set(lp.heads) - set(heads))
-                head_cols = head_rows(heads, w.head_dim)
-            o_w, o_b, o_cols = repair("o", "attn_error", *o_src, m, head_cols) or (o_w, o_b, o_cols)
-        d_w, d_b, d_cols = w.down, w.down_bias, None
-        needs_mlp = len(lp.channels) < w.n_channels or every
-        m = moments(w.down) if needs_mlp else None
-        for c in chunks():  # advance through attention (unless gather did); the MLP input's moments
-            if w.n_heads and (sequential or not o_fit):
-                y = heads_of(x[c])
-                x[c] += F.linear(y if o_cols is None else y[..., o_cols], o_w, o_b)
-                if xd is not None and not o_fit:
-                    xd[c] += F.linear(heads_of(xd[c]), w.o, w.o_bias)
-            if m is not None:
-                gather(m, mlp_of, w.down, w.down_bias, c)
-        if m is not None:
-            d_src = exact("down", w.down, w.down_bias)  # read once for the choice and the solve
-            m = summed(m, "down")  # once for the choice and the solve
-            if reselect and len(lp.channels) < w.n_channels:
-                chans = greedy_keep(m, d_src[0], len(lp.channels), ridge=ridge)
-                kept[w.layer] = dataclasses.replace(kept[w.layer], channels=tuple(chans.tolist()))
-                info["channels_changed"] = len(set(lp.channels) - set(kept[w.layer].channels))
-            d_w, d_b, d_cols = repair("down", "mlp_error", *d_src, m, chans) or (d_w, d_b, d_cols)
-        for c in (chunks() if sequential or m is None else ()):  # advance through the MLP (unless gather did)
-            act = mlp_of(x[c])
-            x[c] += F.linear(act if d_cols is None else act[..., d_cols], d_w, d_b)
-            if xd is not None and m is None:
-                xd[c] += F.linear(mlp_of(xd[c]), w.down, w.down_bias)
+             str(run.bd).removeprefix("torch."), str(dtype).removeprefix("torch."))
+    for w in BlockStreamer(ckpt, plan=None, dtype=run.bd, prefetch=prefetch):  # dense blocks
+        repaired, info, kept[w.layer] = _repair_layer(run, w, plan.layers[w.layer])
         if repaired and write:
             like = ckpt.get(ckpt.name("o", w.layer), rows=slice(0, 1)).dtype  # the source's dtype
             store = {ckpt.name(k, w.layer): v.to(like).contiguous() for k, v in repaired.items()}
             path = out_dir / f"layer-{w.layer:04d}.safetensors"
             write_bytes_atomic(path, save(store))
             files.append(path)
+            del store
         layers.append(info)
         log.info("reconstruction layer %d: %s", w.layer, ", ".join(
             f"{k} {v[0]:.4f} -> {v[1]:.4f}" if v else f"{k.split('_')[0]} bias only (no error measured)"
@@ -724,17 +610,166 @@ def reconstruct(
                      info["channels_changed"])
         if on_block is not None:
             on_block(w.layer)
-        del w
-        release_freed_memory()  # the layer's moments and solve
+        del w, repaired
+        release_freed_memory()  # the layer's block, moments and solve
     token_gap = None
     if gaps:  # the two final streams through the final norm and the head (in place: their last use)
-        # what the last layer's work still holds (its block through the closures, its moments and
-        # tensors) goes first: the head runs beside the streams alone
-        heads_of = mlp_of = m = repaired = o_src = d_src = act = y = None  # noqa: F841
-        release_freed_memory()
         nexts = tokens[mine.start : mine.stop, 1:]
-        token_gap = (token_nll(ckpt, x, nexts, dtype=dtype, rows_per_chunk=rows, per_token=True)
-                     - token_nll(ckpt, xd, nexts, dtype=dtype, rows_per_chunk=rows, per_token=True))
+        token_gap = (token_nll(ckpt, run.x, nexts, dtype=dtype, rows_per_chunk=run.rows, per_token=True)
+                     - token_nll(ckpt, run.xd, nexts, dtype=dtype, rows_per_chunk=run.rows, per_token=True))
     return RepairReport(mode, sequential, s_count * t, layers, files,
                         Plan(tuple(kept), meta=plan.meta) if reselect else plan, target,
-                        str(bd).removeprefix("torch."), token_gap)
+                        str(run.bd).removeprefix("torch."), token_gap)
+
+
+@dataclass
+class _Pass:
+    """What one :func:`reconstruct` carries from layer to layer: its settings, the rank's windows'
+    streams (``x`` the pruned model's, ``xd`` the dense model's beside it for an explicit target) and
+    what every block's attention needs."""
+
+    ckpt: Checkpoint
+    ranks: Ranks
+    mode: str
+    ridge: float
+    sequential: bool
+    target: str
+    every: bool  # refit the projections that lost nothing, too (unpruned, explicit target)
+    reselect: bool
+    reselect_heads: bool
+    dtype: torch.dtype  # the streams' and the moments' accumulators'
+    bd: torch.dtype  # the blocks' weights and matmuls
+    x: torch.Tensor  # (S', T, H)
+    xd: torch.Tensor | None  # (S', T, H)
+    pos_w: torch.Tensor | None  # (S', T) each token's weight in the fits
+    rows: int  # windows per chunk
+    cos: torch.Tensor
+    sin: torch.Tensor
+    attn_mask: torch.Tensor | None
+    eps: float
+
+    def chunks(self):
+        for a in range(0, self.x.shape[0], self.rows):
+            yield slice(a, min(a + self.rows, self.x.shape[0]))
+
+
+def _repair_layer(run: _Pass, w, lp: LayerPlan) -> tuple[dict[str, torch.Tensor], dict, LayerPlan]:
+    """Repair one dense block ``w`` to the plan's layer ``lp`` and advance the streams through it.
+
+    Returns the full-width tensors to write (empty where the layer lost nothing), the report's
+    entry for the layer, and the layer's plan (with reselect, the heads and channels it kept)."""
+    ckpt, mode, ridge, bd, x, xd = run.ckpt, run.mode, run.ridge, run.bd, run.x, run.xd
+    sequential, target, lsq = run.sequential, run.target, run.mode == Reconstruct.LSQ
+    head_cols = head_rows(lp.heads, w.head_dim) if lp.heads else torch.zeros(0, dtype=torch.long)
+    chans = torch.tensor(lp.channels, dtype=torch.long)
+    kept = lp
+    repaired: dict[str, torch.Tensor] = {}
+    info: dict = {"layer": w.layer}
+
+    def exact(key: str, weight: torch.Tensor, bias: torch.Tensor | None):
+        """The projection's weight and bias as the source holds them: the block's, or where the
+        blocks compute in a narrower dtype the source's own (the solve, the target W z, bias
+        mode's kept columns and the written tensors must not inherit the block's rounding)."""
+        if bd == run.dtype:
+            return weight, bias
+        name, bias_name = ckpt.name(key, w.layer), ckpt.name(f"{key}_bias", w.layer)
+        return ckpt.get(name), (ckpt.get(bias_name) if ckpt.has(bias_name) else None)
+
+    def summed(m: Moments, key: str) -> Moments:
+        """The moments over every rank, refused where they are not finite (a narrow
+        reconstruct_dtype that overflowed: one clear line, not a repair of garbage)."""
+        m = m.summed(run.ranks, what=f"the reconstruction of layer {w.layer}")
+        if not (torch.isfinite(m.sums).all() and (m.gram is None or torch.isfinite(m.gram.diagonal()).all())
+                and math.isfinite(m.t_sq)):
+            raise UserError(f"the repair's moments of layer {w.layer}'s {key}_proj input are not finite "
+                            f"(its passes computed in {str(bd).removeprefix('torch.')}); set "
+                            "reconstruct_dtype = \"float32\" in the profile (--reconstruct-dtype float32)")
+        return m
+
+    def repair(key: str, error_key: str, weight: torch.Tensor, source_bias: torch.Tensor | None,
+               m: Moments, keep: torch.Tensor):
+        """Solve one projection (``weight``, ``source_bias``: :func:`exact`'s; ``m``: :func:`summed`'s),
+        record its full-width tensors; with ``sequential``, how the stream advances through it:
+        (kept-column weight, bias, kept columns). The fit leaves a source's own bias out of its
+        target, so that bias is added back."""
+        r = solve(weight, m, keep, mode=mode, ridge=ridge)
+        bias = r.bias if source_bias is None else r.bias + source_bias.to(r.bias.dtype)
+        full = torch.zeros(weight.shape, dtype=r.weight.dtype)
+        full[:, keep] = r.weight
+        repaired[key], repaired[f"{key}_bias"] = full, bias
+        info[error_key] = None if r.error_before is None else (r.error_before, r.error_after)
+        return (r.weight.to(bd), bias.to(bd), keep) if sequential else None
+
+    def goal(c: slice, z_dense: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The explicit target (``target`` dense / stream) of a projection whose input in the
+        dense model is ``z_dense`` on windows ``c``."""
+        t = F.linear(z_dense, weight)  # (rows, T, out)
+        return t + (xd[c] - x[c]) if target == RepairTarget.STREAM else t
+
+    def moments(weight: torch.Tensor) -> Moments:
+        return Moments(weight.shape[1], full=lsq, n_out=weight.shape[0] if xd is not None else 0)
+
+    def heads_of(s: torch.Tensor) -> torch.Tensor:
+        # (rows, T, nq hd)
+        return attention_heads(s.to(bd), w, run.cos, run.sin, eps=run.eps, attn_mask=run.attn_mask)
+
+    def gather(m: Moments, z_of: Callable, weight: torch.Tensor, bias: torch.Tensor | None, c: slice):
+        """Windows ``c``' moments of one projection's input (``z_of``: the sub-block up to it). The
+        stream the repair does not change advances through the projection here, so each block's
+        work is done once for it: the dense stream beside (explicit target), or one-shot the
+        stream itself, which is the dense model's."""
+        w_c = None if run.pos_w is None else run.pos_w[c]  # (rows, T)
+        if xd is None:
+            z = z_of(x[c])
+            m.add(z, weight=w_c)
+            if not sequential:
+                x[c] += F.linear(z, weight, bias)
+            return
+        zd = z_of(xd[c])
+        m.add(z_of(x[c]), goal(c, zd, weight), w_c)
+        xd[c] += F.linear(zd, weight, bias)
+
+    def mlp_of(s: torch.Tensor) -> torch.Tensor:
+        return mlp_channels(s.to(bd), w, eps=run.eps)  # (rows, T, F)
+
+    o_w, o_b, o_cols = w.o, w.o_bias, None  # how the stream advances through o_proj
+    o_fit = bool(w.n_heads) and (len(lp.heads) < w.n_heads or run.every)
+    if o_fit:
+        m = moments(w.o)
+        for c in run.chunks():
+            gather(m, heads_of, w.o, w.o_bias, c)
+        even = bool(lp.kv_heads) and len(lp.heads) % len(lp.kv_heads) == 0  # every group as many
+        o_src = exact("o", w.o, w.o_bias)  # read once for the choice and the solve
+        m = summed(m, "o")  # once for the choice and the solve
+        if run.reselect and run.reselect_heads and even and len(lp.heads) < w.n_heads:
+            heads, kv_heads = greedy_heads(m, o_src[0], w.head_dim, w.n_kv_heads, len(lp.kv_heads),
+                                           len(lp.heads) // len(lp.kv_heads), ridge=ridge)
+            kept = dataclasses.replace(kept, heads=heads, kv_heads=kv_heads)
+            info["heads_changed"] = len(set(lp.heads) - set(heads))
+            head_cols = head_rows(heads, w.head_dim)
+        o_w, o_b, o_cols = repair("o", "attn_error", *o_src, m, head_cols) or (o_w, o_b, o_cols)
+    d_w, d_b, d_cols = w.down, w.down_bias, None
+    needs_mlp = len(lp.channels) < w.n_channels or run.every
+    m = moments(w.down) if needs_mlp else None
+    for c in run.chunks():  # advance through attention (unless gather did); the MLP input's moments
+        if w.n_heads and (sequential or not o_fit):
+            y = heads_of(x[c])
+            x[c] += F.linear(y if o_cols is None else y[..., o_cols], o_w, o_b)
+            if xd is not None and not o_fit:
+                xd[c] += F.linear(heads_of(xd[c]), w.o, w.o_bias)
+        if m is not None:
+            gather(m, mlp_of, w.down, w.down_bias, c)
+    if m is not None:
+        d_src = exact("down", w.down, w.down_bias)  # read once for the choice and the solve
+        m = summed(m, "down")  # once for the choice and the solve
+        if run.reselect and len(lp.channels) < w.n_channels:
+            chans = greedy_keep(m, d_src[0], len(lp.channels), ridge=ridge)
+            kept = dataclasses.replace(kept, channels=tuple(chans.tolist()))
+            info["channels_changed"] = len(set(lp.channels) - set(kept.channels))
+        d_w, d_b, d_cols = repair("down", "mlp_error", *d_src, m, chans) or (d_w, d_b, d_cols)
+    for c in (run.chunks() if sequential or m is None else ()):  # advance through the MLP (unless gather did)
+        act = mlp_of(x[c])
+        x[c] += F.linear(act if d_cols is None else act[..., d_cols], d_w, d_b)
+        if xd is not None and m is None:
+            xd[c] += F.linear(mlp_of(xd[c]), w.down, w.down_bias)
+    return repaired, info, kept
