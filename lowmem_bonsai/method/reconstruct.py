@@ -656,8 +656,9 @@ class _Pass:
 def _repair_layer(run: _Pass, w, lp: LayerPlan) -> tuple[dict[str, torch.Tensor], dict, LayerPlan]:
     """Repair one dense block ``w`` to the plan's layer ``lp`` and advance the streams through it.
 
-    Returns the full-width tensors to write (empty where the layer lost nothing), the report's
-    entry for the layer, and the layer's plan (with reselect, the heads and channels it kept)."""
+    Returns the full-width tensors to write (empty where nothing is refit: the layer lost nothing
+    and ``run.every`` is off), the report's entry for the layer, and the layer's plan (with
+    reselect, the heads and channels it kept)."""
     ckpt, mode, ridge, bd, x, xd = run.ckpt, run.mode, run.ridge, run.bd, run.x, run.xd
     sequential, target, lsq = run.sequential, run.target, run.mode == Reconstruct.LSQ
     head_cols = head_rows(lp.heads, w.head_dim) if lp.heads else torch.zeros(0, dtype=torch.long)
