@@ -258,7 +258,7 @@ def test_a_missing_or_wrong_kind_of_model_path_says_which(tmp_path, sample_text)
     (["--reconstruct-gap-weight", "0.5", "--reconstruct-target", "layer"],
      "reconstruct_gap_weight > 0 needs reconstruct_target",
      "--reconstruct-target layer, --reconstruct-gap-weight 0.5"),
-    (["--reconstruct-target", "layer"], "reconstruct_gap_weight = 0 repairs once",  # quick's own 0.5
+    (["--reconstruct-target", "layer"], "reconstruct_gap_weight = 0 repairs once",  # quick's own 0.75
      "--reconstruct-target layer"),
 ])
 def test_a_flag_the_profile_checks_refuse_is_named_as_the_flag(tmp_path, tiny_llama, sample_text, flags, words,
