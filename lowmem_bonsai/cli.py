@@ -371,7 +371,7 @@ def prune_cmd(
     reconstruct_gap_weight: Annotated[Optional[float], typer.Option(
         help="Override the profile: above 0 the repair runs twice, and the second weighs each token's "
         "error also by how much more the first's model lost on the next token than the dense model: "
-        "(1 - this) + this x loss / mean loss (0.5 in quick, 0 in the others; needs --reconstruct-target "
+        "(1 - this) + this x loss / mean loss (0.75 in quick, 0 in the others; needs --reconstruct-target "
         "dense or stream; twice the repair's time).")] = None,
     reconstruct_dtype: Annotated[Optional[str], typer.Option(
         help="Override the profile: the dtype of the repair's passes through the blocks, on the CPU: "
@@ -381,6 +381,10 @@ def prune_cmd(
     calib_seqs: Annotated[Optional[int], typer.Option(help="Override the profile.")] = None,
     seq_len: Annotated[Optional[int], typer.Option(help="Override the profile.")] = None,
     prune_frac: Annotated[Optional[float], typer.Option(help="Override the profile.")] = None,
+    min_width: Annotated[Optional[float], typer.Option(
+        help="Override the profile: every layer's attention and MLP keep at least this share of their "
+        "source width (rounded up to a whole head group / align channels); 0 lets the method empty a "
+        "module down to one unit.")] = None,
     calib_windows: Annotated[Optional[str], typer.Option(
         help=f"Override the profile: which windows the prior pass and the masks read: "
         f"{one_of(CalibWindows, helped=True)}.")] = None,
@@ -415,7 +419,7 @@ def prune_cmd(
 
     prof = load_profile(profile).replace(
         masks_per_round=masks_per_round, calib_seqs=calib_seqs, seq_len=seq_len, prune_frac=prune_frac,
-        prior=prior, estimator=estimator, head_unit=head_unit, allocation=allocation,
+        min_width=min_width, prior=prior, estimator=estimator, head_unit=head_unit, allocation=allocation,
         mask_counts=mask_counts, score=score, calib_windows=calib_windows,
         reconstruct_seqs=reconstruct_seqs, reconstruct_target=reconstruct_target,
         reconstruct_position_power=reconstruct_position_power, reconstruct_gap_weight=reconstruct_gap_weight,

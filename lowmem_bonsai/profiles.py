@@ -64,6 +64,9 @@ class Profile:
     #                             more than the text's first article
     prune_frac: float = 0.05  # fraction of the original non-embedding params removed per round
     align: int = 32  # kept MLP widths are multiples of this (quantization wants 32 or 256)
+    min_width: float = 0.0  # every module (a layer's attention, its MLP) keeps at least this share of
+    #                         its source width, rounded up to a whole unit (MLP: to align channels):
+    #                         the methods choose uneven widths within that floor
     prior: str = Prior.WANDA.value  # see settings.Prior
     estimator: str = Estimator.LASSO.value  # lasso | ridge | prior (no per-unit correction: an ablation)
     head_unit: str = HeadUnit.GROUP.value  # group: a KV head with its query heads; query: the j-th query head of
@@ -111,7 +114,7 @@ class Profile:
     #                             one (0 where it loses less): the refit spends itself where the
     #                             pruned model still loses (needs an explicit reconstruct_target;
     #                             twice the final repair's work, those between the rounds stay
-    #                             single; quick sets 0.5: SmolLM2 10-50 %, docs/quality-history.md)
+    #                             single; quick sets 0.75: SmolLM2 10-50 %, docs/quality-history.md)
     reconstruct_sequential: bool = True  # inputs from the repaired earlier layers (else one-shot:
     #                                      statistics of the dense model, as FLAP takes them)
     reconstruct_target: str = RepairTarget.LAYER.value  # what a repaired projection reproduces:
@@ -161,6 +164,7 @@ class Profile:
             (self.seq_len >= 2, "seq_len must be >= 2"),
             (self.prior_seqs >= 0, "prior_seqs must be >= 0 (0: calib_seqs)"),
             (self.align >= 1, "align must be >= 1"),
+            (0 <= self.min_width < 1, "min_width must be in [0, 1) (a share of each module's width)"),
             (self.chunk_tokens >= 1, "chunk_tokens must be >= 1"),
             *((getattr(self, key) in allowed, f"{key} must be {one_of(allowed)}")
               for key, allowed in CHOICES.items()),

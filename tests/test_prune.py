@@ -140,7 +140,7 @@ def test_coarse_modules_are_neither_perturbed_nor_pruned():
     from lowmem_bonsai.method.prune import sample_round
 
     g = torch.Generator().manual_seed(0)
-    mods = [Module(0, "attn", 3, 1000, 1), Module(0, "mlp", 96, 10, 8), Module(1, "attn", 12, 1000, 1)]
+    mods = [Module(0, "attn", 3, 1000, 1), Module(0, "mlp", 96, 10, 8, 8), Module(1, "attn", 12, 1000, 1)]
     priors = [(torch.rand(3, generator=g).double(), torch.rand(96, generator=g).double()),
               (torch.rand(12, generator=g).double(), None)]
     rounds = sample_round(mods, priors, 0.1, 16, g)
@@ -157,8 +157,8 @@ def test_global_eligibility_follows_the_ranking_across_layers():
     from lowmem_bonsai.method.prune import global_eligible, sample_round
 
     g = torch.Generator().manual_seed(0)
-    mods = [Module(0, "attn", 12, 1000, 1), Module(0, "mlp", 96, 10, 8),
-            Module(1, "attn", 12, 1000, 1), Module(1, "mlp", 96, 10, 8)]
+    mods = [Module(0, "attn", 12, 1000, 1), Module(0, "mlp", 96, 10, 8, 8),
+            Module(1, "attn", 12, 1000, 1), Module(1, "mlp", 96, 10, 8, 8)]
     priors = [(torch.rand(12, generator=g).double(), torch.rand(96, generator=g).double())
               for _ in range(2)]
     # Layer 0's channels rank far below everything else; layer 1's attention is the next lowest.
@@ -184,8 +184,8 @@ def test_ranked_coarse_modules_join_the_ranking_only_where_it_puts_them_low():
     from lowmem_bonsai.method.prune import sample_round
 
     g = torch.Generator().manual_seed(1)
-    mods = [Module(0, "attn", 3, 1000, 1), Module(0, "mlp", 96, 10, 8),
-            Module(1, "attn", 3, 1000, 1), Module(1, "mlp", 96, 10, 8)]
+    mods = [Module(0, "attn", 3, 1000, 1), Module(0, "mlp", 96, 10, 8, 8),
+            Module(1, "attn", 3, 1000, 1), Module(1, "mlp", 96, 10, 8, 8)]
     priors = [(torch.rand(3, generator=g).double(), torch.rand(96, generator=g).double()) for _ in range(2)]
     ranking = [(torch.tensor([-9.0, -8.0, 4.0]).double(), torch.linspace(-1, 1, 96).double()),
                (torch.full((3,), 9.0).double(), torch.linspace(0, 2, 96).double())]
@@ -204,7 +204,7 @@ def test_global_prior_scope_ranks_the_eligible_units_across_layers():
     from lowmem_bonsai.method.prune import design_of, sample_round
 
     g = torch.Generator().manual_seed(0)
-    mods = [Module(0, "mlp", 64, 10, 8), Module(1, "mlp", 64, 10, 8)]
+    mods = [Module(0, "mlp", 64, 10, 8, 8), Module(1, "mlp", 64, 10, 8, 8)]
     priors = [(None, torch.rand(64, generator=g).double()) for _ in range(2)]
     ranking = [(None, torch.linspace(0, 1, 64).double()), (None, torch.linspace(0.5, 1.5, 64).double())]
     rounds = sample_round(mods, priors, 0.2, 8, g, varied=True, ranking=ranking)
@@ -249,3 +249,43 @@ def test_unreachable_sparsity_stops_with_a_reason_and_exit_0(tmp_path, sample_te
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert 0.3 < report["achieved_sparsity"] < sparsity
     assert f"of the target {sparsity:.3f}: no module could lose another unit" in res.output
+
+
+def test_min_width_floors_every_module_at_a_share_of_its_source_width():
+    """Floors come from the source's widths, rounded up to whole units / align channels, and stay
+    floors as the plan narrows (a module at its floor offers nothing)."""
+    from lowmem_bonsai.method.masks import modules_of
+    from lowmem_bonsai.model.config import parse_config
+
+    cfg = parse_config({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+                        "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 4,
+                        "intermediate_size": 256, "vocab_size": 211}, source="test")
+    dense = Plan.dense(cfg)
+    attn, mlp = modules_of(cfg, dense, 32, min_width=0.3)[:2]
+    assert (attn.min_units, mlp.min_units, mlp.piece) == (2, 96, 32)  # ceil(1.2) groups; 76.8 -> 96
+    assert [m.min_units for m in modules_of(cfg, dense, 32)[:2]] == [1, 32]  # min_width 0: one unit
+    query = modules_of(cfg, dense, 32, head_unit="query", min_width=0.5)[0]
+    assert (query.n_units, query.min_units) == (2, 1)
+    narrowed = dense.without(cfg, {(0, "mlp"): list(range(200))})  # 56 channels left, below the floor
+    mlp = modules_of(cfg, narrowed, 32, min_width=0.3)[1]
+    assert (mlp.n_units, mlp.min_units) == (56, 56)
+
+
+@pytest.mark.parametrize("method", ["bonsai", "flap"])
+def test_min_width_holds_in_the_plan_and_an_unreachable_target_is_refused(tmp_path, tiny, sample_text,
+                                                                          method):
+    _, model_dir = tiny
+    report = prune_model(model_dir=model_dir, out_dir=tmp_path / "o", sparsity=0.5, method=method,
+                         profile=profile(allocation="global", eligible="global", min_width=0.4),
+                         calib=sample_text)
+    assert abs(report["achieved_sparsity"] - 0.5) <= 0.02
+    assert all(l["channels"] >= 104 and l["channels"] % 8 == 0 for l in report["layers"])  # 0.4 x 256
+    assert all(l["kv_heads"] >= 2 for l in report["layers"])  # ceil(0.4 x 4)
+    without = prune_model(model_dir=model_dir, out_dir=tmp_path / "n", sparsity=0.5, method=method,
+                          profile=profile(allocation="global", eligible="global"), calib=sample_text)
+    assert min(l["channels"] for l in without["layers"]) < 104  # the floor changed the plan
+    res = CliRunner().invoke(app, ["prune", str(model_dir), "--out", str(tmp_path / "p"), "--calib",
+                                   str(sample_text), "--sparsity", "0.7", "--min-width", "0.5"])
+    assert res.exit_code == 2, res.output
+    assert "min_width = 0.5" in res.output and "removable" in res.output
+    assert not (tmp_path / "p").exists() and not (tmp_path / "p.partial").exists()

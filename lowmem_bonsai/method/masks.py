@@ -15,6 +15,8 @@ one: the module totals are constant, so only within-module differences are ident
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -31,29 +33,40 @@ class Module:
     kind: str  # "attn" (units = KV groups) or "mlp" (units = channels)
     n_units: int  # current width
     unit_params: int  # parameters removed with one unit
-    min_units: int  # never prune below this (exportability)
+    min_units: int  # never prune below this (exportability, the profile's min_width)
+    piece: int = 1  # units that go together (MLP: align channels, so kept widths stay aligned)
 
 
-def modules_of(config: ModelConfig, plan: Plan, align: int, head_unit: str = "group") -> list[Module]:
+def modules_of(config: ModelConfig, plan: Plan, align: int, head_unit: str = "group",
+               min_width: float = 0.0) -> list[Module]:
     """Attention and MLP (channels) of every layer, with their unit sizes.
 
     Attention units are KV groups ("attn": a KV head with its query heads) or, with
     ``head_unit="query"``, query-head slots ("heads": the j-th kept query head of every group, so
     every group keeps the same number, as llama.cpp requires).
+
+    ``min_width``: every module keeps at least this share of its width in ``config`` (the source),
+    rounded up to a whole unit (MLP: to a multiple of ``align``), and never less than one unit
+    (one piece of ``align`` channels).
     """
     h, hd = config.hidden_size, config.head_dim
     bias = config.attention_bias
     out = []
-    for layer, lp in enumerate(plan.layers):
+    for layer, (lp, src) in enumerate(zip(plan.layers, config.layers)):
         n_kv = len(lp.kv_heads)
         q = len(lp.heads) // max(n_kv, 1)  # query heads per group now
         if head_unit == "query":
-            out.append(Module(layer, "heads", q, n_kv * (2 * hd * h + (hd if bias else 0)), min_units=1))
+            q_src = src.num_attention_heads // max(src.num_key_value_heads, 1)
+            out.append(Module(layer, "heads", q, n_kv * (2 * hd * h + (hd if bias else 0)),
+                              min_units=min(q, max(1, math.ceil(min_width * q_src - 1e-9)))))
         else:
             group_params = (2 * q + 2) * hd * h + ((q + 2) * hd if bias else 0)
-            out.append(Module(layer, "attn", n_kv, group_params, min_units=1))
-        out.append(Module(layer, "mlp", len(lp.channels), 3 * h,
-                          min_units=min(align, len(lp.channels))))
+            out.append(Module(layer, "attn", n_kv, group_params,
+                              min_units=min(n_kv, max(1, math.ceil(min_width * src.num_key_value_heads - 1e-9)))))
+        width = len(lp.channels)
+        piece = min(align, width)
+        floor = align * math.ceil(min_width * src.intermediate_size / align - 1e-9)
+        out.append(Module(layer, "mlp", width, 3 * h, min_units=min(width, max(piece, floor)), piece=piece))
     return out
 
 

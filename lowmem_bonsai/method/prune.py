@@ -173,6 +173,22 @@ def check_settings(*, sparsity: float, method: str, profile: Profile | None = No
                         f"'{profile.name}'")
 
 
+def check_reachable(cfg: ModelConfig, sparsity: float, profile: Profile) -> None:
+    """Refuse a sparsity that the profile's min_width does not leave room for. (Without one, a
+    target beyond what the modules' single-unit minimums allow is pruned as far as it goes, and the
+    report says why it stopped.)"""
+    if profile.min_width == 0:
+        return
+    modules = modules_of(cfg, Plan.dense(cfg), profile.align, profile.head_unit, profile.min_width)
+    room = sum((m.n_units - m.min_units) * m.unit_params for m in modules)
+    total = cfg.non_embedding_params()
+    smallest = min((m.unit_params * m.piece for m in modules), default=0)
+    if sparsity * total > room + 0.5 * smallest:
+        raise UserError(f"--sparsity {sparsity}: profile '{profile.name}' keeps at least min_width = "
+                        f"{profile.min_width:g} of every module, which leaves {room / total:.1%} of the "
+                        "non-embedding parameters removable; lower the sparsity or min_width")
+
+
 def run_rounds(
     ckpt: Checkpoint,
     calib: torch.Tensor,
@@ -200,6 +216,7 @@ def run_rounds(
     """
     check_settings(sparsity=sparsity, method=method)
     cfg = ckpt.config
+    check_reachable(cfg, sparsity, profile)
     prior_calib = calib  # the prior pass's windows; the masks take the first calib_seqs
     if profile.prior_seqs > profile.calib_seqs:
         calib = calib[: profile.calib_seqs]
@@ -287,11 +304,10 @@ def next_round(cfg: ModelConfig, plan: Plan, *, number: int, sparsity: float, pr
     budget = sparsity * total - (total - before)
     if method not in ONE_SHOT:
         budget = min(profile.prune_frac * total, budget)
-    modules = modules_of(cfg, plan, profile.align, profile.head_unit)
+    modules = modules_of(cfg, plan, profile.align, profile.head_unit, profile.min_width)
     # Stop when what is left is smaller than half the smallest removable piece (one attention
     # unit, or `align` channels: MLP widths stay aligned), instead of spending a round on nothing.
-    smallest = min((m.unit_params * (m.min_units if m.kind == "mlp" else 1)  # min_units: align
-                    for m in modules if m.n_units > m.min_units), default=0)
+    smallest = min((m.unit_params * m.piece for m in modules if m.n_units > m.min_units), default=0)
     if not smallest or budget < 0.5 * smallest:
         return None
     return RoundStart(number, before, budget, tuple(modules))
@@ -536,9 +552,9 @@ def sample_round(modules: list[Module], priors: Priors, p: float, n_masks: int, 
     for i, m in enumerate(modules):
         prior = prior_of(priors, m)
         room = m.n_units - m.min_units
-        # MLP modules offer at least two pieces of `align` (= min_units) channels: a small last
-        # round must still have a whole piece to remove.
-        least = 2 * m.min_units if m.kind == "mlp" else 2
+        # MLP modules offer at least two pieces of `align` channels: a small last round must still
+        # have a whole piece to remove.
+        least = 2 * m.piece
         if ranking is None:
             e = min(max(math.ceil(2 * p * m.n_units), least), room) if room >= 2 else 0
             e = 0 if skipped[i] else e
@@ -563,7 +579,7 @@ def global_eligible(modules: list[Module], ranking: Priors, p: float, skipped: l
 
     All removable units of the modules not ``skipped`` are ranked together by score (lowest
     first) and taken until their parameters reach 2p of the model's; an MLP's count is rounded to
-    the nearest multiple of its ``min_units`` (the alignment), since it loses whole pieces.
+    the nearest multiple of its ``piece`` (the alignment), since it loses whole pieces.
     """
     units = []  # (score, module index, unit params)
     total = sum(m.n_units * m.unit_params for m in modules)
@@ -582,7 +598,7 @@ def global_eligible(modules: list[Module], ranking: Priors, p: float, skipped: l
         taken += params
     for i, m in enumerate(modules):
         if m.kind == "mlp" and counts[i]:
-            counts[i] = m.min_units * round(counts[i] / m.min_units)
+            counts[i] = m.piece * round(counts[i] / m.piece)
     return counts
 
 
