@@ -174,16 +174,18 @@ def check_settings(*, sparsity: float, method: str, profile: Profile | None = No
 
 
 def check_reachable(cfg: ModelConfig, sparsity: float, profile: Profile) -> None:
-    """Refuse a sparsity that the profile's min_width does not leave room for. (Without one, a
-    target beyond what the modules' single-unit minimums allow is pruned as far as it goes, and the
-    report says why it stopped.)"""
+    """Refuse a sparsity that the profile's min_width leaves no room for. (Where the modules'
+    single-unit minimums alone stop it, the prune goes as far as it can and the report says why.)"""
     if profile.min_width == 0:
         return
-    modules = modules_of(cfg, Plan.dense(cfg), profile.align, profile.head_unit, profile.min_width)
-    room = sum((m.n_units - m.min_units) * m.unit_params for m in modules)
+    dense = Plan.dense(cfg)
+    floored = modules_of(cfg, dense, profile.align, profile.head_unit, profile.min_width)
+    bare = modules_of(cfg, dense, profile.align, profile.head_unit)
+    room = sum((m.n_units - m.min_units) * m.unit_params for m in floored)
     total = cfg.non_embedding_params()
-    smallest = min((m.unit_params * m.piece for m in modules), default=0)
-    if sparsity * total > room + 0.5 * smallest:
+    smallest = min(m.unit_params * m.piece for m in floored)
+    if sparsity * total > room + 0.5 * smallest and room < sum((m.n_units - m.min_units) * m.unit_params
+                                                               for m in bare):
         raise UserError(f"--sparsity {sparsity}: profile '{profile.name}' keeps at least min_width = "
                         f"{profile.min_width:g} of every module, which leaves {room / total:.1%} of the "
                         "non-embedding parameters removable; lower the sparsity or min_width")
