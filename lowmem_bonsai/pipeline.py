@@ -21,9 +21,9 @@ from .engine.memory import pick_compute_dtype
 from .engine.ranks import SINGLE, RankLost, Ranks
 from .errors import UserError, WriteError
 from .machine import release_freed_memory
-from .method.prune import Progress, PruneResult, check_settings, run_rounds, wave_size
+from .method.prune import Progress, PruneResult, check_reachable, check_settings, run_rounds, wave_size
 from .model.checkpoint import INDEX_NAME, Checkpoint, inputs_of
-from .model.config import DTYPES, ModelConfig
+from .model.config import DTYPES, ModelConfig, parse_config
 from .outputs.atomic import (check_output_dir, check_output_path, make_dirs, replace_dir,
                              write_json_atomic)
 from .outputs.report import build_report, plot
@@ -378,9 +378,11 @@ def prune_model(
     resolve_device(profile.device)  # a GPU profile where there is no GPU: refused before any reading
     if imported:
         if not resume:  # (a resume uses the import it made)
-            gguf_config(gguf_path=source)  # a corrupt GGUF is refused before anything is written
+            # a corrupt GGUF, or a target its widths leave no room for, is refused before anything is written
+            check_reachable(parse_config(gguf_config(gguf_path=source), source=str(source)), sparsity, profile)
     else:
         ckpt = Checkpoint(source)
+        check_reachable(ckpt.config, sparsity, profile)  # before the calibration text is read
         tokens, repair_tokens = calibration_sets(source, calib, profile)
     if ranks.world > 1:  # before rank 0 touches the output
         key = run_key(ckpt, tokens, profile, _settings(method, sparsity, seed, calib, tokens, profile))

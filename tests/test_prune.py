@@ -264,8 +264,8 @@ def test_min_width_floors_every_module_at_a_share_of_its_source_width():
     attn, mlp = modules_of(cfg, dense, 32, min_width=0.3)[:2]
     assert (attn.min_units, mlp.min_units, mlp.piece) == (2, 96, 32)  # ceil(1.2) groups; 76.8 -> 96
     assert [m.min_units for m in modules_of(cfg, dense, 32)[:2]] == [1, 32]  # min_width 0: one unit
-    query = modules_of(cfg, dense, 32, head_unit="query", min_width=0.5)[0]
-    assert (query.n_units, query.min_units) == (2, 1)
+    query = modules_of(cfg, dense, 32, head_unit="query", min_width=0.6)[0]
+    assert (query.n_units, query.min_units) == (2, 2)  # ceil(0.6 x 2 query heads per group)
     narrowed = dense.without(cfg, {(0, "mlp"): list(range(200))})  # 56 channels left, below the floor
     mlp = modules_of(cfg, narrowed, 32, min_width=0.3)[1]
     assert (mlp.n_units, mlp.min_units) == (56, 56)

@@ -75,6 +75,10 @@ def test_a_refused_prune_from_a_gguf_leaves_nothing(tmp_path, gguf_file, sample_
                                    "--memory", "100M"])
     assert res.exit_code == 2 and "too small" in res.output, res.output
     assert not out.exists() and not work_dir(out).exists()
+    res = CliRunner().invoke(app, ["prune", str(gguf_file), "--out", str(out), "--calib", str(sample_text),
+                                   "--sparsity", "0.7", "--min-width", "0.5"])
+    assert res.exit_code == 2 and "min_width = 0.5" in res.output, res.output  # before the import
+    assert not out.exists() and not work_dir(out).exists()
     (tmp_path / "bad.gguf").write_bytes(b"GGUFnope")
     res = CliRunner().invoke(app, ["prune", str(tmp_path / "bad.gguf"), "--out", str(out)])
     assert res.exit_code == 2 and "bad.gguf" in res.output, res.output

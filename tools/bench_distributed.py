@@ -88,7 +88,7 @@ def worker(a: argparse.Namespace) -> None:
     prior = prune.prior_pass(ckpt, calib, plan, kind="wanda", gen=gen, head_unit="group", teacher=False,
                              fwd=fwd, ranks=ranks)
     t1 = time.perf_counter()
-    modules = modules_of(cfg, plan, profile.align, profile.head_unit)
+    modules = modules_of(cfg, plan, profile.align, profile.head_unit, profile.min_width)
     per_module = prune.draw_masks(modules, prior.priors, profile.prune_frac, a.masks, gen, varied=True)
     scores = prune.score_masks(ckpt, calib, plan, per_module, wave=a.wave, fwd=fwd, soft=None, state=None,
                                progress=None, ranks=ranks)

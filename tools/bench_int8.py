@@ -89,7 +89,7 @@ def main() -> None:
     plan = Plan.dense(ckpt.config)
     stats = streamed_pass(ckpt, calib, plan=plan, want_stats=True).stats
     priors = layer_priors(ckpt, stats, prof.prior, torch.Generator().manual_seed(0), prof.head_unit)
-    modules = modules_of(ckpt.config, plan, prof.align, prof.head_unit)
+    modules = modules_of(ckpt.config, plan, prof.align, prof.head_unit, prof.min_width)
     per_module = sample_round(modules, priors, prof.prune_frac, a.masks, torch.Generator().manual_seed(0),
                               varied=True, skip_coarse=True)
     masks = mask_set(per_module, plan, 0, a.masks)

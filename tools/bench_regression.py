@@ -85,7 +85,7 @@ def main() -> None:
     stats, teacher = first.stats, first.teacher
     gen = torch.Generator().manual_seed(a.seed)
     priors = layer_priors(ckpt, stats, prof.prior, gen, prof.head_unit)
-    modules = modules_of(ckpt.config, plan, prof.align, prof.head_unit)
+    modules = modules_of(ckpt.config, plan, prof.align, prof.head_unit, prof.min_width)
     results_path = a.out / "results.json"
     rows = json.loads(results_path.read_text()) if results_path.is_file() else []
     for design in a.design:
