@@ -51,6 +51,10 @@ def modules_of(config: ModelConfig, plan: Plan, align: int, head_unit: str = "gr
     """
     h, hd = config.hidden_size, config.head_dim
     bias = config.attention_bias
+
+    def floor(source_units: int, step: int = 1) -> int:  # min_width of a source width, whole steps
+        return step * max(1, math.ceil(min_width * source_units / step - 1e-9))
+
     out = []
     for layer, (lp, src) in enumerate(zip(plan.layers, config.layers)):
         n_kv = len(lp.kv_heads)
@@ -58,15 +62,15 @@ def modules_of(config: ModelConfig, plan: Plan, align: int, head_unit: str = "gr
         if head_unit == "query":
             q_src = src.num_attention_heads // max(src.num_key_value_heads, 1)
             out.append(Module(layer, "heads", q, n_kv * (2 * hd * h + (hd if bias else 0)),
-                              min_units=min(q, max(1, math.ceil(min_width * q_src - 1e-9)))))
+                              min_units=min(q, floor(q_src))))
         else:
             group_params = (2 * q + 2) * hd * h + ((q + 2) * hd if bias else 0)
             out.append(Module(layer, "attn", n_kv, group_params,
-                              min_units=min(n_kv, max(1, math.ceil(min_width * src.num_key_value_heads - 1e-9)))))
+                              min_units=min(n_kv, floor(src.num_key_value_heads))))
         width = len(lp.channels)
         piece = min(align, width)
-        floor = align * math.ceil(min_width * src.intermediate_size / align - 1e-9)
-        out.append(Module(layer, "mlp", width, 3 * h, min_units=min(width, max(piece, floor)), piece=piece))
+        out.append(Module(layer, "mlp", width, 3 * h, min_units=min(width, floor(src.intermediate_size, align)),
+                          piece=piece))
     return out
 
 

@@ -176,18 +176,17 @@ def check_settings(*, sparsity: float, method: str, profile: Profile | None = No
 def check_reachable(cfg: ModelConfig, sparsity: float, profile: Profile) -> None:
     """Refuse a sparsity that the profile's min_width leaves no room for. (Where the modules'
     single-unit minimums alone stop it, the prune goes as far as it can and the report says why.)"""
-    if profile.min_width == 0:
-        return
-    dense = Plan.dense(cfg)
-    floored = modules_of(cfg, dense, profile.align, profile.head_unit, profile.min_width)
-    bare = modules_of(cfg, dense, profile.align, profile.head_unit)
-    room = sum((m.n_units - m.min_units) * m.unit_params for m in floored)
-    total = cfg.non_embedding_params()
-    smallest = min(m.unit_params * m.piece for m in floored)
-    if sparsity * total > room + 0.5 * smallest and room < sum((m.n_units - m.min_units) * m.unit_params
-                                                               for m in bare):
+    def modules(min_width: float) -> list[Module]:
+        return modules_of(cfg, Plan.dense(cfg), profile.align, profile.head_unit, min_width)
+
+    def room(mods: list[Module]) -> int:
+        return sum((m.n_units - m.min_units) * m.unit_params for m in mods)
+
+    mods, total = modules(profile.min_width), cfg.non_embedding_params()
+    floored, smallest = room(mods), min(m.unit_params * m.piece for m in mods)
+    if sparsity * total > floored + 0.5 * smallest and floored < room(modules(0.0)):
         raise UserError(f"--sparsity {sparsity}: profile '{profile.name}' keeps at least min_width = "
-                        f"{profile.min_width:g} of every module, which leaves {room / total:.1%} of the "
+                        f"{profile.min_width:g} of every module, which leaves {floored / total:.1%} of the "
                         "non-embedding parameters removable; lower the sparsity or min_width")
 
 
@@ -218,7 +217,6 @@ def run_rounds(
     """
     check_settings(sparsity=sparsity, method=method)
     cfg = ckpt.config
-    check_reachable(cfg, sparsity, profile)
     prior_calib = calib  # the prior pass's windows; the masks take the first calib_seqs
     if profile.prior_seqs > profile.calib_seqs:
         calib = calib[: profile.calib_seqs]
