@@ -53,7 +53,7 @@ def worker(a: argparse.Namespace) -> None:
     """One rank: the round's prior pass and masked passes, timed; JSON to a.result."""
     from lowmem_bonsai.engine.ranks import Ranks, join
     from lowmem_bonsai.method import prune
-    from lowmem_bonsai.method.masks import modules_of
+    from lowmem_bonsai.method.masks import profile_modules
     from lowmem_bonsai.model.checkpoint import Checkpoint
     from lowmem_bonsai.model.plan import Plan
     from lowmem_bonsai.profiles import load_profile
@@ -88,7 +88,7 @@ def worker(a: argparse.Namespace) -> None:
     prior = prune.prior_pass(ckpt, calib, plan, kind="wanda", gen=gen, head_unit="group", teacher=False,
                              fwd=fwd, ranks=ranks)
     t1 = time.perf_counter()
-    modules = modules_of(cfg, plan, profile.align, profile.head_unit, profile.min_width)
+    modules = profile_modules(cfg, plan, profile)
     per_module = prune.draw_masks(modules, prior.priors, profile.prune_frac, a.masks, gen, varied=True)
     scores = prune.score_masks(ckpt, calib, plan, per_module, wave=a.wave, fwd=fwd, soft=None, state=None,
                                progress=None, ranks=ranks)

@@ -29,7 +29,7 @@ from lowmem_bonsai.engine.forward import streamed_nll, streamed_pass  # noqa: E4
 from lowmem_bonsai.model.plan import Plan  # noqa: E402
 from lowmem_bonsai.profiles import load_profile  # noqa: E402
 from lowmem_bonsai.method.prior import layer_priors  # noqa: E402
-from lowmem_bonsai.method.prune import mask_set, modules_of, sample_round  # noqa: E402
+from lowmem_bonsai.method.prune import mask_set, profile_modules, sample_round  # noqa: E402
 from lowmem_bonsai.method.regression import kendall_tau  # noqa: E402
 from lowmem_bonsai.texts import bundled_path  # noqa: E402
 
@@ -89,7 +89,7 @@ def main() -> None:
     plan = Plan.dense(ckpt.config)
     stats = streamed_pass(ckpt, calib, plan=plan, want_stats=True).stats
     priors = layer_priors(ckpt, stats, prof.prior, torch.Generator().manual_seed(0), prof.head_unit)
-    modules = modules_of(ckpt.config, plan, prof.align, prof.head_unit, prof.min_width)
+    modules = profile_modules(ckpt.config, plan, prof)
     per_module = sample_round(modules, priors, prof.prune_frac, a.masks, torch.Generator().manual_seed(0),
                               varied=True, skip_coarse=True)
     masks = mask_set(per_module, plan, 0, a.masks)

@@ -34,7 +34,7 @@ from lowmem_bonsai.engine.forward import streamed_nll, streamed_pass  # noqa: E4
 from lowmem_bonsai.model.plan import Plan  # noqa: E402
 from lowmem_bonsai.profiles import load_profile  # noqa: E402
 from lowmem_bonsai.method.prior import layer_priors  # noqa: E402
-from lowmem_bonsai.method.prune import design_of, mask_set, modules_of, sample_round  # noqa: E402
+from lowmem_bonsai.method.prune import design_of, mask_set, profile_modules, sample_round  # noqa: E402
 from lowmem_bonsai.method.regression import fit, kendall_tau  # noqa: E402
 from lowmem_bonsai.texts import bundled_path  # noqa: E402
 
@@ -85,7 +85,7 @@ def main() -> None:
     stats, teacher = first.stats, first.teacher
     gen = torch.Generator().manual_seed(a.seed)
     priors = layer_priors(ckpt, stats, prof.prior, gen, prof.head_unit)
-    modules = modules_of(ckpt.config, plan, prof.align, prof.head_unit, prof.min_width)
+    modules = profile_modules(ckpt.config, plan, prof)
     results_path = a.out / "results.json"
     rows = json.loads(results_path.read_text()) if results_path.is_file() else []
     for design in a.design:

@@ -23,6 +23,7 @@ import torch
 
 from ..model.config import ModelConfig
 from ..model.plan import Plan
+from ..profiles import Profile
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,12 @@ class Module:
     unit_params: int  # parameters removed with one unit
     min_units: int  # never prune below this (exportability, the profile's min_width)
     piece: int = 1  # units that go together (MLP: align channels, so kept widths stay aligned)
+
+
+def profile_modules(config: ModelConfig, plan: Plan, profile: Profile) -> list[Module]:
+    """:func:`modules_of` with the profile's align, head unit and floor: the modules a prune with
+    ``profile`` selects from (the tools call this too, so none of them forgets the floor)."""
+    return modules_of(config, plan, profile.align, profile.head_unit, profile.min_width)
 
 
 def modules_of(config: ModelConfig, plan: Plan, align: int, head_unit: str = "group",

@@ -32,7 +32,7 @@ from ..outputs.resume import RunState
 from ..profiles import Profile
 from ..settings import Coarse, Eligible, MaskFill, Method, PriorScope, names
 from . import select
-from .masks import Module, eligible_units, modules_of, sample_masks
+from .masks import Module, eligible_units, modules_of, profile_modules, sample_masks
 from .prior import flap_scores, layer_priors
 from .regression import fit
 from .select import ModuleMasks, Priors, prior_of
@@ -61,7 +61,7 @@ class Repaired:
 RepairBetween = Callable[[int, Plan], Repaired]
 
 __all__ = ["PruneResult", "Repaired", "RepairBetween", "RoundReport", "check_settings", "design_of",
-           "mask_set", "modules_of", "run_rounds", "sample_round", "wave_size"]
+           "mask_set", "modules_of", "profile_modules", "run_rounds", "sample_round", "wave_size"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,15 +176,14 @@ def check_settings(*, sparsity: float, method: str, profile: Profile | None = No
 def check_reachable(cfg: ModelConfig, sparsity: float, profile: Profile) -> None:
     """Refuse a sparsity that the profile's min_width leaves no room for. (Where the modules'
     single-unit minimums alone stop it, the prune goes as far as it can and the report says why.)"""
-    def modules(min_width: float) -> list[Module]:
-        return modules_of(cfg, Plan.dense(cfg), profile.align, profile.head_unit, min_width)
-
     def room(mods: list[Module]) -> int:
         return sum((m.n_units - m.min_units) * m.unit_params for m in mods)
 
-    mods, total = modules(profile.min_width), cfg.non_embedding_params()
+    dense = Plan.dense(cfg)
+    mods, total = profile_modules(cfg, dense, profile), cfg.non_embedding_params()
     floored, smallest = room(mods), min(m.unit_params * m.piece for m in mods)
-    if sparsity * total > floored + 0.5 * smallest and floored < room(modules(0.0)):
+    unfloored = room(modules_of(cfg, dense, profile.align, profile.head_unit))
+    if sparsity * total > floored + 0.5 * smallest and floored < unfloored:
         raise UserError(f"--sparsity {sparsity}: profile '{profile.name}' keeps at least min_width = "
                         f"{profile.min_width:g} of every module, which leaves {floored / total:.1%} of the "
                         "non-embedding parameters removable; lower the sparsity or min_width")
@@ -304,7 +303,7 @@ def next_round(cfg: ModelConfig, plan: Plan, *, number: int, sparsity: float, pr
     budget = sparsity * total - (total - before)
     if method not in ONE_SHOT:
         budget = min(profile.prune_frac * total, budget)
-    modules = modules_of(cfg, plan, profile.align, profile.head_unit, profile.min_width)
+    modules = profile_modules(cfg, plan, profile)
     # Stop when what is left is smaller than half the smallest removable piece (one attention
     # unit, or `align` channels: MLP widths stay aligned), instead of spending a round on nothing.
     smallest = min((m.unit_params * m.piece for m in modules if m.n_units > m.min_units), default=0)
