@@ -40,13 +40,30 @@ def summarize(rows: list[dict]) -> tuple[float, list[dict]]:
     return dense[0], out
 
 
-def main() -> None:
+def positions(summary: list[dict], methods: list[str], step: float = 1.04) -> list[float]:
+    """The plot's x of each summary row: its forward tokens, except that rows of one budget at one
+    sparsity (FLAP's and the prior's plans under the same repair) would hide one marker under
+    another, so each such group is spread sideways, ``step`` apart on the log axis, centred on the
+    budget, in the methods' order."""
+    group: dict[tuple, list[int]] = defaultdict(list)
+    for i, s in enumerate(summary):
+        group[(s["forward_tokens"], s["sparsity"])].append(i)
+    x = [float(s["forward_tokens"]) for s in summary]
+    rank = {m: k for k, m in enumerate(methods)}
+    for members in group.values():
+        members.sort(key=lambda i: rank.get(summary[i]["method"], len(methods)))
+        for k, i in enumerate(members):
+            x[i] *= step ** (k - (len(members) - 1) / 2)
+    return x
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", type=Path, nargs="+", help="results.json files of bench_quality.py")
     ap.add_argument("--out", type=Path, required=True, help="output prefix (.md, .png, .json)")
     ap.add_argument("--only", nargs="+", metavar="METHOD=LABEL",
                     help="keep only these methods (and dense), renamed, in this order")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     rows = []
     for path in a.results:  # a bench's results.json (a list of rows) or a summary's JSON ({"raw": rows})
         got = json.loads(path.read_text())
@@ -83,8 +100,8 @@ def main() -> None:
     # tab10's colours repeat after ten methods; tab20 tells up to twenty apart
     palette = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
     colors = {m: palette(i % palette.N) for i, m in enumerate(methods)}
-    for s in summary:
-        ax.errorbar(s["forward_tokens"], s["perplexity_mean"], fmt=markers[s["sparsity"]], color=colors[s["method"]],
+    for s, x in zip(summary, positions(summary, methods)):
+        ax.errorbar(x, s["perplexity_mean"], fmt=markers[s["sparsity"]], color=colors[s["method"]],
                     yerr=[[s["perplexity_mean"] - s["perplexity_min"]], [s["perplexity_max"] - s["perplexity_mean"]]])
     for m in methods:
         ax.plot([], [], "-", lw=5, color=colors[m], label=m)  # a colour bar: the markers are the sparsities
@@ -93,7 +110,7 @@ def main() -> None:
     ax.axhline(dense, color="k", lw=0.8, ls="--", label="dense")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("forward tokens (prior passes, masks, reconstruction)")
+    ax.set_xlabel("forward tokens (prior passes, masks, reconstruction)\n(one budget's points at one sparsity spread sideways)")
     ax.set_ylabel("WikiText-2 perplexity (held-out test windows)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: no point hidden
     fig.tight_layout()
