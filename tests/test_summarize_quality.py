@@ -57,8 +57,11 @@ def test_one_budget_at_one_sparsity_is_spread_sideways_in_the_methods_order():
     tool = _tool()
     summary = [{"method": m, "sparsity": sp, "forward_tokens": t}
                for m, sp, t in [("prior", 0.3, 500), ("flap", 0.3, 500), ("bonsai", 0.3, 900),
-                                ("flap", 0.5, 500), ("magnitude", 0.3, 500)]]
+                                ("flap", 0.5, 500), ("magnitude", 0.3, 500), ("prior", 0.5, 500),
+                                ("bonsai", 0.5, 700)]]
     x = tool.positions(summary, ["flap", "prior", "bonsai"], step=1.1)
     # flap, prior, then the unlisted magnitude: 500 / 1.1, 500, 500 * 1.1
     assert x[1] == pytest.approx(500 / 1.1) and x[0] == pytest.approx(500) and x[4] == pytest.approx(550)
-    assert x[2] == 900 and x[3] == 500  # alone in their budget and sparsity: where they are
+    # two of a budget sit half a step either side of it
+    assert x[3] == pytest.approx(500 / 1.1 ** 0.5) and x[5] == pytest.approx(500 * 1.1 ** 0.5)
+    assert x[2] == 900 and x[6] == 700  # alone in their budget and sparsity: where they are
