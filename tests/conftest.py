@@ -21,6 +21,20 @@ from lowmem_bonsai.model.plan import Plan
 
 from lowmem_bonsai.texts import bundled_path
 
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+
+
+def load_tool(name: str):
+    """The module of ``tools/NAME.py`` (the tools are scripts, not a package), for tests that call
+    its functions or ``main(argv)``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
 FAMILIES = {
     # name: (config class, model class, extra config)
     "llama-mha-untied": ("LlamaConfig", "LlamaForCausalLM",

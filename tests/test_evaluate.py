@@ -95,13 +95,9 @@ def test_paired_below_averages_seeds_and_refuses_bad_input():
 
 
 def test_paired_ppl_tool(tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
+    from .conftest import load_tool
 
-    spec = importlib.util.spec_from_file_location(
-        "paired_ppl", Path(__file__).resolve().parent.parent / "tools" / "paired_ppl.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("paired_ppl")
     windows = {"seq_len": 256, "sequences": 4, "skip": 10, "tokens": 1020, "data": "/a/valid.txt"}
     ref, good = tmp_path / "ref.json", tmp_path / "s0.json"
     ref.write_text(json.dumps(windows | {"window_nll": [4.0, 3.8, 4.2, 4.1]}))

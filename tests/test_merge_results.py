@@ -3,22 +3,15 @@ model, eval-only rows completed from the same model's row on another split."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "merge_results.py"
+from .conftest import TOOLS, load_tool
 
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("merge_results", TOOL)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+TOOL = TOOLS / "merge_results.py"
 
 
 def row(method, split, ppl, sparsity=0.1, seed=0, **kw):
@@ -53,7 +46,7 @@ def test_latest_rows_renamed_and_eval_only_rows_completed(tmp_path, capsys):
 
 
 def test_refuses_mixed_windows_missing_methods_and_rows_it_cannot_complete():
-    tool = _tool()
+    tool = load_tool("merge_results")
     dense = [row("dense", "test", 44.13, 0.0), row("dense", "test", 44.5, 0.0)]
     with pytest.raises(SystemExit, match="differ"):
         tool.merge(dense, "test", {"bonsai": "bonsai"})
@@ -69,7 +62,7 @@ def test_refuses_mixed_windows_missing_methods_and_rows_it_cannot_complete():
 def test_two_names_for_one_model_keep_the_latest_row_and_the_latest_usable_twin():
     """Two methods given one name are one model: the later row wins. An eval-only row takes its
     forward tokens from the latest row on another split that has them, not from the first one."""
-    tool = _tool()
+    tool = load_tool("merge_results")
     rows = [row("dense", "test", 44.13, 0.0),
             row("old", "tune", 38.3),  # no forward tokens: not a twin
             row("old", "test", 46.9, forward_tokens=1, achieved=0.1),
@@ -84,7 +77,7 @@ def test_two_names_for_one_model_keep_the_latest_row_and_the_latest_usable_twin(
 
 
 def test_bad_inputs_are_refused_in_one_line(tmp_path):
-    tool = _tool()
+    tool = load_tool("merge_results")
     for given, match in ((["a="], "neither empty"), (["=b"], "neither empty"), (["a", "a=b"], "a given twice")):
         with pytest.raises(SystemExit, match=match):
             tool.parse_names(given)

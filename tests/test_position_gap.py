@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 from lowmem_bonsai.evaluate import evaluate
 from lowmem_bonsai.pipeline import prune_model
 from lowmem_bonsai.profiles import load_profile
 
-from .conftest import make_tiny, write_word_tokenizer
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "position_gap", Path(__file__).resolve().parent.parent / "tools" / "position_gap.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+from .conftest import load_tool, make_tiny, write_word_tokenizer
 
 
 def test_position_gap_splits_the_eval_by_position(tmp_path, sample_text, capsys):
-    tool = _tool()
+    tool = load_tool("position_gap")
     assert tool.buckets(256) == [(0, 1), (1, 4), (4, 16), (16, 64), (64, 128), (128, 255)]
     assert tool.buckets(10) == [(0, 1), (1, 4), (4, 9)]
     make_tiny(tmp_path / "m", "llama-gqa-tied", layers=2, intermediate_size=64, num_attention_heads=4,

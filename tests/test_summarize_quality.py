@@ -3,20 +3,11 @@ for --only, and a plot in which no marker hides another of the same budget and s
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "summarize_quality.py"
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("summarize_quality", TOOL)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+from .conftest import load_tool
 
 
 def row(method, ppl, sparsity=0.3, seed=0, tokens=100_000):
@@ -33,7 +24,7 @@ def test_mean_and_range_over_seeds_under_the_readmes_names(tmp_path):
             row("flap", 80.0, tokens=50_000), row("prior", 70.0, tokens=50_000), row("magnitude", 500.0)]
     src = tmp_path / "results.json"
     src.write_text(json.dumps(rows))
-    _tool().main([str(src), "--out", str(tmp_path / "sum"), "--only", "bonsai=Bonsai", "flap=FLAP", "prior"])
+    load_tool("summarize_quality").main([str(src), "--out", str(tmp_path / "sum"), "--only", "bonsai=Bonsai", "flap=FLAP", "prior"])
     got = json.loads((tmp_path / "sum.json").read_text())
     assert got["dense"] == 40.0
     by = {r["method"]: r for r in got["rows"]}
@@ -50,11 +41,11 @@ def test_only_names_a_method_that_is_not_there(tmp_path):
     src = tmp_path / "results.json"
     src.write_text(json.dumps([DENSE, row("bonsai", 60.0)]))
     with pytest.raises(SystemExit, match="no rows of \\['flap'\\]"):
-        _tool().main([str(src), "--out", str(tmp_path / "sum"), "--only", "bonsai", "flap=FLAP"])
+        load_tool("summarize_quality").main([str(src), "--out", str(tmp_path / "sum"), "--only", "bonsai", "flap=FLAP"])
 
 
 def test_one_budget_at_one_sparsity_is_spread_sideways_in_the_methods_order():
-    tool = _tool()
+    tool = load_tool("summarize_quality")
     summary = [{"method": m, "sparsity": sp, "forward_tokens": t}
                for m, sp, t in [("prior", 0.3, 500), ("flap", 0.3, 500), ("bonsai", 0.3, 900),
                                 ("flap", 0.5, 500), ("magnitude", 0.3, 500), ("prior", 0.5, 500),
