@@ -383,7 +383,7 @@ def prune_cmd(
     prune_frac: Annotated[Optional[float], typer.Option(help="Override the profile.")] = None,
     min_width: Annotated[Optional[float], typer.Option(
         help="Override the profile: every layer's attention and MLP keep at least this share of their "
-        "source width (rounded up to a whole head group / align channels; 0.25 in quick and laptop-16gb, 0 in the others); "
+        "source width (rounded up to a whole head group / align channels; 0.25 in quick, laptop-16gb and laptop-8gb, 0 in the others); "
         "at 0 a module may go down to one head group and align channels.")] = None,
     calib_windows: Annotated[Optional[str], typer.Option(
         help=f"Override the profile: which windows the prior pass and the masks read: "
