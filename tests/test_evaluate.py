@@ -12,7 +12,7 @@ from lowmem_bonsai.data import load_tokenizer, tokenize_file, windows
 from lowmem_bonsai.errors import UserError
 from lowmem_bonsai.evaluate import evaluate, paired_below
 
-from .conftest import hf_nll, make_tiny, write_word_tokenizer
+from .conftest import hf_nll, load_tool, make_tiny, write_word_tokenizer
 
 
 def test_eval_perplexity_equals_transformers(tmp_path, sample_text):
@@ -95,8 +95,6 @@ def test_paired_below_averages_seeds_and_refuses_bad_input():
 
 
 def test_paired_ppl_tool(tmp_path, capsys):
-    from .conftest import load_tool
-
     tool = load_tool("paired_ppl")
     windows = {"seq_len": 256, "sequences": 4, "skip": 10, "tokens": 1020, "data": "/a/valid.txt"}
     ref, good = tmp_path / "ref.json", tmp_path / "s0.json"
