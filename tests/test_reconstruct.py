@@ -518,6 +518,12 @@ def test_deferred_elimination_chooses_as_one_downdate_at_a_time():
         alive[j] = False
     assert reconstruct_module.ELIMINATION_BLOCK == 64
     assert greedy_keep(m, w, n - 250, ridge=1e-3).tolist() == torch.nonzero(alive).flatten().tolist()
+    # a start the caller computed (tools/bench_reselect.py: one start, several eliminations), here
+    # inverted by LU, chooses as the Cholesky start does; the start's dtype is the caller's to set
+    lu = reconstruct_module._elimination_start(copy.deepcopy(m), w, 1e-3, inverse=torch.linalg.inv)
+    assert greedy_keep(m, w, n - 250, ridge=1e-3, start=lu).tolist() == torch.nonzero(alive).flatten().tolist()
+    fit32, inv32 = reconstruct_module._elimination_start(copy.deepcopy(m), w, 1e-3, dtype=torch.float32)
+    assert inv.dtype == torch.float64 and inv32.dtype == fit32.dtype == torch.float32
 
 
 def test_head_reselection_is_greedy_block_elimination_that_keeps_the_groups_even():

@@ -65,19 +65,11 @@ def exact_choices(m: Moments, w: torch.Tensor, drops: int, starts: dict) -> dict
     fit's error when they all go, the rest refit (tr(W*_J (A^-1_JJ)^-1 W*_J^T), fp64). Also the
     same for the set dropped from the fp64 start and how many of each set's channels it shares."""
     n = w.shape[1]
-    start, fp64_max = reconstruct._elimination_start, reconstruct.SOLVE_FP64_MAX
-    reconstruct.SOLVE_FP64_MAX = n  # the same start, solved in fp64 as narrower layers are
-    try:
-        fit64, inv64 = start(m, w, 1e-3)
-    finally:
-        reconstruct.SOLVE_FP64_MAX = fp64_max
+    # the same start, solved in fp64 as narrower layers are
+    fit64, inv64 = reconstruct._elimination_start(m, w, 1e-3, dtype=torch.float64)
 
     def dropped(fit: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
-        reconstruct._elimination_start = lambda m_, w_, ridge: (fit.clone(), inv.clone())
-        try:
-            kept = greedy_keep(m, w, n - drops, ridge=1e-3)
-        finally:
-            reconstruct._elimination_start = start
+        kept = greedy_keep(m, w, n - drops, ridge=1e-3, start=(fit.clone(), inv.clone()))
         alive = torch.zeros(n, dtype=torch.bool)
         alive[kept] = True
         return torch.nonzero(~alive).flatten()
@@ -114,12 +106,9 @@ def main() -> None:
     fit, inv = reconstruct._elimination_start(m, w, 1e-3)
     start_s = time.perf_counter() - t0
     print(f"start (inverse from the Cholesky factor, and refit, in {inv.dtype}): {start_s:.1f} s", flush=True)
-    spd_inverse = reconstruct.spd_inverse
-    reconstruct.spd_inverse = torch.linalg.inv  # the start as it was: LU's inverse
     t0 = time.perf_counter()
-    fit_lu, inv_lu = reconstruct._elimination_start(m, w, 1e-3)
+    fit_lu, inv_lu = reconstruct._elimination_start(m, w, 1e-3, inverse=torch.linalg.inv)  # the start as it was
     start_lu_s = time.perf_counter() - t0
-    reconstruct.spd_inverse = spd_inverse
     print(f"start with LU's inverse: {start_lu_s:.1f} s", flush=True)
     rel = float((inv_lu - inv).norm() / inv_lu.norm())
     exact = exact_choices(m, w, args.drops, {"cholesky": (fit, inv), "lu": (fit_lu, inv_lu)})
@@ -130,9 +119,8 @@ def main() -> None:
     ref_s = time.perf_counter() - t0
     print(f"one at a time: {args.drops} drops in {ref_s:.1f} s", flush=True)
 
-    reconstruct._elimination_start = lambda m_, w_, ridge: (fit, inv)  # the same start, not timed again
     t0 = time.perf_counter()
-    kept = greedy_keep(m, w, n - args.drops, ridge=1e-3)
+    kept = greedy_keep(m, w, n - args.drops, ridge=1e-3, start=(fit, inv))  # the same start, not timed again
     new_s = time.perf_counter() - t0
     same = kept.tolist() == torch.nonzero(alive).flatten().tolist()
     print(f"deferred (blocks of {ELIMINATION_BLOCK}): {args.drops} drops in {new_s:.1f} s; same choices: {same}", flush=True)

@@ -194,13 +194,14 @@ class Moments:
                                           what=what).item())
         return self
 
-    def full_gram(self) -> torch.Tensor:
-        """G with the constant's row and column exact, in :func:`solve_dtype`.  # (in + 1, in + 1)
+    def full_gram(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """G with the constant's row and column exact, in ``dtype`` (default :func:`solve_dtype`).  # (in + 1, in + 1)
 
         fp64 up to SOLVE_FP64_MAX inputs; wider ones (a 13B model's 13,824 channels) solve in fp32,
         in place of the accumulator, so a layer's solve holds about two Gram matrices, not five.
         """
-        g = self.gram.double() if solve_dtype(self.n_in) == torch.float64 else self.gram
+        dtype = dtype or solve_dtype(self.n_in)
+        g = self.gram if self.gram.dtype == dtype else self.gram.to(dtype)
         g[-1, :-1] = g[:-1, -1] = self.sums.to(g.dtype)
         g[-1, -1] = self.weight_sum
         return g
@@ -234,16 +235,18 @@ def spd_solve(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(a, rhs) if factor is None else torch.cholesky_solve(rhs, factor)
 
 
-def _elimination_start(m: Moments, w: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _elimination_start(m: Moments, w: torch.Tensor, ridge: float, *, dtype: torch.dtype | None = None,
+                       inverse=spd_inverse) -> tuple[torch.Tensor, torch.Tensor]:
     """The refit on every input and the inverse it starts from: (W* (out, in + 1), A^-1 (in + 1,
     in + 1)), lambda = ``ridge`` x the mean diagonal over all inputs (the same for every subset, so
-    each elimination step's cost is exact for the regularised fit). In :func:`solve_dtype`."""
+    each elimination step's cost is exact for the regularised fit). In ``dtype`` (default
+    :func:`solve_dtype`); ``inverse`` inverts A (tools/bench_reselect.py passes LU's to compare)."""
     n = w.shape[1]
-    g = m.full_gram()  # (in + 1, in + 1)
+    g = m.full_gram(dtype)  # (in + 1, in + 1)
     c = m.full_cross(g.dtype) if m.t_sums is not None else w.to(g.dtype) @ g[:n]  # target W z: C = W G
     a = g.clone() if g is m.gram else g  # the fp32 accumulator is the later solve's: not changed
     a.diagonal()[:-1] += ridge * a.diagonal()[:-1].mean().clamp_min(1e-30)
-    inv = spd_inverse(a)
+    inv = inverse(a)
     del a, g
     return c @ inv, inv
 
@@ -264,9 +267,12 @@ def _block_cost(fit: torch.Tensor, inv: torch.Tensor, cols: torch.Tensor) -> flo
     return float((torch.linalg.solve(inv[cols][:, cols], f.T) * f.T).sum())
 
 
-def greedy_keep(m: Moments, w: torch.Tensor, k: int, *, ridge: float) -> torch.Tensor:
+def greedy_keep(m: Moments, w: torch.Tensor, k: int, *, ridge: float,
+                start: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``reselect``: the ``k`` inputs of ``w`` (out, in) to keep, by greedy elimination (see the
     module's notes) on the moments ``m`` (target W z, or ``m``'s own). Sorted indices.  (k,)
+    ``start``: the elimination's start (W*, A^-1) when the caller has it (:func:`_elimination_start`
+    of the same moments; updated in place), else computed here.
 
     Each channel's downdates of W* and A^-1 are rank-1 updates; done one at a time they read and
     write both matrices once per dropped channel, and on a 13B model's 13,824 channels that
@@ -280,7 +286,7 @@ def greedy_keep(m: Moments, w: torch.Tensor, k: int, *, ridge: float) -> torch.T
     n = w.shape[1]
     if not 0 <= k <= n:
         raise ValueError(f"greedy_keep: k = {k} of {n} inputs")
-    fit, inv = _elimination_start(m, w, ridge)  # (out, n + 1), (n + 1, n + 1)
+    fit, inv = start if start is not None else _elimination_start(m, w, ridge)  # (out, n + 1), (n + 1, n + 1)
     alive = torch.ones(n, dtype=torch.bool)
     todo = n - k
     while todo:
