@@ -519,11 +519,17 @@ def test_deferred_elimination_chooses_as_one_downdate_at_a_time():
     assert reconstruct_module.ELIMINATION_BLOCK == 64
     assert greedy_keep(m, w, n - 250, ridge=1e-3).tolist() == torch.nonzero(alive).flatten().tolist()
     # a start the caller computed (tools/bench_reselect.py: one start, several eliminations), here
-    # inverted by LU, chooses as the Cholesky start does; the start's dtype is the caller's to set
+    # inverted by LU, chooses as the Cholesky start does, and is the one used: downdated in place
     lu = reconstruct_module._elimination_start(copy.deepcopy(m), w, 1e-3, inverse=torch.linalg.inv)
+    lu_inv = lu[1].clone()
     assert greedy_keep(m, w, n - 250, ridge=1e-3, start=lu).tolist() == torch.nonzero(alive).flatten().tolist()
-    fit32, inv32 = reconstruct_module._elimination_start(copy.deepcopy(m), w, 1e-3, dtype=torch.float32)
-    assert inv.dtype == torch.float64 and inv32.dtype == fit32.dtype == torch.float32
+    assert torch.allclose(lu[1], inv) and not torch.allclose(lu[1], lu_inv)
+    # a start's dtype is the caller's to set; the moments' fp32 accumulator never takes the ridge
+    diag = m.gram.diagonal().clone()
+    fit32, inv32 = reconstruct_module._elimination_start(m, w, 1e-3, dtype=torch.float32)  # in place of the accumulator
+    fit64, inv64 = reconstruct_module._elimination_start(m, w, 1e-3, dtype=torch.float64)  # a copy
+    assert inv.dtype == inv64.dtype == torch.float64 and inv32.dtype == fit32.dtype == torch.float32
+    assert m.gram.dtype == torch.float32 and torch.equal(m.gram.diagonal()[:-1], diag[:-1])
 
 
 def test_head_reselection_is_greedy_block_elimination_that_keeps_the_groups_even():
