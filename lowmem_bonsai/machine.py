@@ -13,6 +13,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
+import platform
 import re
 import sys
 from collections.abc import Callable
@@ -202,3 +204,29 @@ def release_freed_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+# Instructions through which a CPU computes bf16 matmuls natively; their rounding differs from the
+# fp32 emulation other CPUs use, so a prune whose rounds run in bf16 may choose other units there
+# (docs/quality-history.md: `laptop-16gb` repairing twice).
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def host_info(*, root: Path = Path("/")) -> dict:
+    """What a run's figures may depend on besides its settings, for its report: the CPU (its model
+    name and the bf16 instructions among its flags, from /proc/cpuinfo where there is one), the
+    cores, the threads torch uses, and torch's version."""
+    import torch
+
+    try:
+        text = (root / "proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        text = ""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():  # one stanza per logical CPU: the first says it
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    cpu = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    return {"cpu": cpu, "bf16_instructions": [f for f in BF16_FLAGS if f in flags],
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}

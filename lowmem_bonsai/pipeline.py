@@ -20,7 +20,7 @@ from .engine.device import resolve_device
 from .engine.memory import pick_compute_dtype
 from .engine.ranks import SINGLE, RankLost, Ranks
 from .errors import UserError, WriteError
-from .machine import release_freed_memory
+from .machine import host_info, release_freed_memory
 from .method.prune import Progress, PruneResult, check_reachable, check_settings, run_rounds, wave_size
 from .model.checkpoint import INDEX_NAME, Checkpoint, inputs_of
 from .model.config import DTYPES, ModelConfig, parse_config
@@ -513,6 +513,7 @@ def _prune(ckpt: Checkpoint, tokens: torch.Tensor, repair_tokens: torch.Tensor |
         report["ranks"] = ranks.world
         report["compute_dtype"] = resolved_dtypes(profile)[0]  # the rounds' (``auto`` as resolved here)
         report["forward_tokens_per_rank"] = list(result.rank_tokens)  # this run's (not resumed work)
+        report["host"] = host_info()  # rank 0's machine: bf16 rounds may choose otherwise on another CPU
         if repair is not None:
             report["reconstruction"] = {
                 "mode": repair.mode, "sequential": repair.sequential, "tokens": repair.tokens,

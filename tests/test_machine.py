@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from lowmem_bonsai.cli import app
 from lowmem_bonsai.errors import UserError
-from lowmem_bonsai.machine import (GIB, MachineMemory, memory_budget, parse_memory,
+from lowmem_bonsai.machine import (GIB, host_info, MachineMemory, memory_budget, parse_memory,
                                    read_machine_memory)
 
 from .conftest import make_tiny
@@ -181,3 +181,17 @@ def test_freed_buffers_go_back_to_the_system():
     if held < 100 * 2**20:
         pytest.skip(f"this C library returned the freed buffers by itself ({held} bytes held)")
     assert after < 32 * 2**20, (held, after)  # of 300 MB freed (the 12.5 MB of small ones are live)
+
+
+def test_host_info_names_the_cpu_and_its_bf16_instructions(tmp_path):
+    """A report says which CPU pruned (bf16 rounds may choose other units on another CPU): the
+    first stanza of /proc/cpuinfo gives the model name and the bf16 flags among its flags."""
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc" / "cpuinfo").write_text(
+        "processor\t: 0\nmodel name\t: Example CPU 9000\nflags\t\t: fpu sse2 avx2 amx_bf16 amx_tile avx512f\n\n"
+        "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu avx512_bf16\n")
+    info = host_info(root=tmp_path)
+    assert info["cpu"] == "Example CPU 9000" and info["bf16_instructions"] == ["amx_bf16"]
+    assert info["cores"] >= 1 and info["torch_threads"] >= 1 and info["torch"]
+    bare = host_info(root=tmp_path / "nothing")  # no /proc (macOS): the platform's name, no flags
+    assert bare["cpu"] and bare["bf16_instructions"] == []

@@ -459,6 +459,7 @@ def test_prune_with_reconstruction_writes_biases_and_a_report(tmp_path, sample_t
     layers = rep["reconstruction"]["layers"]
     assert rep["reconstruction"]["dtype"] == "float32"  # the profile's reconstruct_dtype, as resolved
     assert rep["compute_dtype"] == resolved_dtypes(base)[0] != "auto"  # the rounds', as resolved
+    assert rep["host"]["cpu"] and rep["host"]["torch"] == torch.__version__  # which machine pruned
     assert all(err[1] < err[0] for info in layers for key, err in info.items() if key != "layer")
     assert ppl["lsq"] != ppl["none"]
 
