@@ -145,7 +145,7 @@ def main() -> None:
                             "eval_seqs": a.eval_seqs, "split": a.split, "rounds": len(rep["rounds"]),
                             "reconstruction": {k: v for k, v in repair.items() if k != "layers"},
                             "cv_tau": [r["cv_tau"] for r in rep["rounds"]], "settings": settings,
-                            "layers": rep["layers"]})
+                            "layers": rep["layers"], "host": rep.get("host")})  # older prunes: none
                 for r in a.repairs:
                     mode, oneshot = r.split("-")[0], r.endswith("-oneshot")
                     # one-shot: the dense model's statistics, the layer's own target, one repair
