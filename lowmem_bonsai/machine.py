@@ -206,9 +206,9 @@ def release_freed_memory() -> bool:
     return True
 
 
-# Instructions through which a CPU computes bf16 matmuls natively; their rounding differs from the
-# fp32 emulation other CPUs use, so a prune whose rounds run in bf16 may choose other units there
-# (docs/quality-history.md: `laptop-16gb` repairing twice).
+# Instructions through which a CPU computes bf16 matmuls natively; their rounding may differ from
+# other CPUs' kernels, so a prune whose rounds run in bf16 may choose other units there (likely, not
+# shown: docs/quality-history.md, `laptop-16gb` repairing twice).
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
