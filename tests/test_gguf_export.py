@@ -35,7 +35,8 @@ from lowmem_bonsai.outputs.atomic import write_json_atomic
 from lowmem_bonsai.model.plan import LayerPlan, Plan
 from lowmem_bonsai.outputs.writer import copy_tokenizer, pruned_config, write_pruned
 
-from .conftest import CHAT_ODD, CORPUS, ODD, WIKITEXT, byte_level_vocab, make_tiny, write_gguf, zero_removed
+from .conftest import (CHAT_ODD, CORPUS, ODD, WIKITEXT, byte_level_vocab, load_tool, make_tiny, sample_words,
+                       write_gguf, zero_removed)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                                 reason="llama-cpp-python not installed")
@@ -486,3 +487,17 @@ def test_reconstruction_biases_travel_to_llama_cpp(tmp_path, plan_kind):
     plain = float(streamed_nll(ckpt, torch.tensor([IDS]), plan=plan)[0, 0])
     assert abs(got - ours) < 1e-4 * abs(ours), (got, ours)
     assert abs(ours - plain) > 1e-3 * abs(plain)  # the biases and refit weights were used
+    if plan_kind == "uneven":  # tools/check_gguf_ppl.py: the same check as perplexity, in its JSON
+        text = tmp_path / "t.txt"
+        text.write_text(sample_words(), encoding="utf-8")
+        load_tool("check_gguf_ppl").main(["--models", f"p={pruned}", "--out", str(tmp_path / "c.json"),
+                                          "--data", str(text), "--type", "f32", "--seq-len", "32",
+                                          "--max-seqs", "4", "--skip", "0"])
+        (row,) = json.loads((tmp_path / "c.json").read_text())["rows"]
+        written = Checkpoint(pruned)
+        biases = [sum(written.has(written.name(key, i).removesuffix("weight") + "bias") for i in range(3))
+                  for key in ("o", "down")]  # layers that lost heads / channels: 2 and 3 here
+        assert (row["architecture"], [row["attn_output_biases"], row["ffn_down_biases"]]) == ("deci", biases)
+        assert biases == [2, 3]
+        assert row["tokens"] == 4 * 31 and row["model"] == "p"
+        assert abs(row["relative_difference"]) < 1e-4 and row["llama_cpp"] > 1, row
