@@ -233,3 +233,24 @@ def test_estimate_counts_a_gap_weighted_repair_twice(tiny_llama):
     assert twice["reselect_read_gb"] == pytest.approx(2 * once["reselect_read_gb"])
     head = 2 * 2 * twice["windows"] * profile.reconstruct_seq_len * cfg.vocab_size * cfg.hidden_size
     assert (twice["tflops"] - 2 * once["tflops"]) * 1e12 == pytest.approx(head, rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["quick", "laptop-16gb"])
+def test_a_prune_computes_the_forward_tokens_estimate_states(tmp_path, tiny_llama, sample_text, name):
+    """What `estimate` states before the work (forward tokens per round x rounds, and the final
+    repair's, twice in `quick`) is what the prune computes and records, for the shipped profiles'
+    settings made small. (At 50 % this 2-layer model's coarse units leave a sixth round that
+    removes nothing after the five `estimate` counts: one round's tokens more than stated.)"""
+    from lowmem_bonsai.estimate import estimate
+    from lowmem_bonsai.pipeline import prune_model
+
+    profile = load_profile(name).replace(seq_len=32, calib_seqs=2, masks_per_round=4, prior_seqs=4, align=8,
+                                         reconstruct_seqs=8, reconstruct_seq_len=32, threads=1)
+    stated = estimate(model_dir=tiny_llama, profile=profile, sparsity=0.3, measure_seconds=0.01)
+    report = prune_model(model_dir=tiny_llama, out_dir=tmp_path / "o", sparsity=0.3, profile=profile,
+                         calib=sample_text)
+    assert stated["rounds"] == len(report["rounds"]) == 3
+    assert report["forward_tokens"] == stated["rounds"] * stated["forward_tokens_per_round"] == 3 * 32 * (4 + 2 * 4)
+    repairs = 2 if profile.reconstruct_gap_weight else 1
+    assert stated["reconstruction"]["repairs"] == repairs
+    assert report["reconstruction"]["forward_tokens"] == stated["reconstruction"]["forward_tokens"] > 0
