@@ -254,3 +254,22 @@ def test_a_prune_computes_the_forward_tokens_estimate_states(tmp_path, tiny_llam
     repairs = 2 if profile.reconstruct_gap_weight else 1
     assert stated["reconstruction"]["repairs"] == repairs
     assert report["reconstruction"]["forward_tokens"] == stated["reconstruction"]["forward_tokens"] > 0
+
+
+def test_the_readmes_flap_as_published_profile_is_flap_as_published(tmp_path):
+    """The README's `flap-paper.toml` (FLAP's ranking and its one-shot bias from 1024 x 128 tokens,
+    the results' baseline) relies on the defaults of the keys it leaves out: should one of them
+    change (position weights, chat turns, a floor, a second repair), the recipe would silently stop
+    being FLAP as published."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = re.findall(r"```toml\n(# flap-paper\.toml.*?)```", readme, flags=re.S)
+    (tmp_path / "flap-paper.toml").write_text(block)
+    p = load_profile(tmp_path / "flap-paper.toml")
+    assert (p.calib_seqs, p.seq_len, p.reconstruct_seqs, p.reconstruct_seq_len) == (1024, 128, 1024, 128)
+    assert (p.reconstruct, p.reconstruct_sequential, p.reconstruct_target) == ("bias", False, "layer")
+    assert (p.reconstruct_position_power, p.reconstruct_chat, p.reconstruct_gap_weight, p.min_width) == (0, 0, 0, 0)
+    assert not (p.reconstruct_reselect or p.reconstruct_in_rounds or p.reconstruct_unpruned)
+    assert p.compute_dtype == "float32" and p.calib_span_tokens == 1024 * 128
