@@ -14,7 +14,7 @@ from .chat import chat_template, read_tokenizer_config
 from .errors import UserError
 from .engine.memory import (DTYPE_BYTES, ELIMINATION_BLOCK, SOLVE_FP64_MAX, STORAGE_BYTES, measure_matmul_gflops,
                             measure_read_gbps, pick_compute_dtype, plan_memory)
-from .method.prune import check_settings
+from .method.prune import check_settings, planned_rounds
 from .model.checkpoint import Checkpoint
 from .model.config import DTYPES, parse_config
 from .llamacpp.from_gguf import gguf_config, gguf_import_peak_bytes, is_gguf_model
@@ -99,7 +99,7 @@ def estimate(*, model_dir: Path, profile: Profile, sparsity: float, method: str 
         mem = dataclasses.replace(mem, import_gb=imported_gb, total_gb=max(mem.total_gb, imported_gb))
     total = cfg.non_embedding_params()
     embed = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
-    rounds = profile.rounds_for(sparsity)
+    rounds = planned_rounds(profile, sparsity, method)
     t = profile.seq_len
     masks = profile.masks_per_round if method == Method.BONSAI else 0
     tokens_per_round = t * (profile.prior_windows + profile.calib_seqs * masks)

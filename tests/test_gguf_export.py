@@ -501,3 +501,4 @@ def test_reconstruction_biases_travel_to_llama_cpp(tmp_path, plan_kind):
         assert biases == [2, 3]
         assert row["tokens"] == 4 * 31 and row["model"] == "p"
         assert abs(row["relative_difference"]) < 1e-4 and row["llama_cpp"] > 1, row
+        assert row["max_window_nll_difference"] < 1e-4, row

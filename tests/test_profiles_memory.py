@@ -235,12 +235,13 @@ def test_estimate_counts_a_gap_weighted_repair_twice(tiny_llama):
     assert (twice["tflops"] - 2 * once["tflops"]) * 1e12 == pytest.approx(head, rel=1e-9)
 
 
-@pytest.mark.parametrize("name", ["quick", "laptop-16gb"])
-def test_a_prune_computes_the_forward_tokens_estimate_states(tmp_path, tiny_llama, sample_text, name):
+@pytest.mark.parametrize("name, repairs", [("quick", 2), ("laptop-16gb", 1)])
+def test_a_prune_computes_the_forward_tokens_estimate_states(tmp_path, tiny_llama, sample_text, name, repairs):
     """What `estimate` states before the work (forward tokens per round x rounds, and the final
     repair's, twice in `quick`) is what the prune computes and records, for the shipped profiles'
     settings made small. (At 50 % this 2-layer model's coarse units leave a sixth round that
-    removes nothing after the five `estimate` counts: one round's tokens more than stated.)"""
+    removes nothing after the five `estimate` counts: one round's tokens more than stated; FLAP
+    plans one round and may top it up.)"""
     from lowmem_bonsai.estimate import estimate
     from lowmem_bonsai.pipeline import prune_model
 
@@ -251,12 +252,11 @@ def test_a_prune_computes_the_forward_tokens_estimate_states(tmp_path, tiny_llam
                          calib=sample_text)
     assert stated["rounds"] == len(report["rounds"]) == 3
     assert report["forward_tokens"] == stated["rounds"] * stated["forward_tokens_per_round"] == 3 * 32 * (4 + 2 * 4)
-    repairs = 2 if profile.reconstruct_gap_weight else 1
     assert stated["reconstruction"]["repairs"] == repairs
     assert report["reconstruction"]["forward_tokens"] == stated["reconstruction"]["forward_tokens"] > 0
 
 
-def test_the_readmes_flap_as_published_profile_is_flap_as_published(tmp_path):
+def test_the_readmes_flap_as_published_profile_is_flap_as_published(tmp_path, tiny_llama):
     """The README's `flap-paper.toml` (FLAP's ranking and its one-shot bias from 1024 x 128 tokens,
     the results' baseline) relies on the defaults of the keys it leaves out: should one of them
     change (position weights, chat turns, a floor, a second repair), the recipe would silently stop
@@ -272,4 +272,9 @@ def test_the_readmes_flap_as_published_profile_is_flap_as_published(tmp_path):
     assert (p.reconstruct, p.reconstruct_sequential, p.reconstruct_target) == ("bias", False, "layer")
     assert (p.reconstruct_position_power, p.reconstruct_chat, p.reconstruct_gap_weight, p.min_width) == (0, 0, 0, 0)
     assert not (p.reconstruct_reselect or p.reconstruct_in_rounds or p.reconstruct_unpruned)
-    assert p.compute_dtype == "float32" and p.calib_span_tokens == 1024 * 128
+    assert p.compute_dtype == "float32" and p.reconstruct_dtype == "float32"
+    assert p.calib_span_tokens == p.tokens_read(True) == 1024 * 128 and p.prior_windows == 1024
+    assert (p.align, p.head_unit, p.calib_windows) == (32, "group", "first")
+    from lowmem_bonsai.estimate import estimate  # FLAP plans one round, whatever prune_frac
+
+    assert estimate(model_dir=tiny_llama, profile=p, sparsity=0.2, method="flap", measure_seconds=0.01)["rounds"] == 1

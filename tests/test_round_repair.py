@@ -203,7 +203,7 @@ def test_without_a_reconstruction_the_key_is_refused():
     ('reconstruct = "none"\nreconstruct_in_rounds = true\n', "bonsai",
      ["reconstruct_in_rounds = true needs reconstruct = bias or lsq"]),
     ('reconstruct = "lsq"\nreconstruct_in_rounds = true\n', "flap",
-     ["--method flap", "one round", "reconstruct_in_rounds = false"]),
+     ["--method flap", "first round", "reconstruct_in_rounds = false"]),
     ('reconstruct = "lsq"\nreconstruct_in_rounds = "yes"\n', "bonsai", ["'reconstruct_in_rounds'", "should be true or false"]),
 ])
 @pytest.mark.parametrize("command", ["prune", "estimate"])

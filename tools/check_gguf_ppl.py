@@ -29,7 +29,7 @@ from lowmem_bonsai.texts import text_file  # noqa: E402
 def gguf_facts(path: Path) -> dict:
     import gguf
 
-    reader = gguf.GGUFReader(path)
+    reader = gguf.GGUFReader(path)  # a read-only memory map, closed when the reader is collected
     field = reader.fields["general.architecture"]
     arch = bytes(field.parts[field.data[0]]).decode()
     names = [t.name for t in reader.tensors]
@@ -48,25 +48,34 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-seqs", type=int, default=32)
     ap.add_argument("--skip", type=int, default=1037)
     args = ap.parse_args(argv)
+    models: dict[str, Path] = {}
+    for spec in args.models:  # all checked before any work
+        name, _, folder = spec.partition("=")
+        if not name or not folder or "/" in name or name in models:
+            ap.error(f"--models takes NAME=CHECKPOINT_DIR with distinct names without '/', got '{spec}'")
+        if not (Path(folder) / "config.json").is_file():
+            ap.error(f"--models {spec}: {folder} is not a checkpoint folder (no config.json)")
+        models[name] = Path(folder)
     data = text_file(args.data)
     window = dict(data=data, seq_len=args.seq_len, max_seqs=args.max_seqs, skip=args.skip)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for spec in args.models:
-            name, _, folder = spec.partition("=")
-            if not folder:
-                ap.error(f"--models takes NAME=CHECKPOINT_DIR, got '{spec}'")
-            path = export_gguf(model_dir=Path(folder), out=Path(tmp) / f"{name}.gguf", type=args.type)
-            ours = evaluate(model_dir=Path(folder), **window)
+    out = {"windows": {**window, "data": args.data}, "host": host_info(), "rows": []}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for name, folder in models.items():
+        with tempfile.TemporaryDirectory(dir=args.out.parent) as tmp:  # one GGUF at a time, beside --out
+            path = export_gguf(model_dir=folder, out=Path(tmp) / f"{name}.gguf", type=args.type)
+            facts = gguf_facts(path)
+            ours = evaluate(model_dir=folder, **window)
             ref = gguf_perplexity(gguf=path, **window)
-            row = {"name": name, "model": Path(folder).name,  # the folder, not where it lived
-                   "type": args.type, **gguf_facts(path),
-                   "tokens": ours.tokens, "ours": ours.perplexity, "llama_cpp": ref.perplexity,
-                   "relative_difference": ref.perplexity / ours.perplexity - 1}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    write_json_atomic(args.out, {"windows": {**window, "data": args.data}, "host": host_info(),
-                                 "rows": rows})
+        if ref.tokens != ours.tokens:
+            raise SystemExit(f"{name}: llama.cpp read {ref.tokens} tokens, our eval {ours.tokens}")
+        row = {"name": name, "model": folder.name,  # the folder, not where it lived
+               "type": args.type, **facts,
+               "tokens": ours.tokens, "ours": ours.perplexity, "llama_cpp": ref.perplexity,
+               "relative_difference": ref.perplexity / ours.perplexity - 1,
+               "max_window_nll_difference": max(abs(a - b) for a, b in zip(ref.window_nll, ours.window_nll))}
+        print(json.dumps(row), flush=True)
+        out["rows"].append(row)
+        write_json_atomic(args.out, out)  # after every model: a later failure keeps the rows so far
 
 
 if __name__ == "__main__":

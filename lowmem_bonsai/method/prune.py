@@ -39,7 +39,15 @@ from .select import ModuleMasks, Priors, prior_of
 
 log = logging.getLogger(__name__)
 
-ONE_SHOT = (Method.FLAP,)  # methods that remove the whole target in one round
+# Methods that aim at the whole target in their first round (later rounds, ranked afresh, only top
+# up what the first left where its units were too coarse to land on the target).
+ONE_SHOT = (Method.FLAP,)
+
+
+def planned_rounds(profile: Profile, sparsity: float, method: str) -> int:
+    """The rounds a prune is planned to take: one for a one-shot method, else prune_frac's share per
+    round (a prune may take more where its units are too coarse to land on a round's budget)."""
+    return 1 if method in ONE_SHOT else profile.rounds_for(sparsity)
 
 # progress(stage, done, total): stage is "prior", "masks" (blocks of all waves) or "round"
 Progress = Callable[[str, int, int], None]
@@ -61,7 +69,7 @@ class Repaired:
 RepairBetween = Callable[[int, Plan], Repaired]
 
 __all__ = ["PruneResult", "Repaired", "RepairBetween", "RoundReport", "check_settings", "design_of",
-           "mask_set", "modules_of", "profile_modules", "run_rounds", "sample_round", "wave_size"]
+           "mask_set", "modules_of", "planned_rounds", "profile_modules", "run_rounds", "sample_round", "wave_size"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,9 +176,9 @@ def check_settings(*, sparsity: float, method: str, profile: Profile | None = No
     if not 0 < sparsity < 1:
         raise UserError(f"--sparsity {sparsity}: must be between 0 and 1 (exclusive)")
     if profile is not None and profile.reconstruct_in_rounds and method in ONE_SHOT:
-        raise UserError(f"--method {method} removes the whole target in one round, so there is no "
-                        f"round to repair between: set reconstruct_in_rounds = false in profile "
-                        f"'{profile.name}'")
+        raise UserError(f"--method {method} aims at the whole target in its first round (later ones "
+                        f"only top it up), so there is no round to repair between: set "
+                        f"reconstruct_in_rounds = false in profile '{profile.name}'")
 
 
 def check_reachable(cfg: ModelConfig, sparsity: float, profile: Profile) -> None:
@@ -234,7 +242,7 @@ def run_rounds(
         rounds = [RoundReport(**r) for r in state.rounds]
         state.restore_generator(gen)
         log.info("resuming after round %d", len(rounds))
-    expected_rounds = profile.rounds_for(sparsity)
+    expected_rounds = planned_rounds(profile, sparsity, method)
     tokens = 0  # computed by this rank
     # A round that removed nothing ends the prune; so it does when resuming right after it.
     while not (rounds and rounds[-1].params_after == rounds[-1].params_before):
