@@ -24,7 +24,8 @@ class Method(Setting):
     PRIOR = "prior", "structured Wanda"
     MAGNITUDE = "magnitude"
     RANDOM = "random"
-    FLAP = "flap", "FLAP's fluctuation scores ranked across all layers, one pass"
+    FLAP = "flap", ("FLAP's fluctuation scores ranked across all layers, the whole target in one round "
+                    "(small top-ups where it ends short)")
 
 
 class Reconstruct(Setting):
