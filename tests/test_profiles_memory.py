@@ -240,8 +240,8 @@ def test_a_prune_computes_the_forward_tokens_estimate_states(tmp_path, tiny_llam
     """What `estimate` states before the work (forward tokens per round x rounds, and the final
     repair's, twice in `quick`) is what the prune computes and records, for the shipped profiles'
     settings made small. (At 50 % this 2-layer model's coarse units leave a sixth round that
-    removes nothing after the five `estimate` counts: one round's tokens more than stated; FLAP
-    plans one round and may top it up.)"""
+    removes nothing after the five `estimate` counts: its prior pass's tokens more than stated, the
+    next test; FLAP plans one round and may top it up.)"""
     from lowmem_bonsai.estimate import estimate
     from lowmem_bonsai.pipeline import prune_model
 
@@ -254,6 +254,25 @@ def test_a_prune_computes_the_forward_tokens_estimate_states(tmp_path, tiny_llam
     assert report["forward_tokens"] == stated["rounds"] * stated["forward_tokens_per_round"] == 3 * 32 * (4 + 2 * 4)
     assert stated["reconstruction"]["repairs"] == repairs
     assert report["reconstruction"]["forward_tokens"] == stated["reconstruction"]["forward_tokens"] > 0
+
+
+def test_a_round_with_nothing_to_drop_costs_its_prior_pass_only(tmp_path, tiny_llama, sample_text):
+    """At 50 % the 2-layer model's MLPs reach their floor and its attention groups are too coarse
+    for what is left: a sixth round finds no unit the masks may drop, scores no mask, removes
+    nothing and ends the prune. Its report counts its prior pass only, not masks it never scored."""
+    from lowmem_bonsai.estimate import estimate
+    from lowmem_bonsai.pipeline import prune_model
+
+    profile = load_profile("laptop-16gb").replace(seq_len=32, calib_seqs=2, masks_per_round=4, prior_seqs=4,
+                                                 align=8, reconstruct="none", threads=1)
+    stated = estimate(model_dir=tiny_llama, profile=profile, sparsity=0.5, measure_seconds=0.01)
+    report = prune_model(model_dir=tiny_llama, out_dir=tmp_path / "o", sparsity=0.5, profile=profile,
+                         calib=sample_text)
+    rounds = report["rounds"]
+    assert stated["rounds"] == 5 and len(rounds) == 6
+    assert rounds[-1]["params_after"] == rounds[-1]["params_before"] and rounds[-1]["masks"] == 0
+    assert all(r["masks"] == 4 for r in rounds[:-1])
+    assert report["forward_tokens"] == 5 * stated["forward_tokens_per_round"] + 4 * 32
 
 
 def test_the_readmes_flap_as_published_profile_is_flap_as_published(tmp_path, tiny_llama):

@@ -510,9 +510,9 @@ def bonsai_choice(ckpt: Checkpoint, calib: torch.Tensor, plan: Plan, start: Roun
         ranking = tuple(flap_scores(st, head_unit=profile.head_unit) for st in prior.stats)
     per_module = draw_masks(list(start.modules), prior.priors, start.share, n_masks, gen, varied, ranking,
                             skip_coarse=profile.coarse == Coarse.SKIP)
-    if per_module is None:  # every module is at its minimum
+    if per_module is None:  # no module offers a unit to drop: no mask is scored (nor counted)
         nan = float("nan")
-        return Choice({}, n_masks, FitSummary(nan, nan, nan, nan, None, None))
+        return Choice({}, 0, FitSummary(nan, nan, nan, nan, None, None))
     fill = input_means(prior.stats) if profile.mask_fill == MaskFill.MEAN else None
     scores = score_masks(ckpt, calib, plan, per_module, wave=wave, fwd=fwd, soft=prior.teacher,
                          state=state, progress=progress, ranks=ranks, round_number=start.number, fill=fill)
