@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lowmem_bonsai.evaluate import evaluate  # noqa: E402
+from lowmem_bonsai.llamacpp.from_gguf import open_gguf  # noqa: E402
 from lowmem_bonsai.llamacpp.runner import gguf_perplexity  # noqa: E402
 from lowmem_bonsai.llamacpp.to_gguf import export_gguf  # noqa: E402
 from lowmem_bonsai.machine import host_info  # noqa: E402
@@ -27,13 +28,9 @@ from lowmem_bonsai.texts import text_file  # noqa: E402
 
 
 def gguf_facts(path: Path) -> dict:
-    import gguf
-
-    reader = gguf.GGUFReader(path)  # a read-only memory map, closed when the reader is collected
-    field = reader.fields["general.architecture"]
-    arch = bytes(field.parts[field.data[0]]).decode()
+    reader = open_gguf(path)  # a read-only memory map, closed when the reader is collected
     names = [t.name for t in reader.tensors]
-    return {"architecture": arch,
+    return {"architecture": reader.get_field("general.architecture").contents(),
             "attn_output_biases": sum(n.endswith("attn_output.bias") for n in names),
             "ffn_down_biases": sum(n.endswith("ffn_down.bias") for n in names)}
 
