@@ -235,6 +235,12 @@ def test_estimate_counts_a_gap_weighted_repair_twice(tiny_llama):
     assert (twice["tflops"] - 2 * once["tflops"]) * 1e12 == pytest.approx(head, rel=1e-9)
 
 
+def _small(name: str, **changes):
+    """The shipped profile ``name`` made small enough for the 2-layer test model."""
+    return load_profile(name).replace(seq_len=32, calib_seqs=2, masks_per_round=4, prior_seqs=4, align=8,
+                                      threads=1, **changes)
+
+
 @pytest.mark.parametrize("name, repairs", [("quick", 2), ("laptop-16gb", 1)])
 def test_a_prune_computes_the_forward_tokens_estimate_states(tmp_path, tiny_llama, sample_text, name, repairs):
     """What `estimate` states before the work (forward tokens per round x rounds, and the final
@@ -245,8 +251,7 @@ def test_a_prune_computes_the_forward_tokens_estimate_states(tmp_path, tiny_llam
     from lowmem_bonsai.estimate import estimate
     from lowmem_bonsai.pipeline import prune_model
 
-    profile = load_profile(name).replace(seq_len=32, calib_seqs=2, masks_per_round=4, prior_seqs=4, align=8,
-                                         reconstruct_seqs=8, reconstruct_seq_len=32, threads=1)
+    profile = _small(name, reconstruct_seqs=8, reconstruct_seq_len=32)
     stated = estimate(model_dir=tiny_llama, profile=profile, sparsity=0.3, measure_seconds=0.01)
     report = prune_model(model_dir=tiny_llama, out_dir=tmp_path / "o", sparsity=0.3, profile=profile,
                          calib=sample_text)
@@ -263,8 +268,7 @@ def test_a_round_with_nothing_to_drop_costs_its_prior_pass_only(tmp_path, tiny_l
     from lowmem_bonsai.estimate import estimate
     from lowmem_bonsai.pipeline import prune_model
 
-    profile = load_profile("laptop-16gb").replace(seq_len=32, calib_seqs=2, masks_per_round=4, prior_seqs=4,
-                                                 align=8, reconstruct="none", threads=1)
+    profile = _small("laptop-16gb", reconstruct="none")
     stated = estimate(model_dir=tiny_llama, profile=profile, sparsity=0.5, measure_seconds=0.01)
     report = prune_model(model_dir=tiny_llama, out_dir=tmp_path / "o", sparsity=0.5, profile=profile,
                          calib=sample_text)
